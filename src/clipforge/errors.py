@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints these as one line, never as a traceback."""
+
+
+class ClipforgeError(Exception):
+    """Base class: the message names the file, field or key at fault and says what to do."""
+
+
+class ConfigError(ClipforgeError):
+    """A model or experiment configuration is missing, unknown or invalid."""
+
+
+class CheckpointError(ClipforgeError):
+    """A checkpoint file cannot be read, has the wrong layout, or does not fit the model."""
+
+
+class InputError(ClipforgeError):
+    """An image, caption or data file is unreadable, empty or corrupt."""

@@ -1,0 +1,75 @@
+"""Multi-head self-attention through SDPA, with open_clip / ``nn.MultiheadAttention`` parameter names.
+
+The fused ``in_proj_weight`` (rows q; k; v) and ``in_proj_bias`` keep OpenAI and open_clip checkpoints
+loadable with no remapping. Unlike ``nn.MultiheadAttention`` the layer can hand back its keys (the
+similarity metric of token merging, Bolya et al. 2023) and its attention weights (attention maps,
+EViT's class-token attention) without hooks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AttentionOutput(NamedTuple):
+    out: torch.Tensor  # [B, N, D], after the output projection
+    keys: torch.Tensor | None  # [B, H, N, Dh], when asked for
+    weights: torch.Tensor | None  # [B, H, N, N] post-softmax, when asked for
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused q/k/v projection; quantized and adapted variants override only this."""
+        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+        *,
+        is_causal: bool = False,
+        return_keys: bool = False,
+        return_weights: bool = False,
+    ) -> AttentionOutput:
+        """``attn_bias`` is added to the logits (broadcast to [B, H, N, N]); ``is_causal`` masks the future."""
+        batch, tokens, dim = x.shape
+        qkv = self.project_qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if return_weights:
+            weights = self._weights(q, k, attn_bias, is_causal)
+            out = weights @ v
+        else:
+            weights = None
+            if attn_bias is not None:
+                attn_bias = attn_bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return AttentionOutput(out, k if return_keys else None, weights)
+
+    def _weights(
+        self, q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+        if attn_bias is not None:
+            logits = logits + attn_bias
+        if is_causal:
+            n = logits.shape[-1]
+            future = torch.ones(n, n, dtype=torch.bool, device=logits.device).triu_(1)
+            logits = logits.masked_fill(future, float("-inf"))
+        return logits.softmax(dim=-1)

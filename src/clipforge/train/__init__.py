@@ -1,0 +1,1 @@
+"""Training: contrastive losses (CLIP InfoNCE, SigLIP sigmoid, distillation) and distributed helpers."""

@@ -1,0 +1,55 @@
+"""Make a model smaller and faster: token merging and pruning in the image tower.
+
+    from clipforge.compress import apply_token_reduction, estimate_flops
+    apply_token_reduction(model, "tome", r=8)                # ToMe (Bolya et al., ICLR 2023)
+    apply_token_reduction(model, "pitome", keep_ratio=0.9)   # PiToMe (Tran et al., NeurIPS 2024)
+    apply_token_reduction(model, "evit", keep_rate=0.7)      # EViT (Liang et al., ICLR 2022)
+    estimate_flops(model), model.compression                 # block FLOPs; the settings, for checkpoints
+
+Each method is a ``TokenReduction`` hook that the image blocks call between attention and MLP; with its
+reduction off (``r=0``, ``keep_ratio=1``, ``keep_rate=1``) the model's output is unchanged.
+"""
+
+from clipforge.compress.evit import EViT, keep_attentive_tokens
+from clipforge.compress.pitome import PiToMe, energy_scores, pitome_matching
+from clipforge.compress.reduction import (
+    METHODS,
+    apply_token_reduction,
+    build_token_reduction,
+    estimate_flops,
+    remove_token_reduction,
+    token_counts,
+)
+from clipforge.compress.schedules import ScheduledReduction, keep_ratio_schedule, margin_schedule, merge_schedule
+from clipforge.compress.tome import (
+    ToMe,
+    TokenMerging,
+    bipartite_soft_matching,
+    merge_source,
+    merge_wavg,
+    proportional_attention_bias,
+)
+
+__all__ = [
+    "METHODS",
+    "EViT",
+    "PiToMe",
+    "ScheduledReduction",
+    "ToMe",
+    "TokenMerging",
+    "apply_token_reduction",
+    "bipartite_soft_matching",
+    "build_token_reduction",
+    "energy_scores",
+    "estimate_flops",
+    "keep_attentive_tokens",
+    "keep_ratio_schedule",
+    "margin_schedule",
+    "merge_schedule",
+    "merge_source",
+    "merge_wavg",
+    "pitome_matching",
+    "proportional_attention_bias",
+    "remove_token_reduction",
+    "token_counts",
+]

@@ -125,12 +125,17 @@ class ModelConfig:
 
 
 def _build(kind: type, values: dict[str, Any], prefix: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(kind)}
+    known = {f.name: f.default for f in dataclasses.fields(kind)}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{prefix}.{key}: unknown field (known: {', '.join(known)})")
-        expected = type(known[key].default) if known[key].default is not None else float
-        if expected in (int, float) and not isinstance(value, (int, float)) or isinstance(value, bool):
+        default = known[key]
+        if value is None and default is None:
+            continue
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"{prefix}.{key}: expected a string, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{prefix}.{key}: expected a number, got {value!r}")
     return kind(**values)
 

@@ -15,3 +15,8 @@ class CheckpointError(ClipforgeError):
 
 class InputError(ClipforgeError):
     """An image, caption or data file is unreadable, empty or corrupt."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (its type name when it has none), to embed in our own errors."""
+    return " ".join(str(error).split()) or type(error).__name__

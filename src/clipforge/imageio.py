@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipforge.errors import InputError
+from clipforge.errors import InputError, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -59,11 +59,11 @@ def open_image(
             if exif_transpose:
                 image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{label}: refused as a possible decompression bomb ({_one_line(exc)})") from exc
+        raise InputError(f"{label}: refused as a possible decompression bomb ({one_line(exc)})") from exc
     except UnidentifiedImageError as exc:
         raise InputError(f"{label}: not a readable image (unknown format, or zero width or height)") from exc
     except _DECODE_ERRORS as exc:
-        raise InputError(f"{label}: truncated or corrupt image data ({_one_line(exc)})") from exc
+        raise InputError(f"{label}: truncated or corrupt image data ({one_line(exc)})") from exc
     if image.width == 0 or image.height == 0:
         raise InputError(f"{label}: image has zero size ({image.width}x{image.height})")
     return image
@@ -77,7 +77,7 @@ def _read_file(path: Path, label: str) -> bytes:
     except IsADirectoryError as exc:
         raise InputError(f"{label}: is a directory, not an image file") from exc
     except OSError as exc:
-        raise InputError(f"{label}: cannot read file ({exc.strerror or _one_line(exc)})") from exc
+        raise InputError(f"{label}: cannot read file ({exc.strerror or one_line(exc)})") from exc
 
 
 def _check_pixel_count(image: Image.Image, label: str, max_pixels: int) -> None:
@@ -88,7 +88,3 @@ def _check_pixel_count(image: Image.Image, label: str, max_pixels: int) -> None:
             f"{label}: {image.width}x{image.height} = {pixels} pixels is more than max_pixels={max_pixels} "
             "(possible decompression bomb)"
         )
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

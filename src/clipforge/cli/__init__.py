@@ -1,0 +1,46 @@
+"""The ``clipforge`` command line: one typer app, one module per verb group.
+
+Errors a user can act on (``ClipforgeError``) print as one red line and exit with status 2; they never
+reach the user as a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from clipforge.cli import embed as embed_cli
+from clipforge.cli import models as models_cli
+from clipforge.progress import error_console
+from clipforge.errors import ClipforgeError
+
+app = typer.Typer(
+    name="clipforge",
+    help="Train, compress, adapt, evaluate, index and serve CLIP-ViT models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+models_cli.register(app)
+embed_cli.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = app(args=argv, prog_name="clipforge", standalone_mode=False)
+    except ClipforgeError as error:
+        error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        error_console.print("aborted")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        error_console.print("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

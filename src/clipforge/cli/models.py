@@ -1,0 +1,87 @@
+"""``clipforge models``, ``clipforge info`` and ``clipforge convert``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipforge.progress import console
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(list_models_command)
+    app.command("info")(info_command)
+    app.command("convert")(convert_command)
+
+
+def list_models_command(
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="Also list the known pretrained tags.")] = False,
+) -> None:
+    """List model configs (and, with --pretrained, the open_clip weights clipforge can fetch)."""
+    from rich.table import Table
+
+    from clipforge.config import get_model_config, list_models
+    from clipforge.pretrained import pretrained_table
+
+    table = Table("config", "activation", "image", "patch", "width×layers", "text width×layers", "embed", "pretrained tags")
+    tags = pretrained_table()
+    for name in list_models():
+        cfg = get_model_config(name)
+        known = ", ".join(tags.get(name, {})) if pretrained else str(len(tags.get(name, {})))
+        table.add_row(
+            name,
+            cfg.activation,
+            str(cfg.vision.image_size),
+            str(cfg.vision.patch_size),
+            f"{cfg.vision.width}×{cfg.vision.layers}",
+            f"{cfg.text.width}×{cfg.text.layers}",
+            str(cfg.embed_dim),
+            known,
+        )
+    console.print(table)
+
+
+def info_command(
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint file, Hugging Face directory or config name.")],
+    config: Annotated[str | None, typer.Option(help="Config for a bare state dict (e.g. ViT-B-32-quickgelu).")] = None,
+) -> None:
+    """Show what a checkpoint holds: architecture, activation, preprocessing, provenance and size."""
+    import json
+
+    import clipforge
+
+    model = clipforge.load(checkpoint, config=config)
+    counts = {name: p.numel() for name, p in model.named_parameters()}
+    visual = sum(n for name, n in counts.items() if name.startswith("visual."))
+    head = sum(n for name, n in counts.items() if name.startswith("logit_"))
+    console.print_json(
+        json.dumps(
+            {
+                "source": str(checkpoint),
+                "config": model.config.to_dict(),
+                "preprocess": model.preprocess_cfg.to_dict(),
+                "provenance": model.provenance,
+                "parameters": {"total": sum(counts.values()), "image": visual, "text": sum(counts.values()) - visual - head},
+            }
+        )
+    )
+
+
+def convert_command(
+    source: Annotated[str, typer.Argument(help="Any checkpoint clipforge loads.")],
+    destination: Annotated[Path, typer.Argument(help="Output .safetensors file (clipforge) or directory (hf).")],
+    to: Annotated[str, typer.Option(help="Output format: clipforge | hf.")] = "clipforge",
+    config: Annotated[str | None, typer.Option(help="Config for a bare state dict (e.g. ViT-B-32-quickgelu).")] = None,
+) -> None:
+    """Convert between clipforge, open_clip, OpenAI and Hugging Face formats."""
+    import clipforge
+    from clipforge.checkpoint import save_hf
+    from clipforge.errors import ConfigError
+
+    if to not in ("clipforge", "hf"):
+        raise ConfigError(f"--to: {to!r} is not one of clipforge, hf")
+    model = clipforge.load(source, config=config)
+    written = clipforge.save(model, destination) if to == "clipforge" else save_hf(model, destination)
+    console.print(f"wrote {written}")

@@ -1,0 +1,157 @@
+"""Reading weights safely and reconciling state-dict layouts (open_clip, OpenAI, training wrappers).
+
+Nothing is ever unpickled beyond tensors: ``.safetensors`` files are read with safetensors, other files
+with ``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge.config import ModelConfig, TextConfig, VisionConfig
+from clipforge.errors import CheckpointError, one_line
+
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+CUSTOM_TEXT_KEYS = ("positional_embedding", "token_embedding.", "transformer.", "ln_final.", "text_projection")
+IGNORED_KEYS = ("attn_mask", "text.transformer.embeddings.position_ids")
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a weights file; one-line ``CheckpointError`` when it is not one."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused to unpickle ({one_line(error)[:200]}); TorchScript/JIT archives and pickled objects can run code, "
+            "export a plain state dict or a .safetensors file instead"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        if "TorchScript" in str(error) or "constants.pkl" in str(error):
+            raise CheckpointError(
+                f"{path}: a TorchScript (JIT) archive; clipforge never runs pickled code — export its state_dict()"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(error)[:200]})") from None
+    return _unwrap(loaded, path), {}
+
+
+def _unwrap(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Find the state dict inside a training checkpoint (``{"state_dict": ...}``) and drop wrapper prefixes."""
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not loaded:
+        raise CheckpointError(f"{path}: holds no state dict")
+    state = {}
+    for key, value in loaded.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: not a state dict (key {key!r})")
+        for prefix in WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        state[key] = value
+    return state
+
+
+def is_openai_layout(state: dict[str, Any]) -> bool:
+    """OpenAI's released state dicts carry these three integer entries beside the weights."""
+    return all(key in state for key in OPENAI_EXTRA_KEYS)
+
+
+def to_open_clip_layout(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Canonical open_clip ``CLIP`` keys: drop OpenAI's extras and buffers, un-nest ``CustomTextCLIP``'s ``text.``."""
+    out = {}
+    for key, value in state.items():
+        if key in OPENAI_EXTRA_KEYS or key in IGNORED_KEYS or not isinstance(value, torch.Tensor):
+            continue
+        if key.startswith("text.") and key[5:].startswith(CUSTOM_TEXT_KEYS):
+            key = key[5:]
+        out[key] = value
+    if "logit_scale" in out:
+        out["logit_scale"] = out["logit_scale"].reshape(())
+    if "logit_bias" in out:
+        out["logit_bias"] = out["logit_bias"].reshape(())
+    return out
+
+
+def infer_architecture(state: dict[str, torch.Tensor], activation: str) -> ModelConfig:
+    """A model config read off tensor shapes, as open_clip v3's ``build_model_from_openai_state_dict``."""
+    try:
+        conv = state["visual.conv1.weight"]
+        vision_width, patch = conv.shape[0], conv.shape[-1]
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision_layers = _count_blocks(state, "visual.transformer.resblocks.")
+        vision_hidden = state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        text_width = state["ln_final.weight"].shape[0]
+        text_hidden = state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        embed_dim = state["text_projection"].shape[1]
+        vision = VisionConfig(
+            image_size=patch * grid,
+            patch_size=patch,
+            width=vision_width,
+            layers=vision_layers,
+            head_width=_head_width(vision_width),
+            mlp_ratio=vision_hidden / vision_width,
+            ls_init_value=1.0 if "visual.transformer.resblocks.0.ls_1.gamma" in state else None,
+        )
+        text = TextConfig(
+            context_length=state["positional_embedding"].shape[0],
+            vocab_size=state["token_embedding.weight"].shape[0],
+            width=text_width,
+            heads=text_width // 64,
+            layers=_count_blocks(state, "transformer.resblocks."),
+            mlp_ratio=text_hidden / text_width,
+            ls_init_value=1.0 if "transformer.resblocks.0.ls_1.gamma" in state else None,
+        )
+    except KeyError as error:
+        raise CheckpointError(f"not a CLIP ViT state dict: missing {error.args[0]!r}") from None
+    return ModelConfig(
+        embed_dim=embed_dim,
+        activation=activation,
+        vision=vision,
+        text=text,
+        init_logit_bias=0.0 if "logit_bias" in state else None,
+    )
+
+
+def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    return len({key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)})
+
+
+def _head_width(width: int) -> int:
+    """open_clip's ViT head widths: 64 except ViT-H (80), ViT-g (88), ViT-bigG (104)."""
+    return {1280: 80, 1408: 88, 1664: 104}.get(width, 64)
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """One error listing every missing, unexpected and mis-shaped key."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    misshaped = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", misshaped)):
+            if keys:
+                shown = ", ".join(keys[:6]) + (f", … ({len(keys)} in all)" if len(keys) > 6 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(f"{source}: weights do not fit the model — " + "; ".join(parts))

@@ -25,11 +25,11 @@ def list_models_command(
     from clipforge.config import get_model_config, list_models
     from clipforge.pretrained import pretrained_table
 
-    table = Table("config", "activation", "image", "patch", "width×layers", "text width×layers", "embed", "pretrained tags")
+    table = Table("config", "act", "image", "patch", "vision", "text", "embed", "tags")
+    table.columns[0].no_wrap = True
     tags = pretrained_table()
     for name in list_models():
         cfg = get_model_config(name)
-        known = ", ".join(tags.get(name, {})) if pretrained else str(len(tags.get(name, {})))
         table.add_row(
             name,
             cfg.activation,
@@ -38,9 +38,13 @@ def list_models_command(
             f"{cfg.vision.width}×{cfg.vision.layers}",
             f"{cfg.text.width}×{cfg.text.layers}",
             str(cfg.embed_dim),
-            known,
+            str(len(tags.get(name, {}))),
         )
     console.print(table)
+    if pretrained:
+        console.print("\n[bold]pretrained tags[/] (clipforge.load(config, pretrained=tag)):")
+        for name, known in tags.items():
+            console.print(f"{name}: {', '.join(known)}", soft_wrap=True, highlight=False)
 
 
 def info_command(

@@ -293,10 +293,12 @@ def test_schedules_by_hand():
     ("method", "settings", "field"),
     [
         ("tome", {"r": -1}, "'r'"),
+        ("tome", {"r": 8.0}, "'r'"),
         ("tome", {"r": 4, "inflect": 2.0}, "'inflect'"),
         ("tome", {"r": [1] * 13}, "'r'"),
         ("tome", {"ratio": 0.5}, "'ratio'"),
         ("pitome", {"keep_ratio": 0.0}, "'keep_ratio'"),
+        ("pitome", {"keep_ratio": "0.9"}, "'keep_ratio'"),
         ("pitome", {"keep_ratio": 0.9, "metric": "values"}, "'metric'"),
         ("pitome", {"keep_ratio": 0.9, "margin": 1.5}, "'margin'"),
         ("evit", {"keep_rate": 0.7, "layers": [12]}, "'layers'"),

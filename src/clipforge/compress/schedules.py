@@ -24,6 +24,8 @@ def merge_schedule(num_layers: int, r: int | Sequence[int], inflect: float = 0.0
     ``int(r * (1 - inflect))`` to ``2r`` minus that, same total; ``inflect=-1`` is the paper's decreasing
     schedule (2r down to 0). ``r`` a list: an explicit per-layer r, padded with zeros.
     """
+    if not isinstance(r, (int, list, tuple)):
+        raise ConfigError(f"tome setting 'r' must be an int or a list of ints, got {r!r}")
     if not isinstance(r, int):
         per_layer = list(r)
         if inflect != 0.0:
@@ -55,6 +57,9 @@ def keep_ratio_schedule(
     ``ratio`` a float: that ratio in every block, or only in ``layers`` (0-indexed) when given. ``ratio`` a
     list: an explicit per-layer ratio, padded with 1.0. ``name`` is the setting named in errors.
     """
+    numbers = ratio if isinstance(ratio, (list, tuple)) else [ratio]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise ConfigError(f"'{name}' must be a number or a list of numbers, got {ratio!r}")
     if isinstance(ratio, (int, float)):
         chosen = range(num_layers) if layers is None else _check_layers(num_layers, layers)
         ratios = [float(ratio) if layer in chosen else 1.0 for layer in range(num_layers)]

@@ -149,3 +149,21 @@ def test_pretrained_from_local_cache(tmp_path, monkeypatch) -> None:
     assert clipforge.load("ViT-B-32", pretrained="openai").config.activation == "quick_gelu"  # the tag decides
     with pytest.raises(ConfigError, match="quick_gelu"):
         clipforge.load("ViT-B-32", pretrained="openai", config="ViT-B-32")
+
+
+def test_token_reduction_travels_with_the_checkpoint(tmp_path, tiny) -> None:
+    from clipforge.compress.reduction import apply_token_reduction, remove_token_reduction
+
+    model = clipforge.load(NAME)
+    model.load_state_dict(tiny.state_dict())
+    apply_token_reduction(model, "tome", r=4)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        merged = model.encode_image(pixels)
+    clipforge.save(model, tmp_path / "tome.safetensors")
+    loaded = clipforge.load(tmp_path / "tome.safetensors")
+    assert loaded.compression["method"] == "tome" and loaded.compression["settings"]["r"] == 4
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(pixels), merged)
+        remove_token_reduction(loaded)
+        assert not torch.allclose(loaded.encode_image(pixels), merged)

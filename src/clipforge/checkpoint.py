@@ -93,6 +93,8 @@ def save(model: CLIP, path: str | os.PathLike[str], provenance: dict[str, Any] |
         "preprocess": json.dumps(model.preprocess_cfg.to_dict()),
         "provenance": json.dumps({**model.provenance, **(provenance or {})}),
     }
+    if getattr(model, "compression", None):
+        metadata["compression"] = json.dumps(model.compression)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
@@ -170,6 +172,11 @@ def _load_file(path: Path, explicit: ModelConfig | None, image_size: int | None)
         preprocess = PreprocessConfig.from_dict(json.loads(metadata["preprocess"]))
         model = _build(model_cfg, tensors, preprocess, str(path), image_size)
         model.provenance = json.loads(metadata.get("provenance", "{}"))
+        if "compression" in metadata:
+            from clipforge.compress.reduction import apply_token_reduction
+
+            record = json.loads(metadata["compression"])
+            apply_token_reduction(model, record["method"], **record["settings"])
         return model
     if any(key.startswith(("vision_model.", "text_model.")) for key in tensors):
         from clipforge.convert_hf import from_hf_state_dict

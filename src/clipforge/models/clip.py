@@ -103,5 +103,29 @@ class CLIP(TextTower):
         self.visual.transformer.grad_checkpointing = enable
         self.transformer.grad_checkpointing = enable
 
-    def no_weight_decay(self) -> set[str]:
-        return {"positional_embedding", "visual.positional_embedding", "visual.class_embedding", "logit_scale", "logit_bias"}
+    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
+        """Freeze the image tower except its last ``unlocked_groups`` layer groups (LiT, Zhai et al. 2022).
+
+        Groups in order: embeddings (conv1, class and position embeddings, ln_pre), each block, head (ln_post, proj).
+        """
+        visual = self.visual
+        groups = [[visual.conv1, visual.class_embedding, visual.positional_embedding, visual.ln_pre]]
+        groups += [[block] for block in visual.transformer.resblocks]
+        groups.append([visual.ln_post, visual.proj])
+        _freeze(groups, unlocked_groups)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower except its last ``unlocked_layers`` groups (embeddings, blocks, head)."""
+        groups = [[self.token_embedding, self.positional_embedding]]
+        groups += [[block] for block in self.transformer.resblocks]
+        groups.append([self.ln_final, self.text_projection])
+        _freeze(groups, unlocked_layers)
+
+
+def _freeze(groups: list[list[nn.Module | nn.Parameter]], unlocked: int) -> None:
+    frozen = groups[: max(0, len(groups) - unlocked)]
+    for group in frozen:
+        for item in group:
+            parameters = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+            for parameter in parameters:
+                parameter.requires_grad_(False)

@@ -98,3 +98,18 @@ def test_bad_input_is_one_line(capsys, argv: list[str], needle: str) -> None:
     code, _, err = run(capsys, *argv)
     assert code == 2 and needle in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_data_synth_writes_shards_and_resumes(tmp_path, capsys) -> None:
+    import tarfile
+
+    out = tmp_path / "shards"
+    code, stdout, err = run(capsys, "data", "synth", "--out", str(out), "--n", "25", "--shard-size", "10", "--image-size", "32")
+    assert code == 0, err
+    shards = sorted(out.glob("*.tar"))
+    assert len(shards) == 3
+    with tarfile.open(shards[-1]) as tar:
+        names = tar.getnames()
+    assert len([n for n in names if n.endswith(".txt")]) == 5 and len([n for n in names if n.endswith(".png")]) == 5
+    code, stdout, _ = run(capsys, "data", "synth", "--out", str(out), "--n", "25", "--shard-size", "10", "--image-size", "32")
+    assert code == 0 and "0 written, 3 already complete" in " ".join(stdout.split())

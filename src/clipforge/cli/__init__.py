@@ -11,8 +11,10 @@ import sys
 import click
 import typer
 
+from clipforge.cli import data as data_cli
 from clipforge.cli import embed as embed_cli
 from clipforge.cli import models as models_cli
+from clipforge.cli import train as train_cli
 from clipforge.progress import error_console
 from clipforge.errors import ClipforgeError
 
@@ -25,7 +27,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 models_cli.register(app)
+data_cli.register(app)
 embed_cli.register(app)
+train_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

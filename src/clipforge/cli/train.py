@@ -1,0 +1,55 @@
+"""``clipforge train`` and ``clipforge demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipforge.progress import console
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("demo")(demo_command)
+
+
+def train_command(
+    config: Annotated[Path | None, typer.Argument(help="Experiment TOML (see configs/); defaults for every field.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set optimizer.lr=1e-3 (repeatable).")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="Run directory (same as --set run.dir=...).")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the run directory's latest checkpoint.")] = True,
+) -> None:
+    """Train or fine-tune a CLIP model; also under `torchrun --nproc_per_node N -m clipforge train ...`."""
+    from clipforge.train.config import load_config
+    from clipforge.train.trainer import train
+
+    overrides = list(set_ or []) + ([f"run.dir={json.dumps(run_dir)}"] if run_dir else [])
+    result = train(load_config(config, overrides), resume=resume)
+    if result.skips:
+        console.print(f"[yellow]skipped samples:[/]\n{result.skips}", highlight=False)
+    console.print(
+        f"trained {result.steps} steps in {result.wall_s:.0f} s ({result.samples_per_s:.0f} samples/s), "
+        f"final loss {result.final_loss:.4f}; model: {result.run_dir / 'model.safetensors'}"
+    )
+
+
+def demo_command(
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field of configs/synthetic-tiny.toml.")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume an interrupted demo in the same directory.")] = True,
+) -> None:
+    """Train a tiny CLIP on the synthetic world (no network), evaluate it and write a report."""
+    from rich.table import Table
+
+    from clipforge.demo import run_demo
+
+    summary = run_demo(out, list(set_ or []), resume=resume)
+    table = Table("metric", "value", title="clipforge demo")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) and key != "wall_s" else str(value))
+    console.print(table)
+    console.print(f"report: {Path(summary['run_dir']) / 'report.md'}")
+    print(json.dumps(summary), flush=True)

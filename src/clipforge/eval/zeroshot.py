@@ -1,0 +1,49 @@
+"""Zero-shot classification heads from class names and prompt templates (Radford et al. 2021, §3.1.4).
+
+Each class is the mean of its normalised prompt embeddings, renormalised — exactly open_clip's
+``build_zero_shot_classifier``. Templates are ``str.format`` strings with a ``{c}`` placeholder or callables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from clipforge.errors import InputError
+
+Template = str | Callable[[str], str]
+
+
+def fill_template(template: Template, classname: str) -> str:
+    return template(classname) if callable(template) else template.format(c=classname)
+
+
+@torch.inference_mode()
+def build_zero_shot_classifier(
+    model: torch.nn.Module,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    *,
+    num_classes_per_batch: int = 10,
+) -> torch.Tensor:
+    """Class weights [embed_dim, num_classes] (float32)."""
+    if not classnames:
+        raise InputError("zero-shot classifier: no class names")
+    if not templates:
+        raise InputError("zero-shot classifier: no prompt templates")
+    device = next(model.parameters()).device
+    columns = []
+    for start in range(0, len(classnames), num_classes_per_batch):
+        batch = classnames[start : start + num_classes_per_batch]
+        prompts = [fill_template(t, c) for c in batch for t in templates]
+        embeddings = F.normalize(model.encode_text(model.tokenize(prompts).to(device)).float(), dim=-1)
+        embeddings = embeddings.reshape(len(batch), len(templates), -1).mean(dim=1)
+        columns.append(F.normalize(embeddings, dim=-1))
+    return torch.cat(columns).T
+
+
+def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """``scale · normalise(image) @ W`` (CLIP_benchmark and open_clip evaluate with a fixed scale of 100)."""
+    return scale * F.normalize(image_features.float(), dim=-1) @ classifier

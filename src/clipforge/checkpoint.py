@@ -67,7 +67,7 @@ def load(
         model.provenance = {"source": f"open_clip:{source}/{pretrained}"}
     elif path.is_dir():
         model = _load_directory(path, explicit, image_size)
-    elif path.is_file():
+    elif path.is_file() and path.suffix != ".json":
         model = _load_file(path, explicit, image_size)
     elif str(source) in list_models() or path.suffix == ".json":
         model_cfg = get_model_config(source)

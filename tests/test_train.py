@@ -1,0 +1,155 @@
+"""Training: config validation, the schedule, exact gradient accumulation, exact resume after SIGKILL,
+and 2-process torchrun equal to 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import clipforge
+from clipforge.errors import ConfigError
+from clipforge.train.config import OptimizerSection, ScheduleSection, load_config
+from clipforge.train.losses import ClipLoss
+from clipforge.train.optim import build_optimizer, learning_rate
+from clipforge.train.step import ContrastiveStep
+
+open_clip = pytest.importorskip("open_clip")
+
+MICRO = str(Path(__file__).parent / "data" / "micro-clip.json")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def micro_overrides(run_dir: Path, steps: int, **extra: str) -> list[str]:
+    settings = {
+        "model.name": json.dumps(MICRO),
+        "data.train": '"synthetic"',
+        "data.image_size": "32",
+        "data.workers": "0",
+        "schedule.steps": str(steps),
+        "schedule.warmup": "2",
+        "schedule.batch_size": "16",
+        "optimizer.lr": "1e-3",
+        "precision.amp": '"fp32"',
+        "checkpoint.every": "4",
+        "run.log_every": "1",
+        "run.progress": "false",
+        "run.dir": json.dumps(str(run_dir)),
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def cli(*args: str, **popen: object) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def train_cli(run_dir: Path, steps: int, **extra: str) -> list[str]:
+    argv = ["-m", "clipforge", "train"]
+    for override in micro_overrides(run_dir, steps, **extra):
+        argv += ["--set", override]
+    return argv
+
+
+def test_config_errors_name_the_field(tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optimizer]\nlr = 'fast'\n")
+    with pytest.raises(ConfigError, match=r"^optimizer\.lr: expected float"):
+        load_config(bad)
+    bad.write_text("[optimiser]\nlr = 1.0\n")
+    with pytest.raises(ConfigError, match="optimiser: unknown field"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="schedule.batch_size"):
+        load_config(None, ["schedule.batch_size=10", "schedule.accum_freq=3"])
+    config = load_config(None, ["optimizer.lr=1e-3", "data.train=/data/shards/{000..009}.tar", "optimizer.grad_clip=none"])
+    assert config.optimizer.lr == 1e-3 and config.data.train == "/data/shards/{000..009}.tar" and config.optimizer.grad_clip is None
+
+
+def test_cosine_schedule_matches_open_clip() -> None:
+    from open_clip_train.scheduler import cosine_lr
+
+    schedule = ScheduleSection(steps=100, warmup=10)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference = cosine_lr(optimizer, 0.1, 10, 100)
+    for step in range(100):
+        reference(step)
+        assert learning_rate(step, 0.1, schedule) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+
+
+def test_weight_decay_only_on_matrices() -> None:
+    model = clipforge.load(MICRO)
+    decay, no_decay = build_optimizer(model, OptimizerSection(weight_decay=0.2)).param_groups
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_feature_cache_accumulation_gives_the_full_batch_gradient() -> None:
+    torch.manual_seed(0)
+    model = clipforge.load(MICRO).train()
+    images = torch.randn(8, 3, 32, 32)
+    texts = model.tokenize([f"a photo of {i} red circles" for i in range(8)])
+    reference = clipforge.load(MICRO).train()
+    reference.load_state_dict(model.state_dict())
+    image_features, text_features, scale = reference(images, texts)
+    open_clip.ClipLoss()(image_features, text_features, scale).backward()
+    expected = {name: p.grad.clone() for name, p in reference.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = ContrastiveStep(model, ClipLoss(), optimizer, amp="fp32", accum_freq=4, grad_clip=None, device=torch.device("cpu"))
+    step(images, texts)
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, expected[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path) -> None:
+    steps = 12
+    reference = cli(*train_cli(tmp_path / "straight", steps))
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err
+    interrupted = cli(*train_cli(tmp_path / "killed", steps))
+    pointer = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not pointer.exists() and interrupted.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert interrupted.poll() is None, "the run finished before it could be killed"
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    killed_at = json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert killed_at < steps
+    resumed = cli(*train_cli(tmp_path / "killed", steps))
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    again = load_file(tmp_path / "killed" / "model.safetensors")
+    assert straight.keys() == again.keys()
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps_logged == list(range(1, steps + 1))
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path) -> None:
+    steps = 20
+    single = cli(*train_cli(tmp_path / "one", steps))
+    _, err = single.communicate(timeout=600)
+    assert single.returncode == 0, err
+    argv = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000)]
+    double = cli(*argv, *train_cli(tmp_path / "two", steps))
+    _, err = double.communicate(timeout=600)
+    assert double.returncode == 0, err
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    losses_one = [row["loss"] for row in one if "loss" in row]
+    losses_two = [row["loss"] for row in two if "loss" in row]
+    assert len(losses_one) == len(losses_two) == steps
+    for a, b in zip(losses_one, losses_two):
+        assert abs(a - b) <= 1e-4 * abs(a)

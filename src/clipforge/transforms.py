@@ -166,7 +166,8 @@ class EvalTransform:
         self._resample = _RESAMPLE[cfg.interpolation]
         self._normalize = _Normalize(cfg.mean, cfg.std)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``generator`` is accepted and ignored, so this transform can stand in for ``TrainTransform``."""
         size, mode = self.cfg.size, self.cfg.resize_mode
         if mode == "squash":
             return self._normalize(image.resize((size, size), self._resample))

@@ -36,6 +36,7 @@ class DataSection:
     train: str = "synthetic"  # a folder, a manifest, shards "a/{000..009}.tar", or "synthetic"
     samples_per_epoch: int = 100_000  # synthetic world only (it streams forever)
     workers: int = 1
+    augment: bool = True  # open_clip's RandomResizedCrop; off: the eval transform (an endless synthetic stream needs none)
     strict: bool = False  # stop at the first corrupt sample instead of skipping it
     world_seed: int = 0  # synthetic world
     image_size: int | None = None  # synthetic world render size (default: the model's)

@@ -30,6 +30,7 @@ from clipforge.train.losses import MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGL
 from clipforge.train.metrics_log import MetricsLog
 from clipforge.train.optim import build_optimizer, learning_rate, set_learning_rate
 from clipforge.train.step import ContrastiveStep
+from clipforge.transforms import image_transform
 
 Evaluator = Callable[[CLIP], dict[str, float]]
 
@@ -195,7 +196,7 @@ def _train_loader(config: TrainConfig, model: CLIP, world: WorldInfo, position: 
         }
     return build_train_loader(
         open_source(spec),
-        model.train_transform(),
+        model.train_transform() if data.augment else image_transform(model.preprocess_cfg, train=False),
         model.tokenizer,
         batch_size=config.schedule.batch_size // world.world_size,
         workers=data.workers,

@@ -153,3 +153,11 @@ def test_torchrun_two_ranks_match_one_process(tmp_path) -> None:
     assert len(losses_one) == len(losses_two) == steps
     for a, b in zip(losses_one, losses_two):
         assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_shipped_recipes_are_valid() -> None:
+    from clipforge.demo import recipe_path
+
+    for name in ("synthetic-tiny.toml", "datacomp-small-vit-b-32.toml", "finetune-webdataset.toml"):
+        config = load_config(recipe_path(name))
+        assert clipforge.get_model_config(config.model.name) if config.model.name != "synthetic-tiny" else True

@@ -1,0 +1,177 @@
+"""``clipforge index``, ``search`` and ``serve``: build the index of an embedding store, query it, serve it.
+
+``index DIR`` on a store (written by ``clipforge embed --out DIR``) chooses, builds and tunes its faiss
+index; on a plain photo folder it first brings the folder's own store (``DIR/.clipforge``) up to date,
+embedding only new photos (``clipforge.photos``). ``search`` and ``serve`` accept either kind of DIR and
+load the model recorded in the store unless ``--model`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from clipforge.errors import ConfigError
+from clipforge.progress import console, error_console
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint or Hugging Face directory (default: the model recorded in the store).")]
+ConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict.")]
+PretrainedOption = Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")]
+PrecisionOption = Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: the store's, or fp32 with --model).")]
+DeviceOption = Annotated[str, typer.Option(help="Device for the model.")]
+KindOption = Annotated[str, typer.Option(help="Which embeddings to search: img, or text (captions).")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index")(index_command)
+    app.command("search")(search_command)
+    app.command("serve")(serve_command)
+
+
+def _passive_openmp() -> None:
+    """Before faiss or torch start their OpenMP threads: on a busy machine, spinning threads starve each other."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def parse_size(text: str, option: str) -> int:
+    """Bytes from "4GB", "512MiB", "1.5 GB" or a plain number; ``option`` names the option in errors."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if unit not in SIZE_UNITS:
+        raise ConfigError(f"{option} {text!r}: expected a size such as 4GB, 512MiB or 2000000000")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def _model_reference(store: Path | None, model: str | None, config: str | None, pretrained: str | None, precision: str | None) -> dict[str, Any]:
+    from clipforge.embedder import model_reference, store_info
+
+    if model is not None:
+        return model_reference(model, config, pretrained, precision or "fp32")
+    if store is None:
+        raise ConfigError("--model is needed: there is no store yet to take the model from")
+    recorded = store_info(store).get("model")
+    if not recorded:
+        raise ConfigError(f"{store}: no model recorded; pass --model")
+    return recorded | ({"precision": precision} if precision else {})
+
+
+def _load(store: Path | None, model: str | None, config: str | None, pretrained: str | None, precision: str | None, device: str) -> Any:
+    from clipforge.embedder import load_model
+
+    return load_model(_model_reference(store, model, config, pretrained, precision), device=device)
+
+
+def index_command(
+    directory: Annotated[Path, typer.Argument(help="An embedding store, or a folder of photos to index incrementally.")],
+    model: ModelOption = None,
+    store: Annotated[Path | None, typer.Option(help="Photo folders: where their store lives (default DIR/.clipforge).")] = None,
+    memory_budget: Annotated[str, typer.Option(help="Most memory the index may use, e.g. 4GB.")] = "4GB",
+    target_recall: Annotated[float, typer.Option(min=0.0, max=1.0, help="Recall@10 the approximate index is tuned to reach.")] = 0.95,
+    kind: KindOption = "img",
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+    precision: PrecisionOption = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1, at most 4).")] = None,
+    device: DeviceOption = "cpu",
+) -> None:
+    """Build the search index of a store, or bring a photo folder's store and index up to date."""
+    _passive_openmp()
+    from clipforge.index import SearchIndex, index_dir
+    from clipforge.photos import default_store, is_store
+
+    budget = parse_size(memory_budget, "--memory-budget")
+    root = directory
+    if store is not None or not is_store(directory):
+        from clipforge.embedder import load_model
+        from clipforge.inference import default_workers
+        from clipforge.photos import update_photo_store
+
+        root = (store or default_store(directory)).absolute()
+        reference = _model_reference(root if is_store(root) else None, model, config, pretrained, precision)
+        update = update_photo_store(
+            directory, load_model(reference, device=device), reference, root, batch_size=batch_size,
+            workers=default_workers() if workers is None else workers,
+        )
+        for _, reason in update.skipped:
+            error_console.print(f"[yellow]skipped:[/] {reason}", highlight=False, soft_wrap=True)
+        console.print(
+            f"{directory}: {update.embedded} new, {update.unchanged} unchanged, {update.moved} moved or renamed, "
+            f"{update.removed} removed, {len(update.skipped)} unreadable",
+            soft_wrap=True,
+        )
+        if not update.changed and (index_dir(root, kind) / "index.json").is_file():
+            console.print(f"the index in {root} is up to date", soft_wrap=True)
+            return
+    built = SearchIndex.build(root, kind, memory_budget=budget, target_recall=target_recall)
+    spec = built.spec
+    console.print(f"{spec.factory} index over {spec.num_vectors:,} vectors in {index_dir(root, kind)}: {spec.reason}", soft_wrap=True)
+    console.print(f"recall@{spec.recall_k} = {spec.recall:.3f} (target {spec.target_recall}); search parameters {spec.params}", soft_wrap=True)
+
+
+def search_command(
+    query: Annotated[list[str], typer.Argument(help="Terms joined by + and -, each text or ./image.jpg, optionally weighted: 2:dog + ./pool.jpg - night")],
+    index: Annotated[Path, typer.Option("--index", "-i", help="The store (or photo folder) to search.")],
+    model: ModelOption = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Number of results.")] = 10,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    kind: KindOption = "img",
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+    precision: PrecisionOption = None,
+    device: DeviceOption = "cpu",
+) -> None:
+    """The k nearest images (or captions) to a query: paths and cosine scores."""
+    _passive_openmp()
+    from clipforge.index import SearchIndex
+    from clipforge.index.query import parse_query, query_vector
+    from clipforge.photos import find_store
+
+    root = find_store(index)
+    terms = parse_query(" ".join(query))
+    searcher = SearchIndex(root, kind)
+    vector = query_vector(_load(root, model, config, pretrained, precision, device), terms)
+    hits = searcher.results(vector, k)
+    if json_output:
+        print(json.dumps(hits))
+        return
+    from rich.table import Table
+
+    table = Table("#", "score", title=" ".join(query), show_edge=False)
+    table.add_column("path", overflow="fold")  # whole paths, to copy
+    table.add_column("caption")
+    for rank, hit in enumerate(hits, 1):
+        where = f"{hit.get('path', '')}:{hit['sample']}" if hit.get("sample") else hit.get("path", "")
+        table.add_row(str(rank), f"{hit['score']:.4f}", where, hit.get("caption") or "")
+    console.print(table)
+
+
+def serve_command(
+    index: Annotated[Path, typer.Option("--index", "-i", help="The store (or photo folder) to serve.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    model: ModelOption = None,
+    kind: KindOption = "img",
+    max_k: Annotated[int, typer.Option(min=1, help="Most results one request may ask for.")] = 100,
+    max_upload: Annotated[str, typer.Option(help="Largest request body (image upload), e.g. 10MB.")] = "10MB",
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+    precision: PrecisionOption = None,
+    device: DeviceOption = "cpu",
+) -> None:
+    """Serve the JSON API (OpenAPI at /openapi.json) and the search page at http://HOST:PORT/."""
+    _passive_openmp()
+    from clipforge.photos import find_store
+    from clipforge.serve import serve
+
+    root = find_store(index)
+    loaded = _load(root, model, config, pretrained, precision, device)
+    error_console.print(f"serving {root} on http://{host}:{port}/", soft_wrap=True)
+    serve(root, loaded, host=host, port=port, kind=kind, max_k=max_k, max_upload_bytes=parse_size(max_upload, "--max-upload"))

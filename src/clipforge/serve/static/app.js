@@ -1,0 +1,106 @@
+// The search page: text queries and image uploads go to the JSON API; results become a thumbnail grid.
+"use strict";
+
+const form = document.getElementById("search-form");
+const queryInput = document.getElementById("query");
+const upload = document.getElementById("image-upload");
+const countInput = document.getElementById("count");
+const statusLine = document.getElementById("status");
+const grid = document.getElementById("results");
+
+function showStatus(message, isError = false) {
+  statusLine.textContent = message;
+  statusLine.classList.toggle("error", isError);
+}
+
+function fileName(result) {
+  const name = result.sample || result.path || result.caption || result.uid || "";
+  return String(name).split("/").pop();
+}
+
+function render(results, what) {
+  grid.replaceChildren();
+  for (const result of results) {
+    const figure = document.createElement("figure");
+    figure.className = "result";
+    const link = document.createElement("a");
+    link.href = result.image;
+    link.target = "_blank";
+    const image = document.createElement("img");
+    image.src = result.thumbnail;
+    image.alt = result.caption || fileName(result);
+    image.loading = "lazy";
+    image.addEventListener("error", () => figure.classList.add("unavailable"));
+    link.append(image);
+    const caption = document.createElement("figcaption");
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = result.score.toFixed(3);
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = fileName(result);
+    name.title = result.path || "";
+    caption.append(score, name);
+    figure.append(link, caption);
+    grid.append(figure);
+  }
+  showStatus(`${results.length} results for ${what}`);
+}
+
+async function request(url, options) {
+  const response = await fetch(url, options);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body.results;
+}
+
+async function searchText(query) {
+  const params = new URLSearchParams({ q: query, k: countInput.value });
+  history.replaceState(null, "", `?${new URLSearchParams({ q: query })}`);
+  showStatus("searching…");
+  try {
+    render(await request(`/api/search?${params}`), `“${query}”`);
+  } catch (error) {
+    showStatus(error.message, true);
+  }
+}
+
+async function searchImage(file) {
+  const body = new FormData();
+  body.append("image", file);
+  body.append("k", countInput.value);
+  showStatus("searching…");
+  try {
+    render(await request("/api/search/image", { method: "POST", body }), file.name);
+  } catch (error) {
+    showStatus(error.message, true);
+  }
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (queryInput.value.trim()) searchText(queryInput.value.trim());
+});
+upload.addEventListener("change", () => {
+  if (upload.files.length) searchImage(upload.files[0]);
+  upload.value = "";
+});
+
+async function start() {
+  // The server's limit on results, then the search named in the address (shared links).
+  try {
+    const health = await (await fetch("/api/health")).json();
+    countInput.max = health.max_k;
+    countInput.value = Math.min(Number(countInput.value), health.max_k);
+    showStatus(`${health.vectors} images`);
+  } catch (error) {
+    showStatus(`server unreachable: ${error.message}`, true);
+  }
+  const initial = new URLSearchParams(location.search).get("q");
+  if (initial) {
+    queryInput.value = initial;
+    searchText(initial);
+  }
+}
+
+start();

@@ -1,0 +1,157 @@
+"""Incremental photo-folder indexing (rclip's rules): unchanged photos skipped by size and mtime, renamed or
+moved ones recognised by content, deleted ones dropped; vectors checked against the model run directly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from PIL import Image
+
+import clipforge
+from clipforge.cli import retrieval as retrieval_cli
+from clipforge.data.synthetic import SyntheticWorld
+from clipforge.embedder import model_reference, store_info
+from clipforge.index import EmbeddingStore
+from clipforge.photos import update_photo_store
+
+FLOAT16_TOLERANCE = 2e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, clipforge.CLIP]:
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    torch.manual_seed(2)
+    clipforge.save(clipforge.load("synthetic-tiny"), path)
+    return path, clipforge.load(path)
+
+
+class CountingModel:
+    """The model, counting the images it encodes."""
+
+    def __init__(self, model: clipforge.CLIP) -> None:
+        self.model, self.encoded = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def encode_image(self, pixels, normalize=False):
+        self.encoded += len(pixels)
+        return self.model.encode_image(pixels, normalize=normalize)
+
+
+def picture(index: int) -> Image.Image:
+    return SyntheticWorld().sample("train", index).image
+
+
+def make_folder(root: Path) -> Path:
+    """Six photos (two in a subfolder), plus photos in a hidden and an excluded folder that must be ignored."""
+    for name, index in [("a.png", 0), ("b.png", 1), ("c.png", 2), ("d.png", 3), ("trip/e.png", 4), ("trip/f.png", 5),
+                        (".hidden/x.png", 6), ("@eaDir/y.png", 7)]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        picture(index).save(root / name)
+    return root
+
+
+def stored(store: Path) -> dict[str, np.ndarray]:
+    """Relative path → stored vector."""
+    existing = EmbeddingStore(store)
+    rows = existing.metadata(np.arange(existing.num_vectors))
+    return dict(zip([row["uid"] for row in rows], existing.load_embeddings("img")))
+
+
+def direct(model: clipforge.CLIP, path: Path) -> np.ndarray:
+    with torch.no_grad():
+        return model.encode_image(model.preprocess(Image.open(path))[None], normalize=True).numpy()[0]
+
+
+def test_incremental_updates_embed_only_new_content(tmp_path, tiny):
+    model_path, model = tiny
+    reference = model_reference(str(model_path), None, None, "fp32")
+    folder = make_folder(tmp_path / "Photos")
+    counting = CountingModel(model)
+
+    first = update_photo_store(folder, counting, reference, workers=0, progress=False)
+    store = folder / ".clipforge"
+    assert first.changed and counting.encoded == 6 and first.embedded == 6
+    vectors = stored(store)
+    assert sorted(vectors) == ["a.png", "b.png", "c.png", "d.png", "trip/e.png", "trip/f.png"]
+    for name, vector in vectors.items():
+        np.testing.assert_allclose(vector, direct(model, folder / name), atol=FLOAT16_TOLERANCE)
+    assert store_info(store)["roots"] == [str(folder)]
+
+    metadata_file = store / "metadata" / "metadata_0.parquet"
+    stamp = (metadata_file.stat().st_ino, metadata_file.stat().st_mtime_ns)
+    again = update_photo_store(folder, counting, reference, workers=0, progress=False)
+    assert counting.encoded == 6 and not again.changed and again.unchanged == 6
+    assert (metadata_file.stat().st_ino, metadata_file.stat().st_mtime_ns) == stamp  # nothing rewritten
+
+    (folder / "trip" / "sub").mkdir()
+    os.rename(folder / "a.png", folder / "trip" / "sub" / "renamed.png")
+    os.utime(folder / "b.png", ns=(1, 1))  # touched: same content, new mtime
+    picture(10).save(folder / "c.png")  # new content under an old name
+    (folder / "d.png").unlink()
+    picture(11).save(folder / "g.png")
+    changed = update_photo_store(folder, counting, reference, workers=0, progress=False)
+    assert counting.encoded == 8 and changed.embedded == 2  # c.png and g.png only
+    assert (changed.unchanged, changed.moved, changed.removed) == (2, 2, 2)  # e, f; renamed, b; gone: a.png, d.png
+    now = stored(store)
+    assert sorted(now) == ["b.png", "c.png", "g.png", "trip/e.png", "trip/f.png", "trip/sub/renamed.png"]
+    np.testing.assert_array_equal(now["trip/sub/renamed.png"], vectors["a.png"])
+    np.testing.assert_array_equal(now["b.png"], vectors["b.png"])
+    for name in ("c.png", "g.png"):
+        np.testing.assert_allclose(now[name], direct(model, folder / name), atol=FLOAT16_TOLERANCE)
+
+    moved = tmp_path / "Moved Photos"
+    os.rename(folder, moved)
+    relocated = update_photo_store(moved, counting, reference, workers=0, progress=False)
+    assert counting.encoded == 8 and relocated.changed and relocated.unchanged == 6
+    assert {name: v.tobytes() for name, v in stored(moved / ".clipforge").items()} == {name: v.tobytes() for name, v in now.items()}
+    assert EmbeddingStore(moved / ".clipforge").metadata(np.array([0]))[0]["path"] == str(moved / "b.png")
+
+
+def test_another_model_embeds_everything_again(tmp_path, tiny):
+    model_path, model = tiny
+    folder = make_folder(tmp_path / "Photos")
+    update_photo_store(folder, model, model_reference(str(model_path), None, None, "fp32"), workers=0, progress=False)
+    counting = CountingModel(model)
+    update_photo_store(folder, counting, model_reference(str(model_path), None, None, "bf16"), workers=0, progress=False)
+    assert counting.encoded == 6
+
+
+def test_an_interrupted_swap_is_repaired(tmp_path, tiny):
+    model_path, model = tiny
+    reference = model_reference(str(model_path), None, None, "fp32")
+    folder = make_folder(tmp_path / "Photos")
+    update_photo_store(folder, model, reference, workers=0, progress=False)
+    before = stored(folder / ".clipforge")
+    os.rename(folder / ".clipforge", folder / ".clipforge.old")  # killed between the two renames
+    (folder / ".clipforge.new" / "img_emb").mkdir(parents=True)  # and a half-written new store
+    counting = CountingModel(model)
+    update = update_photo_store(folder, counting, reference, workers=0, progress=False)
+    assert counting.encoded == 0 and not update.changed
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".clipforge")) == [".clipforge"]
+    assert {k: v.tobytes() for k, v in stored(folder / ".clipforge").items()} == {k: v.tobytes() for k, v in before.items()}
+
+
+def test_cli_index_and_search_a_photo_folder(tmp_path, tiny, capsys):
+    model_path, model = tiny
+    folder = make_folder(tmp_path / "Photos")
+    shutil.copy(folder / "c.png", folder / "query.png")
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a command group, as in ``clipforge.cli``
+    retrieval_cli.register(app)
+    app(["index", str(folder), "--model", str(model_path), "--workers", "0"], standalone_mode=False)
+    assert "7 new" in capsys.readouterr().out
+    app(["index", str(folder), "--workers", "0"], standalone_mode=False)  # the model recorded in the store
+    out = capsys.readouterr().out
+    assert "0 new, 7 unchanged" in out and "up to date" in out
+    app(["search", str(folder / "query.png"), "--index", str(folder), "-k", "2", "--json"], standalone_mode=False)
+    hits = capsys.readouterr().out
+    assert sorted(Path(hit["path"]).name for hit in json.loads(hits)) == ["c.png", "query.png"]

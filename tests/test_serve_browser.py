@@ -1,0 +1,96 @@
+"""The web page end to end in headless Chromium (Debian's /usr/bin/chromium, driven by playwright; no browser
+download): a typed query and an uploaded image each fill the grid with thumbnails, in the API's order."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_serve import served_store, start_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+
+if not CHROMIUM.exists():
+    pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium)", allow_module_level=True)
+
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    store, _ = served_store(root)
+    process, base = start_server(store)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield root, base, browser
+        finally:
+            browser.close()
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def shown_results(page) -> list[dict]:
+    """Once every thumbnail of the grid has loaded (or failed): each result's score, file name and decoded image width."""
+    page.wait_for_function(
+        "() => { const images = [...document.querySelectorAll('#results .result img')];"
+        " return images.length > 0 && images.every(image => image.complete); }",
+        timeout=60_000,
+    )
+    return page.eval_on_selector_all(
+        "#results .result",
+        "figures => figures.map(figure => ({score: figure.querySelector('.score').textContent,"
+        " name: figure.querySelector('.name').textContent, width: figure.querySelector('img').naturalWidth}))",
+    )
+
+
+def api(base: str, path: str) -> list[dict]:
+    with urllib.request.urlopen(base + path, timeout=60) as response:
+        return json.loads(response.read())["results"]
+
+
+def test_typed_query_shows_thumbnails_in_the_api_order(site):
+    _, base, browser = site
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.fill("#count", "6")
+    page.fill("#query", "a red circle")
+    page.press("#query", "Enter")
+    shown = shown_results(page)
+    expected = api(base, "/api/search?" + urllib.parse.urlencode({"q": "a red circle", "k": 6}))
+    assert [item["name"] for item in shown] == [Path(hit["path"]).name for hit in expected]
+    assert [item["score"] for item in shown] == [f"{hit['score']:.3f}" for hit in expected]
+    # the thumbnails decoded (64 px pictures stay 64 px), except that of the link to a file outside the folder
+    assert all(item["width"] == (0 if item["name"] == "link.png" else 64) for item in shown)
+    assert "q=a+red+circle" in page.url
+    page.close()
+
+
+def test_uploaded_image_finds_itself_first(site):
+    root, base, browser = site
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.set_input_files("#image-upload", str(root / "photos" / "img05.png"))
+    shown = shown_results(page)
+    assert shown[0]["name"] == "img05.png" and float(shown[0]["score"]) > 0.999
+    assert "img05.png" in page.text_content("#status")
+    page.close()
+
+
+def test_an_error_is_shown_on_the_page(site):
+    _, base, browser = site
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.fill("#query", "dog +")
+    page.press("#query", "Enter")
+    page.wait_for_selector("#status.error", timeout=60_000)
+    assert "empty term" in page.text_content("#status")
+    page.close()

@@ -18,6 +18,7 @@ import clipforge
 from clipforge.cli import retrieval as retrieval_cli
 from clipforge.data.synthetic import SyntheticWorld
 from clipforge.embedder import model_reference, store_info
+from clipforge.errors import ConfigError
 from clipforge.index import EmbeddingStore
 from clipforge.photos import update_photo_store
 
@@ -155,3 +156,18 @@ def test_cli_index_and_search_a_photo_folder(tmp_path, tiny, capsys):
     app(["search", str(folder / "query.png"), "--index", str(folder), "-k", "2", "--json"], standalone_mode=False)
     hits = capsys.readouterr().out
     assert sorted(Path(hit["path"]).name for hit in json.loads(hits)) == ["c.png", "query.png"]
+
+
+def test_broken_links_are_listed_and_other_stores_are_never_replaced(tmp_path, tiny):
+    model_path, model = tiny
+    reference = model_reference(str(model_path), None, None, "fp32")
+    folder = make_folder(tmp_path / "Photos")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    update = update_photo_store(folder, model, reference, workers=0, progress=False)
+    assert update.embedded == 6 and [Path(photo).name for photo, _ in update.skipped] == ["gone.png"]
+    other = tmp_path / "embeddings"
+    other.mkdir()
+    (other / "clipforge.json").write_text(json.dumps({"format": 1, "model": reference, "inputs": []}))
+    with pytest.raises(ConfigError, match="not a photo folder"):
+        update_photo_store(folder, model, reference, store=other, workers=0, progress=False)
+    assert sorted(p.name for p in other.iterdir()) == ["clipforge.json"]

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipforge.embedder import STORE_FORMAT, STORE_INFO, store_info, write_store_info
-from clipforge.errors import InputError
+from clipforge.errors import ConfigError, InputError, one_line
 from clipforge.imageio import is_image_path
 from clipforge.index.store import EmbeddingStore, write_part
 from clipforge.inference import embed_images
@@ -93,8 +93,16 @@ def _repair(store: Path) -> None:
 
 
 def _catalogue(store: Path, reference: dict[str, Any]) -> tuple[list[dict], np.ndarray]:
-    """The rows and vectors of an existing store made with the same model (none otherwise)."""
-    if not (store / STORE_INFO).is_file() or store_info(store).get("model") != reference:
+    """The rows and vectors of an existing photo store made with the same model (none otherwise).
+
+    Any other store at that place is refused rather than replaced.
+    """
+    if not is_store(store):
+        return [], np.zeros((0, 0), np.float32)
+    info = store_info(store)
+    if info.get("kind") != "photos":
+        raise ConfigError(f"{store}: holds an embedding store that is not a photo folder's; choose another --store")
+    if info.get("model") != reference:
         return [], np.zeros((0, 0), np.float32)
     existing = EmbeddingStore(store)
     rows = existing.metadata(np.arange(existing.num_vectors))
@@ -124,7 +132,11 @@ def update_photo_store(
     rows: list[dict[str, Any]] = []
     sources: list[int | None] = []  # old row of each new row, or None to embed
     for photo in photo_files(folder):
-        stat = photo.stat()
+        try:
+            stat = photo.stat()
+        except OSError as error:  # e.g. a link to a file that is gone
+            update.skipped.append((str(photo), f"{photo}: cannot read ({one_line(error)})"))
+            continue
         uid = photo.relative_to(folder).as_posix()
         old = by_path.get(uid)
         if old is not None and (old_rows[old]["size"], old_rows[old]["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
@@ -138,7 +150,7 @@ def update_photo_store(
         sources.append(old)
     to_embed = [i for i, old in enumerate(sources) if old is None]
     result = embed_images(model, [rows[i]["path"] for i in to_embed], batch_size=batch_size, workers=workers, progress=progress)
-    update.skipped = [(rows[to_embed[position]]["path"], reason) for position, reason in result.skipped]
+    update.skipped += [(rows[to_embed[position]]["path"], reason) for position, reason in result.skipped]
     update.embedded = len(result.kept)
     fresh = {to_embed[position]: vector for position, vector in zip(result.kept, result.embeddings)}
     keep = [i for i, old in enumerate(sources) if old is not None or i in fresh]

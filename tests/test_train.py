@@ -107,7 +107,8 @@ def test_feature_cache_accumulation_gives_the_full_batch_gradient() -> None:
     step = ContrastiveStep(model, ClipLoss(), optimizer, amp="fp32", accum_freq=4, grad_clip=None, device=torch.device("cpu"))
     step(images, texts)
     for name, parameter in model.named_parameters():
-        assert torch.allclose(parameter.grad, expected[name], rtol=1e-4, atol=1e-7), name
+        scale = expected[name].abs().max()
+        assert (parameter.grad - expected[name]).abs().max() <= 1e-5 * scale + 1e-9, name
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path) -> None:

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import clipforge
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig
 from clipforge.eval.synthetic import SyntheticBenchmark, encode_pil_images
 from clipforge.train.config import load_config
@@ -29,7 +30,8 @@ def recipe_path(name: str) -> Path:
 def run_demo(out: str | Path, overrides: list[str] | None = None, resume: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     config = load_config(recipe_path(DEMO_CONFIG), [f"run.dir={json.dumps(str(out))}", *(overrides or [])])
-    world = SyntheticWorld(WorldConfig(seed=config.data.world_seed, image_size=64))
+    image_size = config.data.image_size or clipforge.get_model_config(config.model.name).vision.image_size
+    world = SyntheticWorld(WorldConfig(seed=config.data.world_seed, image_size=image_size))
     benchmark = SyntheticBenchmark(world, samples=config.eval.samples)
     result = train(config, resume=resume, evaluator=benchmark)
     run_dir = result.run_dir

@@ -14,6 +14,7 @@ import typer
 from clipforge.cli import data as data_cli
 from clipforge.cli import embed as embed_cli
 from clipforge.cli import models as models_cli
+from clipforge.cli import retrieval as retrieval_cli
 from clipforge.cli import train as train_cli
 from clipforge.progress import error_console
 from clipforge.errors import ClipforgeError
@@ -30,6 +31,7 @@ models_cli.register(app)
 data_cli.register(app)
 embed_cli.register(app)
 train_cli.register(app)
+retrieval_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

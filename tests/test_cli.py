@@ -113,3 +113,14 @@ def test_data_synth_writes_shards_and_resumes(tmp_path, capsys) -> None:
     assert len([n for n in names if n.endswith(".txt")]) == 5 and len([n for n in names if n.endswith(".png")]) == 5
     code, stdout, _ = run(capsys, "data", "synth", "--out", str(out), "--n", "25", "--shard-size", "10", "--image-size", "32")
     assert code == 0 and "0 written, 3 already complete" in " ".join(stdout.split())
+
+
+def test_atomic_writes_have_normal_permissions(tmp_path) -> None:
+    import os
+
+    from clipforge.fileio import atomic_path
+
+    with atomic_path(tmp_path / "a.txt") as tmp:
+        tmp.write_text("x")
+    (tmp_path / "b.txt").write_text("x")
+    assert os.stat(tmp_path / "a.txt").st_mode == os.stat(tmp_path / "b.txt").st_mode

@@ -75,6 +75,25 @@ def tiny() -> clipforge.CLIP:
     return clipforge.load("synthetic-tiny").eval()
 
 
+SMALL = {
+    "embed_dim": 32,
+    "activation": "gelu",
+    "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def make_small() -> clipforge.CLIP:
+    torch.manual_seed(0)
+    return clipforge.CLIP(clipforge.ModelConfig.from_dict(SMALL, name="small")).eval()
+
+
+@pytest.fixture(scope="module")
+def small() -> clipforge.CLIP:
+    """A 3-block image tower and 2-block text tower, for the simulated-quantization tests (many calibrations)."""
+    return make_small()
+
+
 def linears_per_model(model: clipforge.CLIP) -> int:
     """q/k/v, out_proj, c_fc and c_proj per block of both towers, plus the two projection matrices."""
     return 4 * (model.config.vision.layers + model.config.text.layers) + 2
@@ -199,29 +218,29 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours - reference).norm() / reference.norm())
 
 
-def test_sixteen_bits_is_nearly_identity_and_error_grows_as_bits_fall(tiny) -> None:
-    before = snapshot(tiny)
-    images = pixels(4, 64, 11)
+def test_sixteen_bits_is_nearly_identity_and_error_grows_as_bits_fall(small) -> None:
+    before = snapshot(small)
+    images = pixels(4, 32, 11)
     with torch.no_grad():
-        reference = tiny.encode_image(images)
+        reference = small.encode_image(images)
     errors = {}
     for bits in (16, 8, 6, 4):
-        simulated = simulate_quantization(tiny, bits, bits, "uniform", calibration_batches=[images])
+        simulated = simulate_quantization(small, bits, bits, "uniform", calibration_batches=[images])
         with torch.no_grad():
             errors[bits] = relative_error(simulated.encode_image(images), reference)
-    assert_unchanged(tiny, before)
+    assert_unchanged(small, before)
     assert errors[16] <= 1e-3
     assert errors[16] < errors[8] < errors[6] < errors[4]
 
 
 @pytest.mark.parametrize("kind,bits", [("uniform", 3), ("log2", 3), ("shift_log2", 3)])
-def test_attention_probabilities_are_on_the_quantizer_grid(tiny, kind: str, bits: int) -> None:
-    images = pixels(2, 64, 4)
-    simulated = simulate_quantization(tiny, 8, bits, kind, calibration_batches=[images])
+def test_attention_probabilities_are_on_the_quantizer_grid(small, kind: str, bits: int) -> None:
+    images = pixels(2, 32, 4)
+    simulated = simulate_quantization(small, 8, bits, kind, calibration_batches=[images])
     attention = simulated.visual.transformer.resblocks[1].attn
     assert isinstance(attention, FakeQuantAttention)
     with torch.no_grad():
-        weights = attention(torch.randn(2, 65, tiny.config.vision.width), return_weights=True).weights
+        weights = attention(torch.randn(2, 17, small.config.vision.width), return_weights=True).weights
     values = weights.unique()
     if kind == "uniform":
         assert torch.allclose(values * (2**bits - 1), (values * (2**bits - 1)).round(), atol=1e-4)
@@ -235,23 +254,23 @@ def test_attention_probabilities_are_on_the_quantizer_grid(tiny, kind: str, bits
         assert torch.allclose(exponents, exponents.round(), atol=1e-5)
 
 
-def test_weights_have_at_most_two_to_the_bits_levels_per_output_channel(tiny) -> None:
-    simulated = simulate_quantization(tiny, 3, 8, "log2", calibration_batches=[pixels(2, 64, 0)])
+def test_weights_have_at_most_two_to_the_bits_levels_per_output_channel(small) -> None:
+    simulated = simulate_quantization(small, 3, 8, "log2", calibration_batches=[pixels(2, 32, 0)])
     layers = [m for m in simulated.visual.modules() if isinstance(m, FakeQuantLinear)]
-    assert len(layers) == 4 * tiny.config.vision.layers + 1
+    assert len(layers) == 4 * small.config.vision.layers + 1
     for layer in layers:
         assert max(len(row.unique()) for row in layer.weight) <= 2**3
     assert not any(isinstance(m, FakeQuantLinear) for m in simulated.transformer.modules())  # no text batches
 
 
-def test_text_tower_is_simulated_when_text_batches_are_given(tiny) -> None:
-    ids = tokens(4, 20, seed=2)
+def test_text_tower_is_simulated_when_text_batches_are_given(small) -> None:
+    ids = tokens(4, 16, seed=2)
     simulated = simulate_quantization(
-        tiny, 16, 16, "uniform", calibration_batches=[pixels(2, 64, 0)], text_batches=[ids]
+        small, 16, 16, "uniform", calibration_batches=[pixels(2, 32, 0)], text_batches=[ids]
     )
-    assert sum(isinstance(m, FakeQuantLinear) for m in simulated.modules()) == linears_per_model(tiny)
+    assert sum(isinstance(m, FakeQuantLinear) for m in simulated.modules()) == linears_per_model(small)
     with torch.no_grad():
-        assert relative_error(simulated.encode_text(ids), tiny.encode_text(ids)) <= 1e-3
+        assert relative_error(simulated.encode_text(ids), small.encode_text(ids)) <= 1e-3
 
 
 def test_allocate_bits_matches_brute_force() -> None:
@@ -265,25 +284,24 @@ def test_allocate_bits_matches_brute_force() -> None:
     assert allocate_bits({"x": 1.0, "y": 1.0, "z": 1.0}, 5) == {"x": 5, "y": 5, "z": 5}
 
 
-def test_block_relevance_sums_to_one_and_finds_a_dead_block(tiny) -> None:
-    model = clipforge.load("synthetic-tiny").eval()
-    model.load_state_dict(tiny.state_dict())
+def test_block_relevance_sums_to_one_and_finds_a_dead_block() -> None:
+    model = make_small()
     dead = model.visual.transformer.resblocks[2]
     for layer in (dead.attn.out_proj, dead.mlp.c_proj):
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
     model.requires_grad_(False)
     before = snapshot(model)
-    relevance = block_relevance(model, [pixels(4, 64, 0)], text_batches=[tokens(4, 16)])
+    relevance = block_relevance(model, [pixels(4, 32, 0)], text_batches=[tokens(4, 16)])
     assert_unchanged(model, before)
     assert not any(p.requires_grad or p.grad is not None for p in model.parameters())
     image = {k: v for k, v in relevance.items() if k.startswith("visual.")}
     text = {k: v for k, v in relevance.items() if not k.startswith("visual.")}
-    assert len(image) == 4 and len(text) == 3
+    assert len(image) == 3 and len(text) == 2
     assert sum(image.values()) == pytest.approx(1.0) and sum(text.values()) == pytest.approx(1.0)
     assert image["visual.transformer.resblocks.2"] == 0.0
     assert min(v for k, v in image.items() if k != "visual.transformer.resblocks.2") > 0
-    simulated = simulate_quantization(model, 4, 4, "shift_log2", calibration_batches=[pixels(2, 64, 0)],
+    simulated = simulate_quantization(model, 4, 4, "shift_log2", calibration_batches=[pixels(2, 32, 0)],
                                       mixed_precision=image)
     blocks = simulated.visual.transformer.resblocks
     weight_bits = [block.mlp.c_fc.w_bits for block in blocks]
@@ -291,13 +309,13 @@ def test_block_relevance_sums_to_one_and_finds_a_dead_block(tiny) -> None:
     assert weight_bits[2] == MIN_BITS and activation_bits[2] == MIN_BITS
     assert sum(weight_bits) == 4 * len(blocks) and sum(activation_bits) == 4 * len(blocks)
     with pytest.raises(ConfigError, match="mixed_precision"):
-        simulate_quantization(model, 4, 4, calibration_batches=[pixels(1, 64, 0)], mixed_precision={"block.9": 1.0})
+        simulate_quantization(model, 4, 4, calibration_batches=[pixels(1, 32, 0)], mixed_precision={"block.9": 1.0})
 
 
-def test_quantization_study_rows(tiny) -> None:
-    images = pixels(4, 64, 7)
+def test_quantization_study_rows(small) -> None:
+    images = pixels(4, 32, 7)
     with torch.no_grad():
-        reference = tiny.encode_image(images)
+        reference = small.encode_image(images)
     evaluated = []
 
     def eval_fn(model: clipforge.CLIP) -> float:
@@ -305,8 +323,8 @@ def test_quantization_study_rows(tiny) -> None:
         with torch.no_grad():
             return cosine(model.encode_image(images), reference)
 
-    rows = quantization_study(tiny, eval_fn, [images], bits=(4,))
-    assert evaluated[0] is tiny
+    rows = quantization_study(small, eval_fn, [images], bits=(4,))
+    assert evaluated[0] is small
     assert [(r["w_bits"], r["a_bits"], r["softmax_quantizer"], r["mixed"]) for r in rows] == [
         (32, 32, None, False), (4, 4, "uniform", False), (4, 4, "log2", False),
         (4, 4, "shift_log2", False), (4, 4, "shift_log2", True),
@@ -315,10 +333,10 @@ def test_quantization_study_rows(tiny) -> None:
     assert all(row["accuracy"] < 0.9999 for row in rows[1:])
 
 
-def test_bad_simulation_settings_are_clear_errors(tiny) -> None:
+def test_bad_simulation_settings_are_clear_errors(small) -> None:
     with pytest.raises(ConfigError, match="softmax_quantizer"):
-        simulate_quantization(tiny, 8, 8, "log10", calibration_batches=[pixels(1, 64, 0)])
+        simulate_quantization(small, 8, 8, "log10", calibration_batches=[pixels(1, 32, 0)])
     with pytest.raises(ConfigError, match="w_bits"):
-        simulate_quantization(tiny, 1, 8, calibration_batches=[pixels(1, 64, 0)])
+        simulate_quantization(small, 1, 8, calibration_batches=[pixels(1, 32, 0)])
     with pytest.raises(InputError, match="text_batches"):
-        simulate_quantization(tiny, 8, 8, calibration_batches=[pixels(1, 64, 0)], text_batches=[pixels(1, 64, 0)])
+        simulate_quantization(small, 8, 8, calibration_batches=[pixels(1, 32, 0)], text_batches=[pixels(1, 32, 0)])

@@ -14,12 +14,10 @@ import dataclasses
 import io
 import json
 import math
+import tarfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
-from webdataset import TarWriter
 
 from clipforge.data.synthetic_config import Shift
 from clipforge.errors import ConfigError, InputError
@@ -65,6 +63,11 @@ def write_shards(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write samples ``0 … n-1`` of ``split``; returns counts, written and skipped shard paths and the index path."""
+    # Imported here: webdataset pulls in torch, and the synthetic world itself must stay quick to import.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from webdataset import TarWriter
+
     if n < 1 or shard_size < 1:
         raise InputError(f"write_shards: n={n} and shard_size={shard_size} must be ≥ 1")
     if image_format not in IMAGE_FORMATS:
@@ -82,7 +85,7 @@ def write_shards(
     }
     _check_manifest(out / "world.json", json.loads(json.dumps(manifest)))
 
-    digits = math.ceil(math.log10(shard_size)) if shard_size > 1 else 0
+    digits = math.ceil(math.log10(shard_size))
     num_shards = math.ceil(n / shard_size)
     rows: list[dict[str, Any]] = []
     written: list[str] = []
@@ -103,7 +106,7 @@ def write_shards(
                 bar.advance(task, len(indices))
                 continue
             with atomic_path(path) as tmp, open(tmp, "wb") as stream:
-                writer = TarWriter(stream, encoder=False)
+                writer = TarWriter(stream, encoder=False, mtime=int(time.time()), format=tarfile.USTAR_FORMAT)
                 for key, index in zip(keys, indices, strict=True):
                     sample = world.sample(split, index, shift)
                     record = {"key": key, "caption": sample.caption, **sample.metadata}

@@ -13,6 +13,7 @@ import typer
 
 from clipforge.cli import data as data_cli
 from clipforge.cli import embed as embed_cli
+from clipforge.cli import evaluate as evaluate_cli
 from clipforge.cli import models as models_cli
 from clipforge.cli import retrieval as retrieval_cli
 from clipforge.cli import train as train_cli
@@ -32,6 +33,7 @@ data_cli.register(app)
 embed_cli.register(app)
 train_cli.register(app)
 retrieval_cli.register(app)
+evaluate_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,92 @@
+"""``clipforge eval`` (zero-shot, retrieval, linear probe, robustness, OOD, calibration) and ``clipforge explain``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from clipforge.progress import console
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("explain")(explain_command)
+
+
+def _load_model(model: str, config: str | None, pretrained: str | None, precision: str) -> Any:
+    import clipforge
+
+    return clipforge.load(model, config=config, precision=precision, pretrained=pretrained)
+
+
+def eval_command(
+    tasks: Annotated[list[str], typer.Argument(help="zeroshot, retrieval, linear-probe, robustness, ood, calibration (comma-separated or repeated), or all.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="synthetic[:task], a class-per-folder directory, a .csv/.tsv/.parquet table or .tar webdataset shards (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON results, plots and report.md/report.html.")] = Path("eval_results"),
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16.")] = "fp32",
+    config: Annotated[str | None, typer.Option(help="Config for a bare state dict.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")] = None,
+    classnames: Annotated[str | None, typer.Option(help="Class names: .txt (one per line) or JSON list.")] = None,
+    templates: Annotated[str | None, typer.Option(help="Prompt templates with {c}: .txt or JSON list; or CuPL JSON {class: \\[descriptions]}.")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Images per synthetic split.")] = 1000,
+    robustness_samples: Annotated[int, typer.Option(min=1, help="Images corrupted by the robustness task.")] = 500,
+    image_column: Annotated[str, typer.Option(help="Table column with image paths or bytes.")] = "image",
+    label_column: Annotated[str, typer.Option(help="Table column with class ids or names.")] = "label",
+    caption_column: Annotated[str, typer.Option(help="Table column with captions (retrieval).")] = "caption",
+    class_field: Annotated[str, typer.Option(help="Webdataset class field (member extension or JSON key).")] = "cls",
+    train_data: Annotated[str | None, typer.Option(help="Training images for linear-probe (any --data form).")] = None,
+    ood_data: Annotated[str | None, typer.Option(help="Out-of-distribution images for ood (any --data form).")] = None,
+    method: Annotated[str, typer.Option(help="Zero-shot method: ensemble | perceptionclip.")] = "ensemble",
+    context: Annotated[str | None, typer.Option(help="PerceptionCLIP contexts: JSON {factor: {value: \\[descriptions]}}.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1).")] = None,
+    language: Annotated[str, typer.Option(help="Language recorded in the results (CLIP_benchmark schema).")] = "en",
+) -> None:
+    """Evaluate a model; one CLIP_benchmark JSON per (dataset, task), a report and one summary table."""
+    from rich.table import Table
+
+    from clipforge.eval.report import headline_rows, write_report
+    from clipforge.eval.runner import TASKS, DataOptions, Evaluator, run_tasks, write_results
+
+    names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
+    names = list(TASKS) if names == ["all"] else names
+    loaded = _load_model(model, config, pretrained, precision)
+    options = DataOptions(
+        classnames_file=classnames, templates_file=templates, samples=samples, robustness_samples=robustness_samples,
+        image_column=image_column, label_column=label_column, caption_column=caption_column, class_field=class_field,
+        train_data=train_data, ood_data=ood_data, method=method, context_file=context,
+    )
+    evaluator = Evaluator(loaded, batch_size=batch_size, workers=workers, out_dir=out, progress=True)
+    results = run_tasks(evaluator, names, data, options)
+    pretrained_label = pretrained or (model if Path(model).exists() else "random-init")
+    write_results(results, out, loaded.config.name, pretrained_label, language)
+    markdown, _ = write_report(results, out, f"clipforge eval: {loaded.config.name} ({pretrained_label})")
+    table = Table("dataset", "task", "metric", "value", title=f"clipforge eval ({precision})")
+    for row in headline_rows(results):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"results: {out}/*.json, report: {markdown}")
+
+
+def explain_command(
+    image: Annotated[Path, typer.Argument(help="Image file to explain.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")],
+    text: Annotated[str, typer.Argument(help="Text to explain the image against (Score-CAM).")] = "",
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file for the overlay.")] = Path("map.png"),
+    method: Annotated[str, typer.Option(help="scorecam (image-text) | rollout (attention rollout, no text).")] = "scorecam",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16.")] = "fp32",
+    config: Annotated[str | None, typer.Option(help="Config for a bare state dict.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")] = None,
+) -> None:
+    """Save a heat map of what the image tower looks at, over the image as the model sees it."""
+    from clipforge.explain import explain_image
+    from clipforge.explain.overlay import save_overlay
+    from clipforge.imageio import open_image
+
+    loaded = _load_model(model, config, pretrained, precision)
+    view, heatmap = explain_image(loaded, open_image(image).convert("RGB"), text, method)
+    save_overlay(view, heatmap, out)
+    console.print(f"wrote {method} map of {image} to {out}")

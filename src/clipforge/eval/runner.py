@@ -1,0 +1,363 @@
+"""The evaluation runner: zero-shot, retrieval, linear probe, robustness, OOD detection and calibration.
+
+Each task returns a ``TaskResult`` whose ``record`` is LAION-AI/CLIP_benchmark's result JSON
+(``dataset, model, pretrained, task, metrics, language``, written by ``write_results`` under
+CLIP_benchmark's file name ``{dataset}_{pretrained}_{model}_{language}_{task}.json``). Image features
+and zero-shot heads are computed once per dataset and shared by the tasks that need them; images are
+decoded in worker processes (``clipforge.inference.embed_images``) and text is encoded only up to the
+longest prompt of each batch, in the model's precision.
+
+Zero-shot heads follow CLIP_benchmark: templates give ``build_zero_shot_classifier``, per-class
+descriptions (CuPL) their renormalised mean; logits are ``100 · cos``. ``method="perceptionclip"``
+classifies with ``clipforge.eval.perception`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipforge.errors import InputError
+from clipforge.eval.calibration import expected_calibration_error, fit_temperature, reliability_diagram
+from clipforge.eval.datasets import (
+    ClassificationDataset,
+    RetrievalDataset,
+    load_dataset,
+    load_image,
+    load_retrieval_dataset,
+    model_input_image,
+)
+from clipforge.eval.linear_probe import linear_probe
+from clipforge.eval.metrics import classification_metrics, confusion_matrix, retrieval_recall_at_k, topk_accuracy
+from clipforge.eval.ood import auroc, fpr_at_tpr, mcm_score, roc_curve_plot
+from clipforge.eval.perception import (
+    ContextFactors,
+    build_perception_classifier,
+    encode_prompts,
+    ensemble_text_embeddings,
+    perception_clip,
+    read_context_factors,
+)
+from clipforge.eval.report import confusion_matrix_plot
+from clipforge.eval.robustness import SHIFT_NAMES, corruption_accuracy, corruption_plot
+from clipforge.eval.zeroshot import build_zero_shot_classifier, zero_shot_logits
+from clipforge.fileio import atomic_path
+from clipforge.inference import embed_images
+
+TASKS: dict[str, str] = {
+    "zeroshot": "zeroshot_classification",
+    "retrieval": "zeroshot_retrieval",
+    "linear-probe": "linear_probe",
+    "robustness": "robustness",
+    "ood": "ood_detection",
+    "calibration": "calibration",
+}
+"""Command-line task names → the task name in the result JSON (CLIP_benchmark's where it has one)."""
+
+MAX_CONFUSION_CLASSES = 100
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class TaskResult:
+    """One (dataset, task) evaluation: CLIP_benchmark metrics plus tables and plots for the report."""
+
+    dataset: str
+    task: str
+    metrics: dict[str, float]
+    tables: list[Table] = field(default_factory=list)
+    plots: dict[str, Path] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, model: str, pretrained: str, language: str = "en") -> dict[str, Any]:
+        """CLIP_benchmark's result JSON; ``extra`` (e.g. the OOD dataset) adds keys after the standard ones."""
+        return {"dataset": self.dataset, "model": model, "pretrained": pretrained, "task": self.task,
+                "metrics": self.metrics, "language": language, **self.extra}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+@-]+", "_", text).strip("_")
+
+
+def write_results(
+    results: Sequence[TaskResult], out_dir: str | Path, model: str, pretrained: str, language: str = "en"
+) -> list[Path]:
+    """One CLIP_benchmark JSON per result, named ``{dataset}_{pretrained}_{model}_{language}_{task}.json``."""
+    paths = []
+    for result in results:
+        name = "_".join(slug(part) for part in (result.dataset, Path(pretrained).name, model, language, result.task))
+        path = Path(out_dir) / f"{name}.json"
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(result.record(model, pretrained, language), indent=1) + "\n")
+        paths.append(path)
+    return paths
+
+
+class Evaluator:
+    """Runs evaluation tasks with one model, caching image features and zero-shot heads per dataset."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        batch_size: int = 64,
+        workers: int | None = None,
+        out_dir: str | Path | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.workers = workers
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.seed = seed
+        self.progress = progress
+        self._features: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._classifiers: dict[str, torch.Tensor] = {}
+
+    # -- shared pieces --
+
+    def embed(self, images: Sequence[Any]) -> torch.Tensor:
+        """Normalised float32 features (N, D) of images, decoded in worker processes; bad files are errors."""
+        result = embed_images(
+            self.model, images, batch_size=self.batch_size, workers=self.workers, strict=True, progress=self.progress
+        )
+        return torch.from_numpy(result.embeddings)
+
+    def image_features(self, dataset: ClassificationDataset) -> torch.Tensor:
+        if id(dataset) not in self._features:
+            self._features[id(dataset)] = (dataset, self.embed(dataset.images))
+        return self._features[id(dataset)][1]
+
+    def classifier(self, dataset: ClassificationDataset) -> torch.Tensor:
+        """Zero-shot head [D, C]: template ensemble, or CuPL descriptions per class (computed once per prompt set)."""
+        key = json.dumps([dataset.classnames, dataset.templates])
+        if key not in self._classifiers:
+            if isinstance(dataset.templates, Mapping):
+                head = ensemble_text_embeddings(self.model, [dataset.templates[c] for c in dataset.classnames]).T
+            else:
+                head = build_zero_shot_classifier(self.model, dataset.classnames, dataset.templates)
+            self._classifiers[key] = head.float().cpu()
+        return self._classifiers[key]
+
+    def logits(self, dataset: ClassificationDataset) -> torch.Tensor:
+        return zero_shot_logits(self.image_features(dataset), self.classifier(dataset))
+
+    def _plot_path(self, dataset: str, name: str) -> Path | None:
+        return self.out_dir / f"{slug(dataset)}_{name}.png" if self.out_dir is not None else None
+
+    # -- tasks --
+
+    def zeroshot(
+        self,
+        dataset: ClassificationDataset,
+        *,
+        method: str = "ensemble",
+        context_factors: ContextFactors | None = None,
+        temperature: float = 1.0,
+    ) -> TaskResult:
+        """acc1, acc5, mean per-class recall (CLIP_benchmark), a confusion matrix plot; or PerceptionCLIP."""
+        labels = torch.as_tensor(dataset.labels)
+        if method == "ensemble":
+            scores = self.logits(dataset)
+        elif method == "perceptionclip":
+            factors = context_factors or (dataset.synthetic.context_factors if dataset.synthetic else None)
+            if not factors:
+                raise InputError(f"{dataset.name}: PerceptionCLIP needs contextual factors (--context FILE)")
+            head = build_perception_classifier(self.model, dataset.classnames, factors)
+            scale = self.model.logit_scale.exp().item()
+            probs = perception_clip(self.image_features(dataset), head, scale, temperature).class_probs
+            scores = probs.clamp_min(1e-30).log()
+        else:
+            raise InputError(f"zero-shot method: {method!r} is not 'ensemble' or 'perceptionclip'")
+        extra = {"method": method} if method != "ensemble" else {}
+        result = TaskResult(dataset.name, TASKS["zeroshot"], classification_metrics(scores, labels), extra=extra)
+        path = self._plot_path(dataset.name, "confusion")
+        if path is not None and len(dataset.classnames) <= MAX_CONFUSION_CLASSES:
+            matrix = confusion_matrix(scores, labels).numpy()
+            result.plots["confusion matrix"] = confusion_matrix_plot(matrix, dataset.classnames, path)
+        return result
+
+    def retrieval(self, dataset: RetrievalDataset, ks: Sequence[int] = (1, 5, 10)) -> TaskResult:
+        """Image→text and text→image recall@k, a hit when any correct item is in the top k (CLIP_benchmark)."""
+        captions = [text for texts in dataset.captions for text in texts]
+        owner = [i for i, texts in enumerate(dataset.captions) for _ in texts]
+        image_features = self.embed(dataset.images)
+        text_features = encode_prompts(self.model, captions).cpu()
+        return TaskResult(dataset.name, TASKS["retrieval"], retrieval_recall_at_k(image_features, text_features, owner, ks))
+
+    def linear_probe(
+        self, train: ClassificationDataset, test: ClassificationDataset, c_values: Sequence[float] | None = None
+    ) -> TaskResult:
+        """CLIP-protocol logistic regression on frozen features: C chosen on 20% of train (CLIP's search,
+        or among ``c_values``), then refit on all of train."""
+        if train.classnames != test.classnames:
+            raise InputError(f"linear probe: {train.name} and {test.name} have different class lists")
+        train_features, test_features = self.image_features(train).double(), self.image_features(test).double()
+        probe = linear_probe(
+            train_features, train.labels, None, None, test_features, test.labels, c_values=c_values, seed=self.seed
+        )
+        return TaskResult(test.name, TASKS["linear-probe"], probe.metrics(), extra={"train_dataset": train.name})
+
+    def robustness(self, dataset: ClassificationDataset, samples: int = 500) -> TaskResult:
+        """Corruptions × severities on up to ``samples`` images; shifted renderings for the synthetic world."""
+        picked = np.unique(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int))
+        images = [model_input_image(self.model, load_image(dataset.images[i])) for i in picked]
+        labels = [dataset.labels[i] for i in picked]
+        table = corruption_accuracy(self.model, images, labels, self.classifier(dataset), seed=self.seed,
+                                    batch_size=self.batch_size, workers=self.workers)
+        metrics = table.metrics()
+        columns = ["corruption", *(f"severity {s}" for s in range(1, 6)), "mean"]
+        corruption_table = Table("accuracy under corruption", columns, table.rows())
+        result = TaskResult(dataset.name, TASKS["robustness"], metrics, [corruption_table])
+        if dataset.synthetic is not None:
+            shifts = {name: self._accuracy(dataset.synthetic.dataset("test", len(picked), name), self.classifier(dataset))
+                      for name in SHIFT_NAMES}
+            metrics.update({f"shift_{name}": value for name, value in shifts.items()})
+            metrics["mean_shift_acc"] = float(np.mean(list(shifts.values())))
+            result.tables.append(Table("distribution shift (synthetic renderings)", ["shift", "acc1"],
+                                       [["none", table.clean], *([name, value] for name, value in shifts.items())]))
+        path = self._plot_path(dataset.name, "robustness")
+        if path is not None:
+            result.plots["accuracy against corruption severity"] = corruption_plot(table, path)
+        return result
+
+    def _accuracy(self, dataset: ClassificationDataset, classifier: torch.Tensor) -> float:
+        logits = zero_shot_logits(self.embed(dataset.images), classifier)
+        return topk_accuracy(logits, dataset.labels, ks=(1,))["acc1"]
+
+    def ood(self, dataset: ClassificationDataset, ood_images: Sequence[Any], ood_name: str) -> TaskResult:
+        """MCM scores (softmax of raw cosines to the class heads, T = 1): AUROC and FPR at 95% TPR, ROC plot."""
+        concepts = self.classifier(dataset).T
+        id_scores = mcm_score(self.image_features(dataset), concepts)
+        ood_scores = mcm_score(self.embed(ood_images), concepts)
+        metrics = {"auroc": auroc(id_scores, ood_scores), "fpr95": fpr_at_tpr(id_scores, ood_scores, 0.95),
+                   "id_samples": float(len(id_scores)), "ood_samples": float(len(ood_scores))}
+        result = TaskResult(dataset.name, TASKS["ood"], metrics, extra={"ood_dataset": ood_name})
+        path = self._plot_path(dataset.name, "roc")
+        if path is not None:
+            result.plots["OOD ROC curve (MCM)"] = roc_curve_plot(id_scores, ood_scores, path)
+        return result
+
+    def calibration(self, fit: ClassificationDataset, test: ClassificationDataset) -> TaskResult:
+        """ECE (15 bins) and NLL of softmax(100·cos) before and after a temperature fitted on ``fit``."""
+        temperature = fit_temperature(self.logits(fit), fit.labels)
+        logits, labels = self.logits(test), torch.as_tensor(test.labels)
+        before, after = logits.softmax(dim=1), (logits / temperature).softmax(dim=1)
+        metrics = {
+            "ece_before": expected_calibration_error(before, labels),
+            "ece_after": expected_calibration_error(after, labels),
+            "nll_before": F.cross_entropy(logits.double(), labels).item(),
+            "nll_after": F.cross_entropy(logits.double() / temperature, labels).item(),
+            "temperature": temperature,
+            "acc1": topk_accuracy(logits, labels, ks=(1,))["acc1"],
+        }
+        result = TaskResult(test.name, TASKS["calibration"], metrics, extra={"fit_dataset": fit.name})
+        for name, probs in (("before", before), ("after", after)):
+            path = self._plot_path(test.name, f"reliability_{name}")
+            if path is not None:
+                result.plots[f"reliability diagram, {name} temperature scaling"] = reliability_diagram(probs, labels, path)
+        return result
+
+
+def split_in_two(dataset: ClassificationDataset, seed: int = 0) -> tuple[ClassificationDataset, ClassificationDataset]:
+    """A seeded random half/half split (fit, test) for tasks that need held-out data a dataset lacks."""
+    if len(dataset) < 4:
+        raise InputError(f"{dataset.name}: {len(dataset)} images are too few to split into fitting and test halves")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    half = len(dataset) // 2
+    return dataset.subset(order[:half].tolist(), f"{dataset.name}@fit"), dataset.subset(order[half:].tolist())
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How ``run_tasks`` reads datasets (the ``clipforge eval`` options)."""
+
+    classnames_file: str | None = None
+    templates_file: str | None = None
+    samples: int = 1000
+    robustness_samples: int = 500
+    image_column: str = "image"
+    label_column: str = "label"
+    caption_column: str = "caption"
+    class_field: str = "cls"
+    train_data: str | None = None
+    ood_data: str | None = None
+    method: str = "ensemble"
+    context_file: str | None = None
+
+
+def _load(spec: str, options: DataOptions) -> ClassificationDataset:
+    return load_dataset(
+        spec,
+        classnames_file=options.classnames_file,
+        templates_file=options.templates_file,
+        samples=options.samples,
+        image_column=options.image_column,
+        label_column=options.label_column,
+        class_field=options.class_field,
+    )
+
+
+def _run_task(
+    evaluator: Evaluator, task: str, spec: str, dataset: ClassificationDataset | None, options: DataOptions
+) -> TaskResult:
+    if task == "retrieval":
+        retrieval_set = load_retrieval_dataset(
+            spec, samples=options.samples, image_column=options.image_column, caption_column=options.caption_column
+        )
+        return evaluator.retrieval(retrieval_set)
+    assert dataset is not None
+    synthetic = dataset.synthetic
+    if task == "zeroshot":
+        factors = read_context_factors(options.context_file) if options.context_file else None
+        return evaluator.zeroshot(dataset, method=options.method, context_factors=factors)
+    if task == "robustness":
+        return evaluator.robustness(dataset, options.robustness_samples)
+    if task == "calibration":
+        fit, test = (synthetic.dataset("val", options.samples), dataset) if synthetic else split_in_two(dataset, evaluator.seed)
+        return evaluator.calibration(fit, test)
+    if task == "linear-probe":
+        if synthetic is not None and options.train_data is None:
+            return evaluator.linear_probe(synthetic.dataset("train", options.samples), dataset)
+        if options.train_data is None:
+            raise InputError(f"linear-probe on {spec}: give the training images with --train-data")
+        return evaluator.linear_probe(_load(options.train_data, options), dataset)
+    if task == "ood":
+        if options.ood_data is not None:
+            return evaluator.ood(dataset, _load(options.ood_data, options).images, options.ood_data)
+        if synthetic is None:
+            raise InputError(f"ood on {spec}: give the out-of-distribution images with --ood-data")
+        return evaluator.ood(dataset, synthetic.single_object_images("test_ood", options.samples), "synthetic/test_ood")
+    raise InputError(f"task: {task!r} is not one of {', '.join(TASKS)}")
+
+
+def run_tasks(
+    evaluator: Evaluator, tasks: Sequence[str], data: Sequence[str], options: DataOptions | None = None
+) -> list[TaskResult]:
+    """Every task on every dataset spec, in order (the benchmark mode of ``clipforge eval``)."""
+    options = options or DataOptions()
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise InputError(f"task: {unknown[0]!r} is not one of {', '.join(TASKS)}")
+    if not tasks or not data:
+        raise InputError("eval: give at least one task and one dataset (--data)")
+    results = []
+    for spec in data:
+        dataset = _load(spec, options) if any(task != "retrieval" for task in tasks) else None
+        results.extend(_run_task(evaluator, task, spec, dataset, options) for task in tasks)
+    return results

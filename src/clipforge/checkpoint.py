@@ -5,6 +5,10 @@ preprocessing in the metadata), open_clip state dicts (``.pt``/``.bin``/``.safet
 checkpoints wrapped in ``state_dict`` with ``module.`` prefixes), OpenAI-layout state dicts (config read
 off the shapes), Hugging Face ``CLIPModel`` directories, and open_clip hub directories
 (``open_clip_config.json``). ``save_hf`` writes a directory ``transformers.CLIPModel`` loads.
+
+A model's compression steps (``model.compression``: token merging or pruning, bf16, int8-dynamic; see
+``clipforge.compress.records``) travel in the metadata: ``save`` writes the weights the steps start from
+and ``load`` replays the steps, after casting to ``precision`` (a recorded bf16 or int8 decides the precision).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def load(
         raise ConfigError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     explicit = _as_config(config)
     path = Path(source)
+    compression = None
     if pretrained is not None:
         from clipforge.pretrained import pretrained_entry, resolve_pretrained
 
@@ -68,7 +73,7 @@ def load(
     elif path.is_dir():
         model = _load_directory(path, explicit, image_size)
     elif path.is_file() and path.suffix != ".json":
-        model = _load_file(path, explicit, image_size)
+        model, compression = _load_file(path, explicit, image_size)
     elif str(source) in list_models() or path.suffix == ".json":
         model_cfg = get_model_config(source)
         if image_size is not None:
@@ -77,15 +82,22 @@ def load(
         model.provenance = {"source": f"random-init:{model_cfg.name}"}
     else:
         raise CheckpointError(f"{source}: no such file or directory, and not a model config name (`clipforge models`)")
-    return model.to(device=device, dtype=PRECISIONS[precision]).eval()
+    model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
+    if compression is not None:
+        from clipforge.compress.records import restore_compression
+
+        model = restore_compression(model, compression, precision=precision, source=str(path))
+    return model
 
 
 def save(model: CLIP, path: str | os.PathLike[str], provenance: dict[str, Any] | None = None) -> Path:
     """One ``.safetensors`` file: weights plus config, preprocessing and provenance in its metadata (atomic)."""
     from safetensors.torch import save_file
 
+    from clipforge.compress.records import checkpoint_tensors
+
     path = Path(path)
-    tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    tensors = {key: value.detach().contiguous().cpu() for key, value in checkpoint_tensors(model).items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -165,19 +177,15 @@ def _load_directory(path: Path, explicit: ModelConfig | None, image_size: int | 
     raise CheckpointError(f"{path}: a directory with neither config.json (Hugging Face) nor open_clip_config.json")
 
 
-def _load_file(path: Path, explicit: ModelConfig | None, image_size: int | None) -> CLIP:
+def _load_file(path: Path, explicit: ModelConfig | None, image_size: int | None) -> tuple[CLIP, Any]:
+    """The model in the file, and the compression record (replayed by ``load``) of a clipforge checkpoint."""
     tensors, metadata = read_tensors(path)
     if metadata.get("format") == FORMAT:
         model_cfg = explicit or ModelConfig.from_dict(json.loads(metadata["config"]))
         preprocess = PreprocessConfig.from_dict(json.loads(metadata["preprocess"]))
         model = _build(model_cfg, tensors, preprocess, str(path), image_size)
         model.provenance = json.loads(metadata.get("provenance", "{}"))
-        if "compression" in metadata:
-            from clipforge.compress.reduction import apply_token_reduction
-
-            record = json.loads(metadata["compression"])
-            apply_token_reduction(model, record["method"], **record["settings"])
-        return model
+        return model, _compression_record(metadata, path)
     if any(key.startswith(("vision_model.", "text_model.")) for key in tensors):
         from clipforge.convert_hf import from_hf_state_dict
 
@@ -189,7 +197,17 @@ def _load_file(path: Path, explicit: ModelConfig | None, image_size: int | None)
     model_cfg = explicit or _config_for_bare_state(state, layout, path)
     model = _build(model_cfg, state, PreprocessConfig(size=model_cfg.vision.image_size), str(path), image_size)
     model.provenance = {"source": f"{layout}:{path}"}
-    return model
+    return model, None
+
+
+def _compression_record(metadata: dict[str, str], path: Path) -> Any:
+    """The checkpoint's compression steps (``clipforge.compress.records``) as saved, or None."""
+    if "compression" not in metadata:
+        return None
+    try:
+        return json.loads(metadata["compression"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: unreadable compression record in the metadata ({error})") from None
 
 
 def _config_for_bare_state(state: dict[str, torch.Tensor], layout: str, path: Path) -> ModelConfig:

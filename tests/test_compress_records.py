@@ -114,15 +114,15 @@ def test_parse_step_reads_json_values_and_dashed_keys() -> None:
         "method": "tome",
         "settings": {"r": [4, 2], "inflect": -1, "prop_attn": True, "trace_source": False},
     }
-    assert parse_step("pitome:keep-ratio=0.9,metric=hidden")["settings"]["keep_ratio"] == 0.9
-    assert parse_step("pitome:keep-ratio=0.9,metric=hidden")["settings"]["metric"] == "hidden"
+    assert parse_step("pitome:keep-ratio=0.9,metric=tokens")["settings"]["keep_ratio"] == 0.9
+    assert parse_step("pitome:keep-ratio=0.9,metric=tokens")["settings"]["metric"] == "tokens"
     assert parse_step("int8:per_channel=false") == {"method": "int8-dynamic", "settings": {"per_channel": False}}
     assert parse_step("bf16") == {"method": "bf16", "settings": {}}
 
 
 @pytest.mark.parametrize(
     "spec,message",
-    [("zip", "unknown compression method 'zip'"), ("tome:r", "expected METHOD:key=value"), ("tome:speed=2", "unknown tome setting 'speed'"),
+    [("zip", "unknown compression method 'zip'"), ("tome:r", "expected key=value"), ("tome:speed=2", "unknown tome setting 'speed'"),
      ("bf16:fast=true", "bf16 takes no settings"), ("int8:per_channel=1", "must be true or false")],
 )
 def test_bad_step_specs_are_config_errors(spec, message) -> None:

@@ -11,6 +11,7 @@ import sys
 import click
 import typer
 
+from clipforge.cli import compress as compress_cli
 from clipforge.cli import data as data_cli
 from clipforge.cli import embed as embed_cli
 from clipforge.cli import evaluate as evaluate_cli
@@ -34,6 +35,7 @@ embed_cli.register(app)
 train_cli.register(app)
 retrieval_cli.register(app)
 evaluate_cli.register(app)
+compress_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from clipforge.cli.compress import CompressOption, TomeOption, compression_options
 from clipforge.progress import console, error_console
 
 
@@ -42,6 +43,8 @@ def embed_command(
     image_column: Annotated[str | None, typer.Option(help="Manifest column of image paths (default: image_path, filepath, path, image or file).")] = None,
     caption_column: Annotated[str | None, typer.Option(help="Manifest column of captions (default: caption, text or title).")] = None,
     device: Annotated[str | None, typer.Option(help="Default: this rank's GPU if there is one, else cpu.")] = None,
+    tome: TomeOption = None,
+    compress: CompressOption = None,
 ) -> None:
     """Embed images or strings; each row keeps its source. Unreadable images are skipped and listed.
 
@@ -53,11 +56,17 @@ def embed_command(
 
     workers = default_workers() if workers is None else workers
     device = device or default_device()
+    steps = compression_options(tome, compress)
     if out.suffix.lower() == ".parquet":
-        _embed_to_parquet(inputs, model, out, text, config, pretrained, precision, batch_size, workers, strict, device)
+        _embed_to_parquet(inputs, model, out, text, config, pretrained, precision, batch_size, workers, strict, device, steps)
         return
     if text:
         raise ConfigError(f"--out {out}: --text writes a .parquet file; for a store of captions use a manifest with --captions")
+    if steps:
+        raise ConfigError(
+            f"--out {out}: a store records how to load its model, so --tome/--compress cannot apply here; write a "
+            f"compressed checkpoint first (clipforge compress tome --model {model} --out compressed.safetensors) and embed with it"
+        )
     from clipforge.embedder import distributed_rank, embed_to_store, load_model, model_reference
 
     reference = model_reference(model, config, pretrained, precision)
@@ -80,13 +89,14 @@ def embed_command(
 
 def _embed_to_parquet(
     inputs: list[str], model: str, out: Path, text: bool, config: str | None, pretrained: str | None,
-    precision: str, batch_size: int, workers: int, strict: bool, device: str,
+    precision: str, batch_size: int, workers: int, strict: bool, device: str, steps: list[dict[str, Any]],
 ) -> None:
     import clipforge
+    from clipforge.compress.records import apply_steps
     from clipforge.embed_io import collect_image_paths, write_embeddings
     from clipforge.inference import embed_images, embed_texts
 
-    loaded = clipforge.load(model, config=config, precision=precision, pretrained=pretrained, device=device)
+    loaded = apply_steps(clipforge.load(model, config=config, precision=precision, pretrained=pretrained, device=device), steps)
     if text:
         sources = list(inputs)
         vectors = embed_texts(loaded, sources, batch_size=batch_size)

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from clipforge.cli.compress import CompressOption, TomeOption, compression_options
 from clipforge.progress import console
 
 
@@ -44,16 +45,21 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1).")] = None,
     language: Annotated[str, typer.Option(help="Language recorded in the results (CLIP_benchmark schema).")] = "en",
+    tome: TomeOption = None,
+    compress: CompressOption = None,
 ) -> None:
     """Evaluate a model; one CLIP_benchmark JSON per (dataset, task), a report and one summary table."""
     from rich.table import Table
 
+    from clipforge.compress.records import apply_steps, describe_steps
     from clipforge.eval.report import headline_rows, write_report
     from clipforge.eval.runner import TASKS, DataOptions, Evaluator, run_tasks, write_results
 
     names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
     names = list(TASKS) if names == ["all"] else names
-    loaded = _load_model(model, config, pretrained, precision)
+    steps = compression_options(tome, compress)
+    loaded = apply_steps(_load_model(model, config, pretrained, precision), steps)
+    model_name = loaded.config.name + (f"+{describe_steps(steps)}" if steps else "")
     options = DataOptions(
         classnames_file=classnames, templates_file=templates, samples=samples, robustness_samples=robustness_samples,
         image_column=image_column, label_column=label_column, caption_column=caption_column, class_field=class_field,
@@ -62,8 +68,8 @@ def eval_command(
     evaluator = Evaluator(loaded, batch_size=batch_size, workers=workers, out_dir=out, progress=True)
     results = run_tasks(evaluator, names, data, options)
     pretrained_label = pretrained or (model if Path(model).exists() else "random-init")
-    write_results(results, out, loaded.config.name, pretrained_label, language)
-    markdown, _ = write_report(results, out, f"clipforge eval: {loaded.config.name} ({pretrained_label})")
+    write_results(results, out, model_name, pretrained_label, language)
+    markdown, _ = write_report(results, out, f"clipforge eval: {model_name} ({pretrained_label})")
     table = Table("dataset", "task", "metric", "value", title=f"clipforge eval ({precision})")
     for row in headline_rows(results):
         table.add_row(*row)

@@ -1,4 +1,4 @@
-"""Make a model smaller and faster: token merging and pruning in the image tower.
+"""Make a model smaller and faster: token merging and pruning in the image tower, bf16 and int8.
 
     from clipforge.compress import apply_token_reduction, estimate_flops
     apply_token_reduction(model, "tome", r=8)                # ToMe (Bolya et al., ICLR 2023)
@@ -8,6 +8,13 @@
 
 Each method is a ``TokenReduction`` hook that the image blocks call between attention and MLP; with its
 reduction off (``r=0``, ``keep_ratio=1``, ``keep_rate=1``) the model's output is unchanged.
+
+    from clipforge.compress import apply_compression, apply_steps, parse_steps
+    model = apply_compression(model, "int8")                 # any step; recorded, so clipforge.save/load keep it
+    model = apply_steps(model, parse_steps("bf16+tome:r=8")) # steps as data (``records``)
+
+Also: ``quantize`` (torch.ao int8), ``simquant`` and ``mixed_precision`` (simulated PTQ), ``export_onnx``,
+``early_exit`` (LGViT exit heads) and ``report`` (speed and accuracy of variants side by side).
 """
 
 from clipforge.compress.evit import EViT, keep_attentive_tokens
@@ -19,6 +26,15 @@ from clipforge.compress.reduction import (
     estimate_flops,
     remove_token_reduction,
     token_counts,
+)
+from clipforge.compress.records import (
+    apply_compression,
+    apply_steps,
+    compression_steps,
+    describe_steps,
+    make_step,
+    parse_step,
+    parse_steps,
 )
 from clipforge.compress.schedules import ScheduledReduction, keep_ratio_schedule, margin_schedule, merge_schedule
 from clipforge.compress.tome import (
@@ -37,17 +53,24 @@ __all__ = [
     "ScheduledReduction",
     "ToMe",
     "TokenMerging",
+    "apply_compression",
+    "apply_steps",
     "apply_token_reduction",
     "bipartite_soft_matching",
     "build_token_reduction",
+    "compression_steps",
+    "describe_steps",
     "energy_scores",
     "estimate_flops",
     "keep_attentive_tokens",
     "keep_ratio_schedule",
+    "make_step",
     "margin_schedule",
     "merge_schedule",
     "merge_source",
     "merge_wavg",
+    "parse_step",
+    "parse_steps",
     "pitome_matching",
     "proportional_attention_bias",
     "remove_token_reduction",

@@ -11,7 +11,8 @@ A step is ``{"method": name, "settings": {...every setting, defaults filled in..
 older checkpoints read unchanged) and several as ``{"steps": [step, ...]}`` in the order they were applied.
 Methods: the token reductions ``tome``, ``pitome``, ``evit`` (``clipforge.compress.reduction``), and the
 number formats ``bf16`` (weights and activations in bfloat16) and ``int8-dynamic`` (``quantize_dynamic_int8``).
-A model takes at most one token reduction and one number format; in either order they stack.
+A model takes at most one token reduction and one number format; in either order they stack. As text
+(``--compress``, report variants): ``parse_steps("bf16+tome:r=8")``, and back with ``describe_steps``.
 
 Checkpoints (``clipforge.save``/``load``) store the weights the steps start from and replay the steps on
 load. A bf16 model stores its bf16 weights (bf16 → fp32 → bf16 is exact). An int8-dynamic model cannot
@@ -82,13 +83,37 @@ def parse_step(spec: str) -> Step:
     keys reads as ``_`` (``keep-ratio`` = ``keep_ratio``).
     """
     method, _, rest = spec.partition(":")
+    return make_step(method.strip(), **parse_settings(_split_top_level(rest), f"--compress {spec!r}"))
+
+
+def parse_steps(spec: str) -> list[Step]:
+    """Steps joined by ``+``: ``"bf16+tome:r=8"`` → ``[bf16, tome r=8]``, each as ``parse_step``."""
+    return [parse_step(part) for part in spec.split("+")]
+
+
+def parse_settings(assignments: Iterable[str], where: str) -> dict[str, Any]:
+    """``["key=value", ...]`` → settings, values as in ``parse_step``; ``ConfigError`` naming ``where`` if malformed."""
     settings: dict[str, Any] = {}
-    for item in _split_top_level(rest):
+    for item in assignments:
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
-            raise ConfigError(f"--compress {spec!r}: expected METHOD:key=value,key=value, got {item!r}")
+            raise ConfigError(f"{where}: expected key=value settings (METHOD:key=value,key=value), got {item!r}")
         settings[key.strip().replace("-", "_")] = _json_or_text(value.strip())
-    return make_step(method.strip(), **settings)
+    return settings
+
+
+def describe_steps(steps: Iterable[Step]) -> str:
+    """The shortest ``parse_steps`` spec of ``steps``: settings left at their defaults are omitted (``"bf16+tome:r=8"``)."""
+    parts = []
+    for step in steps:
+        defaults = make_step(step["method"])["settings"]
+        changed = [
+            f"{key}={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}"
+            for key, value in step["settings"].items()
+            if defaults.get(key) != value
+        ]
+        parts.append(step["method"] + (":" + ",".join(changed) if changed else ""))
+    return "+".join(parts)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -164,18 +189,25 @@ def apply_steps(model: CLIP, steps: Iterable[Step]) -> CLIP:
     return model
 
 
+def check_stack(steps: Sequence[Step]) -> None:
+    """``ConfigError`` unless ``steps`` hold at most one token reduction and one number format."""
+    for index, step in enumerate(steps):
+        method = step["method"]
+        kind = "token reduction" if method in TOKEN_REDUCTIONS else "number format"
+        clash = next((s["method"] for s in steps[:index] if (s["method"] in TOKEN_REDUCTIONS) == (method in TOKEN_REDUCTIONS)), None)
+        if clash is not None:
+            raise ConfigError(
+                f"cannot apply {method}: the model already has the {kind} {clash}, and a model takes one {kind}; "
+                "start from the uncompressed model"
+            )
+
+
 def _apply(model: CLIP, step: Step) -> CLIP:
     if not isinstance(model, CLIP):
         raise ConfigError(f"compression needs a clipforge CLIP model, got {type(model).__name__}")
     steps = compression_steps(model)
+    check_stack([*steps, step])
     method = step["method"]
-    kind = "token reduction" if method in TOKEN_REDUCTIONS else "number format"
-    clash = next((s["method"] for s in steps if (s["method"] in TOKEN_REDUCTIONS) == (method in TOKEN_REDUCTIONS)), None)
-    if clash is not None:
-        raise ConfigError(
-            f"cannot apply {method}: the model already has the {kind} {clash}, and a model takes one {kind}; "
-            "start from the uncompressed model"
-        )
     if method in TOKEN_REDUCTIONS:
         apply_token_reduction(model, method, **step["settings"])
     elif method == "bf16":

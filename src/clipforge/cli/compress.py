@@ -1,0 +1,277 @@
+"""``clipforge compress``: token merging and pruning, bf16, int8, ONNX, early-exit heads, and a report of what each costs.
+
+``compress tome|pitome|evit|bf16|int8`` records the method and its settings in the output checkpoint, so
+``clipforge.load`` (and every command) restores it; applied to a compressed checkpoint they stack (one token
+reduction and one number format per model). ``embed`` and ``eval`` take the same methods as ``--tome R`` and
+``--compress METHOD:key=value`` (``compression_options``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from clipforge.progress import console
+
+compress_app = typer.Typer(
+    help="Make a model cheaper (token merging/pruning, bf16, int8, ONNX, early exit) and measure what it costs.",
+    no_args_is_help=True,
+)
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")]
+CheckpointOut = Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors checkpoint (records the method).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Any setting of the method: --set key=value (JSON values; repeatable).")]
+ConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict.")]
+PretrainedOption = Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")]
+TomeOption = Annotated[int | None, typer.Option("--tome", min=0, help="ToMe token merging: merge R tokens per image block.")]
+CompressOption = Annotated[
+    list[str] | None,
+    typer.Option("--compress", help="A compression step, e.g. pitome:keep_ratio=0.9, bf16, int8 (repeatable; see clipforge compress)."),
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(compress_app, name="compress")
+
+
+def compression_options(tome: int | None, compress: list[str] | None) -> list[dict[str, Any]]:
+    """The steps of ``--tome R`` and each ``--compress SPEC``, in that order."""
+    from clipforge.compress.records import make_step, parse_step
+
+    return ([make_step("tome", r=tome)] if tome else []) + [parse_step(spec) for spec in compress or []]
+
+
+def _load(model: str, config: str | None, pretrained: str | None) -> Any:
+    import clipforge
+
+    return clipforge.load(model, config=config, pretrained=pretrained)
+
+
+def _compress(method: str, options: dict[str, Any], set_: list[str] | None, model: str, out: Path, config: str | None, pretrained: str | None) -> None:
+    """Apply ``method`` with the given options and ``--set`` settings on top of ``model``'s steps; save and summarise."""
+    import clipforge
+    from clipforge.compress.records import apply_compression, compression_steps, describe_steps, parse_settings
+    from clipforge.compress.reduction import METHODS as TOKEN_REDUCTIONS
+    from clipforge.compress.reduction import estimate_flops, token_counts
+    from clipforge.errors import ConfigError
+
+    given = {key: value for key, value in options.items() if value is not None}
+    extra = parse_settings(set_ or [], "--set")
+    if twice := sorted(set(given) & set(extra)):
+        raise ConfigError(f"--set {twice[0]}: also given as --{twice[0].replace('_', '-')}; give it once")
+    loaded = _load(model, config, pretrained)
+    base_flops = estimate_flops(loaded)
+    compressed = apply_compression(loaded, method, **given, **extra)
+    flops = estimate_flops(compressed)
+    if method in TOKEN_REDUCTIONS and flops == base_flops:
+        raise ConfigError(f"{method}: these settings remove no tokens; say how many to remove (tome --r R, pitome --keep-ratio K < 1)")
+    clipforge.save(compressed, out, provenance={"compressed_from": str(model)})
+    console.print(f"wrote {out}: {describe_steps(compression_steps(compressed))}", soft_wrap=True)
+    if method in TOKEN_REDUCTIONS:
+        counts = token_counts(compressed)
+        console.print(f"tokens entering each image block: {counts[:-1]}; image-block FLOPs {flops / base_flops:.2f}x of the base model")
+
+
+@compress_app.command("tome")
+def tome_command(
+    model: ModelOption,
+    out: CheckpointOut,
+    r: Annotated[int | None, typer.Option("--r", min=0, help="Tokens merged per block (ToMe's r); a per-block list with --set r=[...].")] = None,
+    inflect: Annotated[float | None, typer.Option(help="Schedule: 0 constant, -1 decreasing from 2r to 0 (ToMe's parse_r).")] = None,
+    set_: SetOption = None,
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+) -> None:
+    """ToMe (Bolya et al., ICLR 2023): merge the r most similar token pairs in every image block."""
+    _compress("tome", {"r": r, "inflect": inflect}, set_, model, out, config, pretrained)
+
+
+@compress_app.command("pitome")
+def pitome_command(
+    model: ModelOption,
+    out: CheckpointOut,
+    keep_ratio: Annotated[float | None, typer.Option(help="Share of tokens each block keeps (PiToMe's ratio, e.g. 0.9).")] = None,
+    margin: Annotated[float | None, typer.Option(help="Energy margin at the first block, decaying to 0 with depth.")] = None,
+    set_: SetOption = None,
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+) -> None:
+    """PiToMe (Tran et al., NeurIPS 2024): merge high-energy tokens, protect isolated ones."""
+    _compress("pitome", {"keep_ratio": keep_ratio, "margin": margin}, set_, model, out, config, pretrained)
+
+
+@compress_app.command("evit")
+def evit_command(
+    model: ModelOption,
+    out: CheckpointOut,
+    keep_rate: Annotated[float | None, typer.Option(help="Share of patch tokens kept at each reduction block (default 0.7).")] = None,
+    set_: SetOption = None,
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+) -> None:
+    """EViT (Liang et al., ICLR 2022): keep the tokens the class token attends to most, fuse the rest (--set layers=[...])."""
+    _compress("evit", {"keep_rate": keep_rate}, set_, model, out, config, pretrained)
+
+
+@compress_app.command("bf16")
+def bf16_command(model: ModelOption, out: CheckpointOut, config: ConfigOption = None, pretrained: PretrainedOption = None) -> None:
+    """bfloat16 weights and activations (several times faster on CPUs with AVX512-BF16 or AMX, and on GPUs)."""
+    _compress("bf16", {}, None, model, out, config, pretrained)
+
+
+@compress_app.command("int8")
+def int8_command(
+    model: ModelOption,
+    out: CheckpointOut,
+    per_tensor: Annotated[bool, typer.Option(help="One weight scale per layer instead of per output channel.")] = False,
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+) -> None:
+    """Dynamic int8 (torch.ao, CPU): every linear layer of both towers in int8; the checkpoint keeps float weights."""
+    _compress("int8-dynamic", {"per_channel": False if per_tensor else None}, None, model, out, config, pretrained)
+
+
+@compress_app.command("onnx")
+def onnx_command(
+    model: ModelOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for image_encoder.onnx, text_encoder.onnx, clipforge_onnx.json.")],
+    int8: Annotated[bool, typer.Option(help="Also write *.int8.onnx (onnxruntime dynamic int8).")] = False,
+    opset: Annotated[int, typer.Option(min=14)] = 17,
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+) -> None:
+    """Export both towers to ONNX (dynamic batch and text length), then check them in onnxruntime against PyTorch."""
+    import torch
+
+    from clipforge.compress.export_onnx import OnnxCLIP, export_onnx
+    from clipforge.compress.records import compression_steps, describe_steps
+    from clipforge.errors import ConfigError
+
+    loaded = _load(model, config, pretrained)
+    if steps := compression_steps(loaded):
+        raise ConfigError(f"--model {model}: records {describe_steps(steps)}; export the uncompressed model (and --int8 for int8 ONNX)")
+    export_onnx(loaded, out, opset, int8=int8)
+    size = loaded.config.vision.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tokens = loaded.tokenize(["a photo of a dog", "two red circles on the left"])
+    with torch.inference_mode():
+        expected = torch.cat([loaded.encode_image(pixels, normalize=True), loaded.encode_text(tokens, normalize=True)])
+    for quantized in (False, True) if int8 else (False,):
+        onnx = OnnxCLIP(out, int8=quantized)
+        found = torch.cat([torch.from_numpy(onnx.encode_image(pixels.numpy(), normalize=True)),
+                           torch.from_numpy(onnx.encode_text(tokens.numpy(), normalize=True))])
+        cosine = torch.nn.functional.cosine_similarity(found, expected).min().item()
+        label = "int8" if quantized else "fp32"
+        console.print(f"{label}: max |onnx - torch| {(found - expected).abs().max().item():.2e}, min cosine {cosine:.5f}")
+    console.print(f"wrote {out}")
+
+
+@compress_app.command("early-exit")
+def early_exit_command(
+    model: ModelOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file of exit heads (with the threshold).")],
+    data: Annotated[str, typer.Option("--data", "-d", help="synthetic[:task] (heads trained on its train split) or any eval --data (split in halves).")] = "synthetic:shape",
+    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exit when the zero-shot max probability exceeds it.")] = 0.8,
+    samples: Annotated[int, typer.Option(min=4, help="Images per synthetic split.")] = 1000,
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+) -> None:
+    """LGViT-style exit heads, self-distilled on the frozen model; reports accuracy and the average depth used."""
+    import torch
+    from rich.table import Table
+
+    from clipforge.compress.early_exit import EarlyExitClassifier, ExitHeads, save_exit_heads, train_exit_heads
+    from clipforge.eval.datasets import load_dataset
+    from clipforge.eval.runner import Evaluator, split_in_two
+    from clipforge.progress import progress_bar
+
+    loaded = _load(model, config, pretrained)
+    dataset = load_dataset(data, samples=samples)
+    fit, test = (dataset.synthetic.dataset("train", samples), dataset) if dataset.synthetic else split_in_two(dataset)
+    evaluator = Evaluator(loaded, batch_size=batch_size, workers=0)
+    bank = evaluator.classifier(test)
+    heads = ExitHeads(loaded)
+    with progress_bar() as bar:
+        task = bar.add_task("training exit heads", total=steps, unit="step")
+        batches = _pixel_batches(loaded, fit.images, batch_size, forever=True, advance=lambda: bar.advance(task))
+        train_exit_heads(loaded, heads, batches, steps, lr, text_bank=bank)
+    classify = EarlyExitClassifier(loaded, heads, bank, threshold)
+    results = [classify(pixels) for pixels in _pixel_batches(loaded, test.images, batch_size)]
+    early = torch.cat([result.predictions for result in results])
+    depth = torch.cat([result.depths for result in results]).float().mean().item()
+    full = evaluator.logits(test).argmax(dim=1)
+    labels = torch.as_tensor(test.labels)
+    save_exit_heads(heads, out, threshold)
+    layers = loaded.config.vision.layers
+    table = Table("", "accuracy", "agreement with full model", "average blocks run", title=f"early exit on {test.name}")
+    table.add_row("full model", f"{100 * (full == labels).float().mean().item():.1f}%", "100.0%", f"{layers}")
+    table.add_row(f"exit heads {heads.layers}, threshold {threshold}", f"{100 * (early == labels).float().mean().item():.1f}%",
+                  f"{100 * (early == full).float().mean().item():.1f}%", f"{depth:.2f} ({depth / layers:.0%})")
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+def _pixel_batches(model: Any, images: Any, batch_size: int, forever: bool = False, advance: Any = None) -> Any:
+    """Preprocessed image batches in order (cycling when ``forever``), calling ``advance()`` as each is handed out."""
+    import itertools
+
+    import torch
+
+    from clipforge.eval.datasets import load_image
+
+    starts = range(0, len(images), batch_size)
+    for start in itertools.cycle(starts) if forever else starts:
+        batch = torch.stack([model.preprocess(load_image(image)) for image in images[start : start + batch_size]])
+        if advance is not None:
+            advance()
+        yield batch
+
+
+@compress_app.command("report")
+def report_command(
+    model: ModelOption,
+    task: Annotated[str, typer.Option(help="Zero-shot task of the synthetic world (shape, color, count, position, ...).")] = "shape",
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Instead of --task: any eval --data (folder, table, shards).")] = None,
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="A variant instead of the default set, e.g. bf16+tome:r=8 (repeatable).")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Images per synthetic split.")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per timed encode_image call.")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed rounds (medians).")] = 5,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.json and speed_accuracy.png.")] = Path("compress_report"),
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+) -> None:
+    """One table of compressed variants: images/s, FLOPs, zero-shot accuracy, agreement with the base model, cosine."""
+    import torch
+    from rich.table import Table
+
+    from clipforge.compress.records import compression_steps, describe_steps
+    from clipforge.compress.report import Variant, compare_variants, default_variants, write_report
+    from clipforge.errors import ConfigError
+    from clipforge.eval.datasets import load_dataset
+
+    loaded = _load(model, config, pretrained)
+    if steps := compression_steps(loaded):
+        raise ConfigError(f"--model {model}: records {describe_steps(steps)}; the report compares variants of the uncompressed model")
+    dataset = load_dataset(data or f"synthetic:{task}", samples=samples)
+    variants = [Variant.parse(spec) for spec in variant] if variant else default_variants(loaded)
+    results = compare_variants(loaded, dataset, variants, batch_size=batch_size, repeats=repeats)
+    title = f"{loaded.config.name} on {dataset.name} ({len(dataset)} images, batch {batch_size})"
+    details = {"model": str(model), "dataset": dataset.name, "images": len(dataset), "batch_size": batch_size,
+               "repeats": repeats, "torch_threads": torch.get_num_threads()}
+    json_path, plot_path = write_report(results, out, title=title, details=details)
+    table = Table(title=title, show_edge=False, collapse_padding=True, pad_edge=False)
+    table.add_column("variant", no_wrap=True)
+    for column in ("img/s", "speed", "FLOPs", "acc", "Δacc", "agree", "cosine"):
+        table.add_column(column, justify="right", no_wrap=True)
+    base = results[0]
+    for row in results:
+        table.add_row(row.name, f"{row.images_per_s:.0f}", f"{row.speedup:.2f}x", f"{row.relative_flops:.2f}x",
+                      f"{100 * row.accuracy:.1f}%", f"{100 * (row.accuracy - base.accuracy):+.1f}", f"{100 * row.agreement:.1f}%",
+                      f"{row.cosine:.4f}")
+    console.print(table)
+    console.print(f"report: {json_path}, plot: {plot_path}")

@@ -1,0 +1,215 @@
+"""``clipforge compress``, and ``--tome``/``--compress`` in ``embed`` and ``eval``, on a 2-block micro model.
+
+References: the methods applied directly (``apply_token_reduction``, ``quantize_dynamic_int8``) to the same
+weights, embeddings and zero-shot accuracy computed in the test from ``encode_image`` and a hand-built
+classifier, onnxruntime outputs against PyTorch, and settings written out by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clipforge
+from clipforge.cli import main
+from clipforge.compress.early_exit import load_exit_heads
+from clipforge.compress.export_onnx import OnnxCLIP
+from clipforge.compress.quantize import quantize_dynamic_int8
+from clipforge.compress.records import describe_steps, parse_steps
+from clipforge.compress.reduction import apply_token_reduction, estimate_flops
+from clipforge.compress.report import Variant, keep_ratio_for_flops
+from clipforge.embed_io import read_embeddings
+from clipforge.errors import ConfigError
+from clipforge.eval.datasets import load_dataset
+
+MICRO = str(Path(__file__).parent / "data" / "micro-clip.json")  # 32 px, patch 8: 17 tokens, 2 blocks
+TOME_4 = {"method": "tome", "settings": {"r": 4, "inflect": 0.0, "prop_attn": True, "trace_source": False}}
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def base() -> clipforge.CLIP:
+    torch.manual_seed(0)
+    return clipforge.load(MICRO)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(base, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("micro") / "micro.safetensors"
+    clipforge.save(base, path)
+    return path
+
+
+def image_embeddings(model: clipforge.CLIP, images: list, batch_size: int = 8) -> torch.Tensor:
+    """In batches of 8, as the report runs them: int8-dynamic quantizes activations with each batch's range."""
+    with torch.inference_mode():
+        pixels = torch.stack([model.preprocess(image) for image in images])
+        return torch.cat([model.encode_image(batch, normalize=True).float() for batch in pixels.split(batch_size)])
+
+
+def tome(model: clipforge.CLIP, r: int = 4) -> clipforge.CLIP:
+    model = copy.deepcopy(model)
+    apply_token_reduction(model, "tome", r=r)
+    return model
+
+
+PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_compress_writes_checkpoints_that_load_compressed_and_stack(tmp_path, capsys, base, checkpoint) -> None:
+    code, out, err = run(capsys, "compress", "tome", "-m", checkpoint, "-o", tmp_path / "tome.safetensors", "--r", "4")
+    assert code == 0, err
+    assert "[17, 13]" in out  # tokens entering the two blocks: 17, then 17 - 4
+    loaded = clipforge.load(tmp_path / "tome.safetensors")
+    assert loaded.compression == TOME_4
+    with torch.inference_mode():
+        assert torch.equal(loaded.encode_image(PIXELS), tome(base).encode_image(PIXELS))
+    code, _, err = run(capsys, "compress", "int8", "-m", tmp_path / "tome.safetensors", "-o", tmp_path / "tome_int8.safetensors")
+    assert code == 0, err
+    stacked = clipforge.load(tmp_path / "tome_int8.safetensors")
+    assert stacked.compression == {"steps": [TOME_4, {"method": "int8-dynamic", "settings": {"per_channel": True}}]}
+    with torch.inference_mode():
+        assert torch.equal(stacked.encode_image(PIXELS), quantize_dynamic_int8(tome(base)).encode_image(PIXELS))
+
+
+def test_options_and_set_make_the_same_settings(tmp_path, capsys, checkpoint) -> None:
+    argv = ("compress", "pitome", "-m", checkpoint, "-o", tmp_path / "p.safetensors", "--keep-ratio", "0.8", "--set", "margin=0.5", "--set", "metric=tokens")
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    settings = clipforge.load(tmp_path / "p.safetensors").compression["settings"]
+    assert (settings["keep_ratio"], settings["margin"], settings["metric"]) == (0.8, 0.5, "tokens")
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["compress", "tome", "--r", "2", "--set", "r=3"], "--set r: also given as --r"),
+        (["compress", "tome"], "remove no tokens"),
+        (["compress", "pitome", "--set", "keep_ratio=nope"], "'keep_ratio' must be a number"),
+        (["compress", "evit", "--set", "layers=[5]"], "out of range"),
+        (["compress", "tome", "--r", "2", "--set", "speed"], "expected key=value"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tmp_path, capsys, checkpoint, argv, needle) -> None:
+    code, _, err = run(capsys, *argv, "-m", checkpoint, "-o", tmp_path / "x.safetensors")
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_second_token_reduction_is_refused(tmp_path, capsys, checkpoint) -> None:
+    run(capsys, "compress", "tome", "-m", checkpoint, "-o", tmp_path / "tome.safetensors", "--r", "2")
+    code, _, err = run(capsys, "compress", "pitome", "-m", tmp_path / "tome.safetensors", "-o", tmp_path / "x.safetensors", "--keep-ratio", "0.8")
+    assert code == 2 and "already has the token reduction tome" in err
+
+
+def test_embed_with_tome_and_compress_matches_the_method_applied_directly(tmp_path, capsys, base, checkpoint) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    for index, image in enumerate(images):
+        image.save(folder / f"{index}.png")
+    reloaded = [Image.open(folder / f"{index}.png").convert("RGB") for index in range(3)]
+    pitome = copy.deepcopy(base)
+    apply_token_reduction(pitome, "pitome", keep_ratio=0.8)
+    for options, reference in ((["--tome", "4"], tome(base)), (["--compress", "pitome:keep_ratio=0.8"], pitome)):
+        out = tmp_path / "e.parquet"
+        code, _, err = run(capsys, "embed", folder, "-m", checkpoint, "-o", out, "--workers", "0", *options)
+        assert code == 0, err
+        sources, vectors = read_embeddings(out)
+        assert [Path(source).name for source in sources] == ["0.png", "1.png", "2.png"]
+        assert np.allclose(vectors, image_embeddings(reference, reloaded).numpy(), atol=1e-6)
+    assert not np.allclose(vectors, image_embeddings(base, reloaded).numpy(), atol=1e-4)
+    code, _, err = run(capsys, "embed", folder, "-m", checkpoint, "-o", tmp_path / "store", "--tome", "4")
+    assert code == 2 and "compressed checkpoint first" in err
+
+
+def test_eval_with_tome_names_the_compression_and_scores_the_merged_model(tmp_path, capsys, base, checkpoint) -> None:
+    argv = ("eval", "zeroshot", "-m", checkpoint, "-d", "synthetic:color", "--samples", "24", "--workers", "0", "-o", tmp_path, "--tome", "4")
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    [result_file] = tmp_path.glob("*zeroshot_classification.json")
+    result = json.loads(result_file.read_text())
+    assert result["model"] == "micro-clip+tome:r=4"
+    dataset = load_dataset("synthetic:color", samples=24)
+    merged = tome(base)
+    with torch.inference_mode():
+        prompts = [[template.format(c=name) for template in dataset.templates] for name in dataset.classnames]
+        classes = torch.stack([F.normalize(F.normalize(merged.encode_text(merged.tokenize(p)), dim=-1).mean(0), dim=0) for p in prompts])
+    predictions = (image_embeddings(merged, dataset.images) @ classes.T).argmax(1)
+    assert result["metrics"]["acc1"] == pytest.approx((predictions == torch.tensor(dataset.labels)).float().mean().item())
+
+
+def test_onnx_export_matches_pytorch_and_refuses_compressed_models(tmp_path, capsys, base, checkpoint) -> None:
+    code, out, err = run(capsys, "compress", "onnx", "-m", checkpoint, "-o", tmp_path / "onnx")
+    assert code == 0, err
+    assert "fp32: max |onnx - torch|" in out
+    onnx = OnnxCLIP(tmp_path / "onnx")
+    with torch.inference_mode():
+        expected = base.encode_image(PIXELS).numpy()
+    assert np.abs(onnx.encode_image(PIXELS.numpy()) - expected).max() <= 1e-4
+    run(capsys, "compress", "bf16", "-m", checkpoint, "-o", tmp_path / "bf16.safetensors")
+    code, _, err = run(capsys, "compress", "onnx", "-m", tmp_path / "bf16.safetensors", "-o", tmp_path / "onnx2")
+    assert code == 2 and "records bf16" in err
+
+
+def test_early_exit_trains_and_saves_heads(tmp_path, capsys, base, checkpoint) -> None:
+    argv = ("compress", "early-exit", "-m", checkpoint, "-o", tmp_path / "heads.safetensors", "--steps", "3", "--samples", "16",
+            "--batch-size", "8", "--threshold", "0.5", "-d", "synthetic:color")
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "average blocks run" in out
+    heads, threshold = load_exit_heads(tmp_path / "heads.safetensors", base)
+    assert threshold == 0.5 and heads.layers == [0]
+
+
+def test_report_rows_match_a_hand_computation(tmp_path, capsys, base, checkpoint) -> None:
+    argv = ("compress", "report", "-m", checkpoint, "--task", "color", "--samples", "16", "--batch-size", "8", "--repeats", "1",
+            "--variant", "tome:r=4", "--variant", "int8", "-o", tmp_path)
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (tmp_path / "speed_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {row["name"]: row for row in report["variants"]}
+    assert list(rows) == ["base", "tome:r=4", "int8-dynamic"]
+    dataset = load_dataset("synthetic:color", samples=16)
+    base_features = image_embeddings(base, dataset.images)
+    for name, model in (("tome:r=4", tome(base)), ("int8-dynamic", quantize_dynamic_int8(base))):
+        cosine = F.cosine_similarity(image_embeddings(model, dataset.images), base_features).mean().item()
+        assert rows[name]["cosine"] == pytest.approx(cosine, abs=1e-5)
+    assert rows["tome:r=4"]["relative_flops"] == pytest.approx(flops_by_hand([17, 13, 9]) / flops_by_hand([17, 17, 17]))
+    assert rows["base"]["agreement"] == 1.0 and rows["int8-dynamic"]["relative_flops"] == 1.0
+
+
+def flops_by_hand(counts: list[int], width: int = 48, hidden: int = 192) -> int:
+    """PiToMe's per-block count: attention 4NC² + 2N²C on the tokens entering, MLP 2N'C·hidden on those leaving."""
+    return sum(4 * n * width**2 + 2 * n * n * width + 2 * m * width * hidden for n, m in zip(counts, counts[1:]))
+
+
+def test_pitome_keep_ratio_for_equal_flops_is_the_closest_on_its_grid(base) -> None:
+    target = estimate_flops(base, "tome", r=4)
+    ratio = keep_ratio_for_flops(base, target)
+    gap = abs(estimate_flops(base, "pitome", keep_ratio=ratio) - target)
+    assert all(gap <= abs(estimate_flops(base, "pitome", keep_ratio=k / 200) - target) for k in range(100, 201))
+
+
+def test_variant_specs_round_trip_and_refuse_two_reductions() -> None:
+    variant = Variant.parse("bf16+tome:r=8,inflect=-1")
+    assert variant.name == "bf16+tome:r=8,inflect=-1" and variant.number_format == "bf16" and variant.reduction["settings"]["r"] == 8
+    assert list(parse_steps(describe_steps(variant.steps))) == list(variant.steps)
+    assert Variant.parse("base").steps == ()
+    with pytest.raises(ConfigError, match="takes one token reduction"):
+        Variant.parse("tome:r=2+pitome")

@@ -8,12 +8,16 @@ reduction and one number format per model). ``embed`` and ``eval`` take the same
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from clipforge.progress import console
+
+if TYPE_CHECKING:
+    import torch
 
 compress_app = typer.Typer(
     help="Make a model cheaper (token merging/pruning, bf16, int8, ONNX, early exit) and measure what it costs.",
@@ -216,7 +220,9 @@ def early_exit_command(
     console.print(f"wrote {out}")
 
 
-def _pixel_batches(model: Any, images: Any, batch_size: int, forever: bool = False, advance: Any = None) -> Any:
+def _pixel_batches(
+    model: Any, images: Sequence[Any], batch_size: int, forever: bool = False, advance: Callable[[], Any] | None = None
+) -> Iterator[torch.Tensor]:
     """Preprocessed image batches in order (cycling when ``forever``), calling ``advance()`` as each is handed out."""
     import itertools
 

@@ -122,11 +122,10 @@ def token_reduction(model: CLIP, step: Step | None) -> Iterator[CLIP]:
         tower.token_reduction = None
 
 
-def images_per_second(
-    model: CLIP, variants: Sequence[Variant], pixels: torch.Tensor, repeats: int, progress: bool = True
+def _images_per_second(
+    models: dict[str | None, CLIP], variants: Sequence[Variant], pixels: torch.Tensor, repeats: int, progress: bool
 ) -> dict[str, float]:
-    """Median images/s of ``encode_image(pixels)`` per variant, timed in turn after one untimed round."""
-    models = number_format_models(model, variants)
+    """Median images/s of ``encode_image(pixels)`` per variant (``models`` by number format), timed in turn after one untimed round."""
     seconds: dict[str, list[float]] = {variant.name: [] for variant in variants}
     with progress_bar(disable=not progress, transient=True) as bar:
         task = bar.add_task("timing variants", total=(repeats + 1) * len(variants), unit="run")
@@ -142,7 +141,7 @@ def images_per_second(
     return {name: len(pixels) / statistics.median(times) for name, times in seconds.items()}
 
 
-def number_format_models(model: CLIP, variants: Sequence[Variant]) -> dict[str | None, CLIP]:
+def _number_format_models(model: CLIP, variants: Sequence[Variant]) -> dict[str | None, CLIP]:
     """The base model (key None) and one compressed copy per number format the variants use."""
     if compression_steps(model):
         raise ConfigError("the model is already compressed; compare variants of the uncompressed model")
@@ -167,7 +166,7 @@ def compare_variants(
     if len(set(names)) != len(names):
         raise ConfigError(f"variants: {names} repeats a name")
     variants = [Variant(BASE), *(v for v in variants if v.steps)]
-    models = number_format_models(model, variants)
+    models = _number_format_models(model, variants)
     labels = torch.as_tensor(dataset.labels)
     base_flops = estimate_flops(model)
     measured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -180,7 +179,7 @@ def compare_variants(
             bar.advance(task)
     pixels = torch.stack([model.preprocess(load_image(image)) for image in dataset.images[:batch_size]])
     pixels = pixels.to(model.logit_scale.device)
-    speed = images_per_second(model, variants, pixels, repeats, progress)
+    speed = _images_per_second(models, variants, pixels, repeats, progress)
     base_features, base_predictions = measured[BASE]
     results = []
     for variant in variants:

@@ -78,3 +78,18 @@ def test_dynamic_text_length_is_exact() -> None:
         full = reference.encode_text(tokens)
         short = model.encode_text(tokens)
     assert relative_error(short, full) <= 1e-5
+
+
+def test_sin_cos_position_embedding_equals_open_clip() -> None:
+    """``pos_embed_type="sin_cos_2d"``: the same fixed table as open_clip's (MAE's), frozen, and the same outputs."""
+    vision = {"image_size": 64, "patch_size": 8, "width": 96, "layers": 2, "head_width": 32, "pos_embed_type": "sin_cos_2d"}
+    text = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
+    torch.manual_seed(0)
+    reference = open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text).eval()
+    model = clipforge.CLIP(clipforge.ModelConfig.from_dict({"embed_dim": 64, "activation": "gelu", "vision_cfg": vision, "text_cfg": text})).eval()
+    assert not model.visual.positional_embedding.requires_grad
+    torch.testing.assert_close(model.visual.positional_embedding, reference.visual.positional_embedding, atol=1e-6, rtol=0)
+    model.load_state_dict(reference.state_dict(), strict=True)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(model.encode_image(pixels), reference.encode_image(pixels)) <= 1e-4

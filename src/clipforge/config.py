@@ -22,6 +22,7 @@ from clipforge.errors import ConfigError
 
 ACTIVATIONS = ("gelu", "quick_gelu")
 POOL_TYPES = ("tok", "avg")
+POS_EMBED_TYPES = ("learnable", "sin_cos_2d")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class VisionConfig:
     pool_type: str = "tok"
     ls_init_value: float | None = None
     patch_dropout: float = 0.0
+    pos_embed_type: str = "learnable"  # or "sin_cos_2d": fixed 2-D sine-cosine (MAE; Beyer et al. 2022)
 
     @property
     def heads(self) -> int:
@@ -77,6 +79,10 @@ class ModelConfig:
             raise ConfigError(f"activation: {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         if self.vision.pool_type not in POOL_TYPES:
             raise ConfigError(f"vision_cfg.pool_type: {self.vision.pool_type!r} is not one of {', '.join(POOL_TYPES)}")
+        if self.vision.pos_embed_type not in POS_EMBED_TYPES:
+            raise ConfigError(
+                f"vision_cfg.pos_embed_type: {self.vision.pos_embed_type!r} is not one of {', '.join(POS_EMBED_TYPES)}"
+            )
         if self.vision.image_size % self.vision.patch_size:
             raise ConfigError(
                 f"vision_cfg.image_size: {self.vision.image_size} is not a multiple of patch_size {self.vision.patch_size}"

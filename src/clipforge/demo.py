@@ -14,7 +14,7 @@ from typing import Any
 import clipforge
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig
 from clipforge.eval.synthetic import SyntheticBenchmark, encode_pil_images
-from clipforge.train.config import load_config
+from clipforge.train.config import TrainConfig, load_config
 from clipforge.train.report import loss_curve, retrieval_grid, write_markdown
 from clipforge.train.trainer import train
 
@@ -27,13 +27,17 @@ def recipe_path(name: str) -> Path:
     return Path(str(resources.files("clipforge") / "configs" / name))
 
 
+def synthetic_world(config: TrainConfig) -> SyntheticWorld:
+    """The synthetic world a config trains on, rendered at the data's or the model's image size."""
+    image_size = config.data.image_size or clipforge.get_model_config(config.model.name).vision.image_size
+    return SyntheticWorld(WorldConfig(seed=config.data.world_seed, image_size=image_size))
+
+
 def run_demo(out: str | Path, overrides: list[str] | None = None, resume: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     config = load_config(recipe_path(DEMO_CONFIG), [f"run.dir={json.dumps(str(out))}", *(overrides or [])])
-    image_size = config.data.image_size or clipforge.get_model_config(config.model.name).vision.image_size
-    world = SyntheticWorld(WorldConfig(seed=config.data.world_seed, image_size=image_size))
-    benchmark = SyntheticBenchmark(world, samples=config.eval.samples)
-    result = train(config, resume=resume, evaluator=benchmark)
+    world = synthetic_world(config)
+    result = train(config, resume=resume, evaluator=SyntheticBenchmark(world, samples=config.eval.samples))
     run_dir = result.run_dir
     examples = list(world.samples("test", 0, 256))
     features = encode_pil_images(result.model, [s.image for s in examples])

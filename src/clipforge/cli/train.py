@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,13 +27,24 @@ def train_command(
     from clipforge.train.trainer import train
 
     overrides = list(set_ or []) + ([f"run.dir={json.dumps(run_dir)}"] if run_dir else [])
-    result = train(load_config(config, overrides), resume=resume)
+    experiment = load_config(config, overrides)
+    result = train(experiment, resume=resume, evaluator=_synthetic_evaluator(experiment))
     if result.skips:
         console.print(f"[yellow]skipped samples:[/]\n{result.skips}", highlight=False)
     console.print(
         f"trained {result.steps} steps in {result.wall_s:.0f} s ({result.samples_per_s:.0f} samples/s), "
         f"final loss {result.final_loss:.4f}; model: {result.run_dir / 'model.safetensors'}"
     )
+
+
+def _synthetic_evaluator(experiment: Any) -> Any:
+    """Zero-shot and retrieval figures on the synthetic world's test split, when training on that world."""
+    if experiment.data.train != "synthetic":
+        return None
+    from clipforge.demo import synthetic_world
+    from clipforge.eval.synthetic import SyntheticBenchmark
+
+    return SyntheticBenchmark(synthetic_world(experiment), samples=experiment.eval.samples)
 
 
 def demo_command(

@@ -7,6 +7,7 @@ from torch import nn
 
 from clipforge.config import VisionConfig
 from clipforge.layers.patch_dropout import PatchDropout
+from clipforge.layers.pos_embed import sincos_2d_pos_embed
 from clipforge.layers.token_reduction import TokenReduction, TokenState
 from clipforge.layers.transformer import Transformer
 
@@ -25,7 +26,11 @@ class VisionTransformer(nn.Module):
         self.grid_size = cfg.grid_size
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid_size**2 + 1, cfg.width))
+        if cfg.pos_embed_type == "sin_cos_2d":
+            table = sincos_2d_pos_embed(cfg.width, cfg.grid_size)
+            self.positional_embedding = nn.Parameter(table, requires_grad=False)
+        else:
+            self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid_size**2 + 1, cfg.width))
         self.patch_dropout = PatchDropout(cfg.patch_dropout)
         self.ln_pre = nn.LayerNorm(cfg.width)
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, cfg.ls_init_value)

@@ -83,7 +83,7 @@ class EvalSection:
 
 @dataclass
 class CheckpointSection:
-    every: int = 200
+    every: int = 200  # checkpoint every n steps (0: only at the end)
     keep: int = 2
 
 
@@ -123,6 +123,8 @@ class TrainConfig:
             (0.0 <= self.model.patch_dropout < 1.0, "model.patch_dropout", "in [0, 1)"),
             (self.optimizer.lr > 0, "optimizer.lr", "positive"),
             (self.checkpoint.keep >= 1, "checkpoint.keep", "≥ 1"),
+            (self.checkpoint.every >= 0, "checkpoint.every", "≥ 0"),
+            (self.run.log_every >= 1, "run.log_every", "≥ 1"),
             (self.data.workers >= 0, "data.workers", "≥ 0"),
         ]
         for ok, name, expected in checks:

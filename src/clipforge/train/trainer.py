@@ -112,7 +112,7 @@ def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | No
                 window_start, window_samples = now, 0
             if evaluator is not None and config.eval.every and done % config.eval.every == 0 and done < config.schedule.steps:
                 log.log({"step": done, **_evaluate(model, evaluator, world)})
-            if done % config.checkpoint.every == 0 or done == config.schedule.steps:
+            if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == config.schedule.steps:
                 _checkpoint(run_dir, done, model, optimizer, loader.position, config, world)
     wall = time.perf_counter() - started
     if evaluator is not None:

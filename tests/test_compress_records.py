@@ -184,3 +184,16 @@ def test_statically_quantized_models_are_refused_by_save(tmp_path, base, inputs)
     with pytest.raises(CheckpointError, match="static int8"):
         clipforge.save(static, tmp_path / "static.safetensors")
     assert not (tmp_path / "static.safetensors").exists()
+
+
+def test_removing_the_token_reduction_keeps_the_number_format(base, inputs) -> None:
+    from clipforge.compress.reduction import remove_token_reduction
+
+    model = apply_steps(copy.deepcopy(base), [parse_step("bf16"), parse_step("tome:r=4")])
+    remove_token_reduction(model)
+    assert model.compression == {"method": "bf16", "settings": {}}
+    reference = copy.deepcopy(base).to(torch.bfloat16)
+    for ours, theirs in zip(embeddings(model, inputs), embeddings(reference, inputs)):
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    remove_token_reduction(model)  # nothing left to remove: a no-op
+    assert model.compression == {"method": "bf16", "settings": {}}

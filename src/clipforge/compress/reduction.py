@@ -58,10 +58,21 @@ def apply_token_reduction(model: nn.Module, method: str, **settings: Any) -> Sch
 
 
 def remove_token_reduction(model: nn.Module) -> None:
-    """Take the token reduction off the image tower and drop its record; the model is the base model again."""
+    """Take the token reduction off the image tower and drop its step from ``model.compression``.
+
+    Other recorded steps (a number format such as bf16 or int8-dynamic, see ``clipforge.compress.records``)
+    stay recorded: they still describe the model.
+    """
     image_tower(model).token_reduction = None
-    if hasattr(model, "compression"):
+    record = getattr(model, "compression", None)
+    if record is None:
+        return
+    steps = record["steps"] if "steps" in record else [record]
+    kept = [step for step in steps if step["method"] not in METHODS]
+    if not kept:
         del model.compression
+    else:
+        model.compression = kept[0] if len(kept) == 1 else {"steps": kept}
 
 
 def token_counts(model: nn.Module, method: str | None = None, **settings: Any) -> list[int]:

@@ -200,7 +200,7 @@ def test_each_image_leaves_at_its_first_confident_exit(tiny, pixels, classifier)
     with torch.no_grad():
         per_exit = [zero_shot_by_hand(heads(layer, tokens_after(tiny, pixels, layer))[0], classifier, scale) for layer in (0, 1, 2)]
         per_exit.append(zero_shot_by_hand(tiny.encode_image(pixels), classifier, scale))
-    threshold = per_exit[1].max(-1).values.median().item()
+    threshold = per_exit[0].max(-1).values.median().item()  # about half the images leave at the first exit
     expected_depths, expected_predictions = [], []
     for image in range(len(pixels)):
         for depth, probabilities in enumerate(per_exit, start=1):

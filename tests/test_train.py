@@ -162,3 +162,21 @@ def test_shipped_recipes_are_valid() -> None:
     for name in ("synthetic-tiny.toml", "datacomp-small-vit-b-32.toml", "finetune-webdataset.toml"):
         config = load_config(recipe_path(name))
         assert clipforge.get_model_config(config.model.name).name == config.model.name
+
+
+def test_train_command_evaluates_on_the_synthetic_world(tmp_path) -> None:
+    from clipforge.train.metrics_log import read_metrics
+
+    extra = {"eval.every": "2", "eval.samples": "16", "eval.tasks": '["color"]', "checkpoint.every": "0"}
+    process = cli(*train_cli(tmp_path / "run", 4, **extra))
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    rows = [row for row in read_metrics(tmp_path / "run") if "acc_color" in row]
+    assert [row["step"] for row in rows] == [2, 4]  # every 2 steps, then at the end
+    assert all(0.0 <= row["acc_color"] <= 1.0 and "acc_shape" not in row for row in rows)
+    assert not (tmp_path / "run" / "checkpoints" / "step_0000002").exists()  # checkpoint.every=0: only the last
+
+    process = cli(*train_cli(tmp_path / "bad", 2, **{"eval.tasks": '["colour"]'}))
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2 and "eval.tasks: 'colour' is not a synthetic-world task" in stderr
+    assert "Traceback" not in stderr

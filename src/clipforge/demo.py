@@ -13,6 +13,7 @@ from typing import Any
 
 import clipforge
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig
+from clipforge.errors import ConfigError
 from clipforge.eval.synthetic import SyntheticBenchmark, encode_pil_images
 from clipforge.train.config import TrainConfig, load_config
 from clipforge.train.report import loss_curve, retrieval_grid, write_markdown
@@ -29,15 +30,28 @@ def recipe_path(name: str) -> Path:
 
 def synthetic_world(config: TrainConfig) -> SyntheticWorld:
     """The synthetic world a config trains on, rendered at the data's or the model's image size."""
-    image_size = config.data.image_size or clipforge.get_model_config(config.model.name).vision.image_size
+    image_size = config.data.image_size
+    if image_size is None:
+        if Path(config.model.name).is_file() and not config.model.name.endswith(".json"):
+            raise ConfigError("data.image_size: set it to train a checkpoint on the synthetic world (e.g. data.image_size=64)")
+        image_size = clipforge.get_model_config(config.model.name).vision.image_size
     return SyntheticWorld(WorldConfig(seed=config.data.world_seed, image_size=image_size))
+
+
+def synthetic_benchmark(config: TrainConfig, world: SyntheticWorld | None = None) -> SyntheticBenchmark:
+    """The evaluation of ``config.eval`` (tasks, samples) on the synthetic world's test split."""
+    world = world or synthetic_world(config)
+    unknown = [task for task in config.eval.tasks if task not in world.tasks()]
+    if unknown:
+        raise ConfigError(f"eval.tasks: {unknown[0]!r} is not a synthetic-world task ({', '.join(world.tasks())})")
+    return SyntheticBenchmark(world, samples=config.eval.samples, tasks=config.eval.tasks)
 
 
 def run_demo(out: str | Path, overrides: list[str] | None = None, resume: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     config = load_config(recipe_path(DEMO_CONFIG), [f"run.dir={json.dumps(str(out))}", *(overrides or [])])
     world = synthetic_world(config)
-    result = train(config, resume=resume, evaluator=SyntheticBenchmark(world, samples=config.eval.samples))
+    result = train(config, resume=resume, evaluator=synthetic_benchmark(config, world))
     run_dir = result.run_dir
     examples = list(world.samples("test", 0, 256))
     features = encode_pil_images(result.model, [s.image for s in examples])

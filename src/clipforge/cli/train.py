@@ -41,10 +41,9 @@ def _synthetic_evaluator(experiment: Any) -> Any:
     """Zero-shot and retrieval figures on the synthetic world's test split, when training on that world."""
     if experiment.data.train != "synthetic":
         return None
-    from clipforge.demo import synthetic_world
-    from clipforge.eval.synthetic import SyntheticBenchmark
+    from clipforge.demo import synthetic_benchmark
 
-    return SyntheticBenchmark(synthetic_world(experiment), samples=experiment.eval.samples)
+    return synthetic_benchmark(experiment)
 
 
 def demo_command(

@@ -77,7 +77,7 @@ class PrecisionSection:
 @dataclass
 class EvalSection:
     every: int = 0  # zero-shot evaluation every n steps (0: only at the end)
-    tasks: list[str] = field(default_factory=lambda: ["shape_color", "color"])
+    tasks: list[str] = field(default_factory=lambda: ["shape_color", "color", "shape"])  # synthetic-world tasks
     samples: int = 512
 
 

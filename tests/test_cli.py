@@ -14,7 +14,7 @@ import clipforge
 from clipforge.cli import main
 from clipforge.embed_io import read_embeddings
 
-VERBS = ("models", "info", "convert", "embed", "train", "demo", "data", "index", "search", "serve")
+VERBS = ("models", "info", "convert", "embed", "train", "demo", "data", "index", "search", "serve", "eval", "explain", "compress")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -16,12 +16,6 @@ open_clip = pytest.importorskip("open_clip")
 NAME = "synthetic-tiny"
 
 
-@pytest.fixture(scope="module")
-def tiny() -> clipforge.CLIP:
-    torch.manual_seed(0)
-    return clipforge.load(NAME)
-
-
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -37,12 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny() -> clipforge.CLIP:
-    torch.manual_seed(0)
-    return clipforge.load("synthetic-tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def world() -> SyntheticWorld:
     return SyntheticWorld(WorldConfig(seed=0, image_size=64))
 

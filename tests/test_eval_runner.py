@@ -49,12 +49,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny() -> clipforge.CLIP:
-    torch.manual_seed(0)
-    return clipforge.load("synthetic-tiny")
-
-
-@pytest.fixture(scope="module")
 def shapes():
     return synthetic_task("shape")
 

@@ -69,12 +69,6 @@ def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
     assert isinstance(model.visual.proj, nn.Parameter) and isinstance(model.text_projection, nn.Parameter)
 
 
-@pytest.fixture(scope="module")
-def tiny() -> clipforge.CLIP:
-    torch.manual_seed(0)
-    return clipforge.load("synthetic-tiny").eval()
-
-
 SMALL = {
     "embed_dim": 32,
     "activation": "gelu",

@@ -1,0 +1,15 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clipforge
+
+
+@pytest.fixture(scope="module")
+def tiny() -> clipforge.CLIP:
+    """The demo's ``synthetic-tiny`` config with seeded random weights (eval mode), one per test module."""
+    torch.manual_seed(0)
+    return clipforge.load("synthetic-tiny")

@@ -124,3 +124,10 @@ def test_atomic_writes_have_normal_permissions(tmp_path) -> None:
         tmp.write_text("x")
     (tmp_path / "b.txt").write_text("x")
     assert os.stat(tmp_path / "a.txt").st_mode == os.stat(tmp_path / "b.txt").st_mode
+
+
+def test_usage_errors_are_a_usage_line_not_a_traceback(capsys) -> None:
+    code, _, err = run(capsys, "models", "--no-such-option")
+    assert code == 2 and "No such option: --no-such-option" in err and "Traceback" not in err
+    code, _, err = run(capsys, "compress", "tome", "--model", "synthetic-tiny", "--out", "x.safetensors", "--r", "-1")
+    assert code == 2 and "--r" in err and "Traceback" not in err

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from clipforge.cli import compress as compress_cli
@@ -44,10 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     except ClipforgeError as error:
         error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except click.exceptions.Abort:
+    except typer.TyperException as error:  # usage errors (typer's own click): a usage line, not a traceback
+        error.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(error, "exit_code", 2))
+    except typer.Abort:
         error_console.print("aborted")
         sys.exit(1)
     except KeyboardInterrupt:

@@ -57,7 +57,7 @@ def pitome(model: clipforge.CLIP) -> clipforge.CLIP:
 
 
 def evit(model: clipforge.CLIP) -> clipforge.CLIP:
-    apply_token_reduction(model, "evit", keep_rate=0.5, layers=[1])
+    apply_token_reduction(model, "evit", keep_rate=0.5, layers=[0])
     return model
 
 
@@ -68,7 +68,7 @@ def bf16(model: clipforge.CLIP) -> clipforge.CLIP:
 CASES: dict[str, tuple[list[str], list[str], Reference]] = {
     "tome": (["tome:r=4"], ["tome"], tome),
     "pitome": (["pitome:keep_ratio=0.75"], ["pitome"], pitome),
-    "evit": (["evit:keep_rate=0.5,layers=[1]"], ["evit"], evit),
+    "evit": (["evit:keep_rate=0.5,layers=[0]"], ["evit"], evit),
     "bf16": (["bf16"], ["bf16"], bf16),
     "int8": (["int8"], ["int8-dynamic"], quantize_dynamic_int8),
     "bf16 then tome": (["bf16", "tome:r=4"], ["bf16", "tome"], lambda m: tome(bf16(m))),

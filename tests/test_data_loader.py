@@ -140,10 +140,9 @@ def test_sampler_rejects_positions_from_other_runs() -> None:
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index() -> None:
     samples = TrainSamples(MemorySource(12), TRANSFORM, TOKENIZER, seed=5)
-    pixels, tokens, skipped = samples[(1, 3)]
-    assert skipped == []
+    pixels, caption, skipped = samples[(1, 3)]
+    assert skipped == [] and caption == "caption number 3"
     assert torch.equal(pixels, TRANSFORM(image_of(3), generator=expected_generator(5, 1, 3)))
-    assert torch.equal(tokens, TOKENIZER(["caption number 3"])[0])
     assert not torch.equal(pixels, samples[(2, 3)][0])
     copied = pickle.loads(pickle.dumps(samples))  # what a spawned worker receives
     assert torch.equal(copied[(1, 3)][0], pixels)
@@ -153,19 +152,32 @@ def test_bad_samples_are_replaced_by_the_next_good_one() -> None:
     bad = {3: "unreadable image", 4: "missing caption", 9: "empty caption"}
     samples = TrainSamples(MemorySource(10, bad), TRANSFORM, TOKENIZER, seed=0)
 
-    pixels, tokens, skipped = samples[(0, 3)]
-    assert torch.equal(tokens, TOKENIZER(["caption number 5"])[0])
+    pixels, caption, skipped = samples[(0, 3)]
+    assert caption == "caption number 5"
     assert torch.equal(pixels, TRANSFORM(image_of(5), generator=expected_generator(0, 0, 3)))
     assert [(r.key, r.reason, r.message) for r in skipped] == [
         ("mem/3", "unreadable image", "mem/3: unreadable image"),
         ("mem/4", "missing caption", "mem/4: missing caption"),
     ]
     _, wrapped, skipped = samples[(0, 9)]
-    assert torch.equal(wrapped, TOKENIZER(["caption number 0"])[0]) and [r.key for r in skipped] == ["mem/9"]
+    assert wrapped == "caption number 0" and [r.key for r in skipped] == ["mem/9"]
 
     strict = TrainSamples(MemorySource(10, bad), TRANSFORM, TOKENIZER, seed=0, strict=True)
-    pixels, tokens, skipped = strict[(0, 3)]
-    assert pixels is None and tokens is None and [r.key for r in skipped] == ["mem/3"]
+    pixels, caption, skipped = strict[(0, 3)]
+    assert pixels is None and caption is None and [r.key for r in skipped] == ["mem/3"]
+
+
+def test_collate_tokenizes_the_captions_in_batch_order() -> None:
+    samples = TrainSamples(MemorySource(10, {3: "unreadable image"}), TRANSFORM, TOKENIZER, seed=0)
+    pixels, tokens, skipped = samples.collate([samples[(0, i)] for i in (7, 3, 1)])
+    assert torch.equal(tokens, TOKENIZER(["caption number 7", "caption number 4", "caption number 1"]))
+    assert pixels.shape == (3, 3, 16, 16) and [r.key for r in skipped] == ["mem/3"]
+
+
+def test_a_deterministic_transform_gives_the_plain_preprocessed_image() -> None:
+    evaluation = EvalTransform(PREPROCESS)
+    pixels, _, _ = TrainSamples(MemorySource(4), evaluation, TOKENIZER, seed=0)[(2, 1)]
+    assert torch.equal(pixels, evaluation(image_of(1)))
 
 
 # -- train loader --

@@ -263,13 +263,11 @@ class FakeQuantAttention(LinearQkvAttention):
         is_causal: bool = False,
         return_keys: bool = False,
         return_weights: bool = False,
+        first_query_only: bool = False,
     ) -> AttentionOutput:
-        batch, tokens, dim = x.shape
-        qkv = self.project_qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v, attn_bias = self.split_heads(x, attn_bias, is_causal=is_causal, first_query_only=first_query_only)
         weights = self.softmax_quantizer(self._weights(q, k, attn_bias, is_causal))
-        out = self.out_proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
-        return AttentionOutput(out, k if return_keys else None, weights if return_weights else None)
+        return AttentionOutput(self.merge_heads(weights @ v), k if return_keys else None, weights if return_weights else None)
 
 
 # -------------------------------------------------------------------------------------- the model

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipforge.data.sources import CaptionSource, SampleError
 from clipforge.errors import ConfigError, InputError
+from clipforge.transforms import EvalTransform
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -187,7 +188,7 @@ class TrainSamples(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[SkipRecord]]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor | None, str | None, list[SkipRecord]]:
         epoch, index = item
         skipped: list[SkipRecord] = []
         for step in range(len(self.source)):
@@ -199,17 +200,17 @@ class TrainSamples(Dataset):
                 if self.strict:
                     break
                 continue
-            pixels = self.transform(image, generator=seeded_generator(self.seed, epoch, index))
-            return pixels, self.tokenizer([caption])[0], skipped
+            # A deterministic transform draws nothing, so it is spared the generator's seeding (~25 µs).
+            generator = None if isinstance(self.transform, EvalTransform) else seeded_generator(self.seed, epoch, index)
+            return self.transform(image, generator=generator), caption, skipped
         return None, None, skipped
 
-
-def _collate_train(items: list[tuple[Any, Any, list[SkipRecord]]]) -> tuple[Any, Any, list[SkipRecord]]:
-    """Stack pixels and tokens; the skip records leave the batch as a flat list."""
-    skipped = [record for _, _, records in items for record in records]
-    if any(pixels is None for pixels, _, _ in items):
-        return None, None, skipped
-    return torch.stack([pixels for pixels, _, _ in items]), torch.stack([tokens for _, tokens, _ in items]), skipped
+    def collate(self, items: list[tuple[Any, Any, list[SkipRecord]]]) -> tuple[Any, Any, list[SkipRecord]]:
+        """Stack pixels and tokenize the captions in one call; the skip records leave the batch as a flat list."""
+        skipped = [record for _, _, records in items for record in records]
+        if any(pixels is None for pixels, _, _ in items):
+            return None, None, skipped
+        return torch.stack([pixels for pixels, _, _ in items]), self.tokenizer([caption for _, caption, _ in items]), skipped
 
 
 def _multiprocessing_context(workers: int) -> str | None:
@@ -245,7 +246,7 @@ class TrainLoader:
             samples,
             batch_sampler=sampler,
             num_workers=workers,
-            collate_fn=_collate_train,
+            collate_fn=samples.collate,
             pin_memory=torch.cuda.is_available(),
             multiprocessing_context=_multiprocessing_context(workers),
         )

@@ -33,6 +33,8 @@ HEAD_FUSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class AttentionRecorder(TokenReduction):
     """A token "reduction" that keeps every block's post-softmax attention [B, heads, N, N] and reduces nothing."""
 
+    observes_every_block = True
+
     def __init__(self) -> None:
         super().__init__()
         self.weights: list[torch.Tensor] = []

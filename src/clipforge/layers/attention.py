@@ -46,11 +46,14 @@ class Attention(nn.Module):
         is_causal: bool = False,
         return_keys: bool = False,
         return_weights: bool = False,
+        first_query_only: bool = False,
     ) -> AttentionOutput:
-        """``attn_bias`` is added to the logits (broadcast to [B, H, N, N]); ``is_causal`` masks the future."""
-        batch, tokens, dim = x.shape
-        qkv = self.project_qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        """``attn_bias`` is added to the logits (broadcast to [B, H, N, N]); ``is_causal`` masks the future.
+
+        ``first_query_only``: only the first token attends (out [B, 1, D], weights [B, H, 1, N]); every
+        token still serves as key and value.
+        """
+        q, k, v, attn_bias = self.split_heads(x, attn_bias, is_causal=is_causal, first_query_only=first_query_only)
         if return_weights or (x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled()):
             # Explicit softmax(q kᵀ) v. When training on a CPU this is also the faster path: SDPA's CPU
             # flash-attention backward is several times slower for ViT-length sequences (measured: 36% of a
@@ -62,8 +65,27 @@ class Attention(nn.Module):
             if attn_bias is not None:
                 attn_bias = attn_bias.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, is_causal=is_causal)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-        return AttentionOutput(out, k if return_keys else None, weights if return_weights else None)
+        return AttentionOutput(self.merge_heads(out), k if return_keys else None, weights if return_weights else None)
+
+    def split_heads(
+        self, x: torch.Tensor, attn_bias: torch.Tensor | None, *, is_causal: bool, first_query_only: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q, k, v as [B, H, N, Dh] (q of the first token only, with its rows of ``attn_bias``, when asked)."""
+        if first_query_only and is_causal:
+            raise ValueError("first_query_only: a causal first token attends only to itself")
+        batch, tokens, _ = x.shape
+        qkv = self.project_qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if first_query_only:
+            q = q[:, :, :1]
+            if attn_bias is not None and attn_bias.shape[-2] != 1:
+                attn_bias = attn_bias[..., :1, :]
+        return q, k, v, attn_bias
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs [B, H, N, Dh] → the output projection of their concatenation [B, N, D]."""
+        batch, heads, queries, head_dim = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, queries, heads * head_dim))
 
     def _weights(
         self, q: torch.Tensor, k: torch.Tensor, attn_bias: torch.Tensor | None, is_causal: bool

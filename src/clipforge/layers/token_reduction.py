@@ -35,6 +35,11 @@ class AttentionRequest:
 class TokenReduction(nn.Module):
     """Identity reduction; subclasses override what they need."""
 
+    observes_every_block: bool = False
+    """True for hooks that must see every block whole (attention recorders). Otherwise a tower pooling
+    its class token runs the last block on that token alone and skips the hook there: nothing after
+    the last block reads the other tokens, so reducing them could not change the output."""
+
     def start(self, x: torch.Tensor) -> TokenState:
         """Called once with the tokens entering the first block."""
         return TokenState()

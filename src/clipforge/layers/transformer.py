@@ -29,7 +29,11 @@ def _layer_scale(width: int, init_value: float | None) -> nn.Module:
 
 
 class ResidualAttentionBlock(nn.Module):
-    """``x + attn(ln_1(x))``, then the token-reduction hook, then ``x + mlp(ln_2(x))``."""
+    """``x + attn(ln_1(x))``, then the token-reduction hook, then ``x + mlp(ln_2(x))``.
+
+    With ``first_token_only`` the block returns just its first token [B, 1, D]: that token attends to
+    all of them, and the attention output projection, the MLP and the hook are spent on it alone.
+    """
 
     def __init__(
         self, width: int, heads: int, mlp_ratio: float, activation: str, ls_init_value: float | None = None
@@ -50,8 +54,13 @@ class ResidualAttentionBlock(nn.Module):
         reduction: TokenReduction | None = None,
         layer: int = 0,
         state: TokenState | None = None,
+        first_token_only: bool = False,
     ) -> tuple[torch.Tensor, TokenState | None]:
-        if reduction is None:
+        if first_token_only:
+            bias = reduction.attention_bias(layer, state) if reduction is not None else None
+            attention = self.attn(self.ln_1(x), bias, is_causal=is_causal, first_query_only=True)
+            x = x[:, :1] + self.ls_1(attention.out)
+        elif reduction is None:
             x = x + self.ls_1(self.attn(self.ln_1(x), is_causal=is_causal).out)
         else:
             wanted = reduction.request(layer)
@@ -92,24 +101,35 @@ class Transformer(nn.Module):
         *,
         is_causal: bool = False,
         reduction: TokenReduction | None = None,
+        first_token_out: bool = False,
     ) -> Iterator[tuple[int, torch.Tensor, TokenState | None]]:
         """Run the blocks one by one, yielding ``(index, tokens, state)`` after each.
 
         Callers that need intermediate tokens or want to stop early (early exit) consume this
-        generator; ``forward`` simply runs it to the end.
+        generator; ``forward`` simply runs it to the end. ``first_token_out``: the caller reads only the
+        first token of the output (class-token pooling), so the last block computes only that token.
         """
         state = reduction.start(x) if reduction is not None else None
+        last = len(self.resblocks) - 1
         for index, block in enumerate(self.resblocks):
+            only_first = first_token_out and index == last
             if self.grad_checkpointing and reduction is None and torch.is_grad_enabled():
-                x, _ = checkpoint(block, x, is_causal=is_causal, use_reentrant=False)
+                x, _ = checkpoint(block, x, is_causal=is_causal, first_token_only=only_first, use_reentrant=False)
             else:
-                x, state = block(x, is_causal=is_causal, reduction=reduction, layer=index, state=state)
+                x, state = block(
+                    x, is_causal=is_causal, reduction=reduction, layer=index, state=state, first_token_only=only_first
+                )
             yield index, x, state
 
     def forward(
-        self, x: torch.Tensor, *, is_causal: bool = False, reduction: TokenReduction | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        reduction: TokenReduction | None = None,
+        first_token_out: bool = False,
     ) -> tuple[torch.Tensor, TokenState | None]:
         state = None
-        for _, x, state in self.iterate(x, is_causal=is_causal, reduction=reduction):
+        for _, x, state in self.iterate(x, is_causal=is_causal, reduction=reduction, first_token_out=first_token_out):
             pass
         return x, state

@@ -61,7 +61,11 @@ class VisionTransformer(nn.Module):
         return self.pool(x, state) @ self.proj
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x, state = self.transformer(self.embed(pixels), reduction=self.token_reduction)
+        """Pixels → image embedding. With class-token pooling the last block computes the class token
+        alone (the other tokens' outputs are never read), saving most of that block; exact."""
+        reduction = self.token_reduction
+        first_token_out = self.cfg.pool_type == "tok" and not (reduction is not None and reduction.observes_every_block)
+        x, state = self.transformer(self.embed(pixels), reduction=reduction, first_token_out=first_token_out)
         return self.head(x, state)
 
     def forward_intermediates(

@@ -5,7 +5,7 @@
    smallest r reaching 1.6x is ``tome_r``), dynamic int8 over fp32 (with the mean cosine of the image
    embeddings to fp32), and bf16 + ToMe at ``tome_r`` over open_clip fp32 on the same weights (int8 + ToMe too).
 2. Accuracy, the demo model (``--demo-model``; made with ``clipforge.demo.run_demo`` when missing): zero-shot
-   top-1 on synthetic-world tasks (mean over ``--tasks``) of ToMe at four rates, PiToMe at each one's
+   top-1 on synthetic-world tasks (mean over ``--tasks``) of ToMe at eight rates, PiToMe at each one's
    image-block FLOPs (``estimate_flops``), and dynamic int8, as shares of the base model's accuracy; the
    JSON reports ToMe at the smallest rate running 1.5x faster than the base model (speed-ups: mean over the
    tasks' timings, batch 256) and PiToMe at its FLOPs (``*_acc_kept``).
@@ -127,9 +127,9 @@ def task_datasets(model: clipforge.CLIP, tasks: list[str], samples: int) -> list
 
 
 def accuracy_on_demo(model: clipforge.CLIP, datasets: list[ClassificationDataset], repeats: int) -> tuple[list[list], dict]:
-    """Section 2: ToMe at four rates and PiToMe at each one's FLOPs, int8; the first ToMe reaching 1.5x is reported."""
+    """Section 2: ToMe at eight rates and PiToMe at each one's FLOPs, int8; the first ToMe reaching 1.5x is reported."""
     variants = []
-    for r in tome_rates(model, count=4):
+    for r in tome_rates(model, count=8):
         ratio = keep_ratio_for_flops(model, estimate_flops(model, "tome", r=r))
         variants += [Variant.parse(f"tome:r={r}"), Variant.parse(f"pitome:keep_ratio={ratio}")]
     variants.append(Variant.parse("int8"))

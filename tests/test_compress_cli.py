@@ -100,6 +100,7 @@ def test_options_and_set_make_the_same_settings(tmp_path, capsys, checkpoint) ->
         (["compress", "tome"], "remove no tokens"),
         (["compress", "pitome", "--set", "keep_ratio=nope"], "'keep_ratio' must be a number"),
         (["compress", "evit", "--set", "layers=[5]"], "out of range"),
+        (["compress", "evit", "--set", "layers=[1]"], "remove no tokens before the last image block"),
         (["compress", "tome", "--r", "2", "--set", "speed"], "expected key=value"),
     ],
 )

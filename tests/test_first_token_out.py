@@ -66,6 +66,7 @@ def test_average_pooling_and_attention_maps_still_see_every_token() -> None:
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(averaged.visual(pixels), full_path_features(averaged, pixels), rtol=1e-5, atol=1e-6)
-    weights = attention_weights(tiny_model(), pixels)
-    tokens = 1 + tiny_model().visual.cfg.grid_size**2
+    model = tiny_model()
+    weights = attention_weights(model, pixels)
+    tokens = 1 + model.visual.cfg.grid_size**2
     assert weights[-1].shape[-2:] == (tokens, tokens)

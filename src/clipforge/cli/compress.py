@@ -58,7 +58,7 @@ def _compress(method: str, options: dict[str, Any], set_: list[str] | None, mode
     import clipforge
     from clipforge.compress.records import apply_compression, compression_steps, describe_steps, parse_settings
     from clipforge.compress.reduction import METHODS as TOKEN_REDUCTIONS
-    from clipforge.compress.reduction import estimate_flops, token_counts
+    from clipforge.compress.reduction import estimate_flops, image_tower, token_counts
     from clipforge.errors import ConfigError
 
     given = {key: value for key, value in options.items() if value is not None}
@@ -66,11 +66,18 @@ def _compress(method: str, options: dict[str, Any], set_: list[str] | None, mode
     if twice := sorted(set(given) & set(extra)):
         raise ConfigError(f"--set {twice[0]}: also given as --{twice[0].replace('_', '-')}; give it once")
     loaded = _load(model, config, pretrained)
-    base_flops = estimate_flops(loaded)
+    base_flops, base_counts = estimate_flops(loaded), token_counts(loaded)
     compressed = apply_compression(loaded, method, **given, **extra)
     flops = estimate_flops(compressed)
-    if method in TOKEN_REDUCTIONS and flops == base_flops:
-        raise ConfigError(f"{method}: these settings remove no tokens; say how many to remove (tome --r R, pitome --keep-ratio K < 1)")
+    if method in TOKEN_REDUCTIONS:
+        # A class-token tower runs its last block on the class token alone: a reduction there changes nothing.
+        compared = slice(0, -1) if image_tower(loaded).cfg.pool_type == "tok" else slice(None)
+        if token_counts(compressed)[compared] == base_counts[compared]:
+            raise ConfigError(
+                f"{method}: these settings remove no tokens before the last image block (the only one whose "
+                "reduction could not change the embedding); say how many to remove (tome --r R, pitome --keep-ratio K < 1, "
+                "evit --set layers=[...])"
+            )
     clipforge.save(compressed, out, provenance={"compressed_from": str(model)})
     console.print(f"wrote {out}: {describe_steps(compression_steps(compressed))}", soft_wrap=True)
     if method in TOKEN_REDUCTIONS:

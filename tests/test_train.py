@@ -85,6 +85,25 @@ def test_cosine_schedule_matches_open_clip() -> None:
         assert learning_rate(step, 0.1, schedule) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
 
 
+@pytest.mark.parametrize(("power", "end_lr"), [(1.0, 0.0), (2.0, 0.01)])
+def test_const_cooldown_schedule_matches_open_clip(power: float, end_lr: float) -> None:
+    from open_clip_train.scheduler import const_lr_cooldown
+
+    schedule = ScheduleSection(steps=100, warmup=10, kind="const-cooldown", cooldown=25, cooldown_power=power, cooldown_end_lr=end_lr)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference = const_lr_cooldown(optimizer, 0.1, 10, 100, 25, power, end_lr)
+    for step in range(100):
+        reference(step)
+        assert learning_rate(step, 0.1, schedule) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+
+
+def test_const_cooldown_needs_a_cooldown_that_fits() -> None:
+    for cooldown in ("0", "95"):
+        with pytest.raises(ConfigError, match="schedule.cooldown"):
+            load_config(None, ["schedule.kind=const-cooldown", "schedule.steps=100", "schedule.warmup=10", f"schedule.cooldown={cooldown}"])
+    assert load_config(None, ["schedule.kind=const-cooldown", "schedule.steps=100", "schedule.warmup=10", "schedule.cooldown=90"])
+
+
 def test_weight_decay_only_on_matrices() -> None:
     model = clipforge.load(MICRO)
     decay, no_decay = build_optimizer(model, OptimizerSection(weight_decay=0.2)).param_groups

@@ -65,7 +65,13 @@ class ScheduleSection:
     warmup: int = 100
     batch_size: int = 256  # global batch (split over ranks)
     accum_freq: int = 1  # micro-batches per step; the contrastive batch stays batch_size
-    kind: str = "cosine"  # cosine | const
+    kind: str = "cosine"  # cosine | const | const-cooldown
+    cooldown: int = 0  # const-cooldown: steps of decay at the end (open_clip --epochs-cooldown, in steps)
+    cooldown_power: float = 1.0  # 1: linear decay; otherwise polynomial (open_clip --lr-cooldown-power)
+    cooldown_end_lr: float = 0.0  # learning rate reached at the last step (open_clip --lr-cooldown-end)
+
+
+SCHEDULE_KINDS = ("cosine", "const", "const-cooldown")
 
 
 @dataclass
@@ -115,9 +121,15 @@ class TrainConfig:
         checks = [
             (self.loss.kind in ("clip", "siglip"), "loss.kind", "clip or siglip"),
             (self.precision.amp in ("bf16", "fp16", "fp32"), "precision.amp", "bf16, fp16 or fp32"),
-            (self.schedule.kind in ("cosine", "const"), "schedule.kind", "cosine or const"),
+            (self.schedule.kind in SCHEDULE_KINDS, "schedule.kind", " or ".join(SCHEDULE_KINDS)),
             (self.schedule.steps > 0, "schedule.steps", "positive"),
             (0 <= self.schedule.warmup, "schedule.warmup", "≥ 0"),
+            (
+                self.schedule.kind != "const-cooldown" or 0 < self.schedule.cooldown <= self.schedule.steps - self.schedule.warmup,
+                "schedule.cooldown",
+                "between 1 and steps − warmup for const-cooldown",
+            ),
+            (self.schedule.cooldown_power > 0, "schedule.cooldown_power", "positive"),
             (self.schedule.accum_freq >= 1, "schedule.accum_freq", "≥ 1"),
             (self.schedule.batch_size % self.schedule.accum_freq == 0, "schedule.batch_size", "divisible by accum_freq"),
             (0.0 <= self.model.patch_dropout < 1.0, "model.patch_dropout", "in [0, 1)"),

@@ -1,4 +1,5 @@
-"""AdamW with weight decay on ≥2-D weights only, and open_clip's warmup + cosine learning-rate schedule."""
+"""AdamW with weight decay on ≥2-D weights only, and open_clip's learning-rate schedules: linear warmup,
+then cosine decay, a constant rate, or a constant rate with a final cool-down."""
 
 from __future__ import annotations
 
@@ -20,11 +21,24 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection) -> torch.optim.Adam
 
 
 def learning_rate(step: int, base_lr: float, cfg: ScheduleSection) -> float:
-    """Linear warmup to ``base_lr`` over ``warmup`` steps, then cosine decay to 0 (or constant)."""
+    """Linear warmup to ``base_lr`` over ``warmup`` steps, then by ``cfg.kind``:
+
+    - ``cosine``: cosine decay to 0 (open_clip ``cosine_lr``);
+    - ``const``: ``base_lr`` (open_clip ``const_lr``);
+    - ``const-cooldown``: ``base_lr`` until the last ``cooldown`` steps, which decay it to ``cooldown_end_lr``
+      as ``(1 − t)^cooldown_power`` (open_clip ``const_lr_cooldown``; the warmup-stable-decay schedule of
+      Hägele et al., "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations", 2024).
+    """
     if step < cfg.warmup:
         return base_lr * (step + 1) / cfg.warmup
     if cfg.kind == "const":
         return base_lr
+    if cfg.kind == "const-cooldown":
+        cooldown_start = cfg.steps - cfg.cooldown
+        if step < cooldown_start:
+            return base_lr
+        decay = (1 - (step - cooldown_start) / cfg.cooldown) ** cfg.cooldown_power
+        return decay * (base_lr - cfg.cooldown_end_lr) + cfg.cooldown_end_lr
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
 

@@ -7,10 +7,12 @@ from ``benchmarks/retrieval_index.py``, run as it is. Embedding: N synthetic 256
 - open_clip as a user writes it: ViT-B-32 with random weights, its eval preprocess in a ``Dataset``,
   a ``DataLoader`` with worker processes, fp32 ``encode_image`` under ``torch.no_grad``;
 - ``clipforge embed FOLDER --out STORE --precision bf16`` on the same weights (saved to a checkpoint)
-  with the same number of decoding workers, writing the clip-retrieval store (model loading included).
+  with the same number of decoding workers, writing the clip-retrieval store (model loading included);
+- the same command on an int8-dynamic checkpoint of those weights (``clipforge compress int8``, issue
+  #5), which embeds in fp32 with int8 linear layers.
 
-The ratio is open_clip's time over clipforge's; the mean cosine between the two sets of embeddings
-shows they are the same computation.
+The ratios are open_clip's time over clipforge's; the mean cosine between the sets of embeddings
+shows how close each is to open_clip's fp32 computation.
 
     python benchmarks/retrieval.py [--quick]
 """
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 import clipforge  # noqa: E402
 from _common import interleaved_medians, parser, report  # noqa: E402
 from clipforge.cli import embed as embed_cli  # noqa: E402
+from clipforge.compress.records import apply_compression  # noqa: E402
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig  # noqa: E402
 from clipforge.index import EmbeddingStore  # noqa: E402
 from clipforge.inference import default_workers  # noqa: E402
@@ -115,10 +118,11 @@ def main() -> None:
 
 
 def embedding_figures(work: Path, reference, preprocess, count: int, workers: int) -> tuple[dict, list]:
-    """Time both embedding pipelines on the same JPEGs; figures and table rows."""
+    """Time the embedding pipelines on the same JPEGs, in turn; figures and table rows."""
     ours = clipforge.load("ViT-B-32")
     ours.load_state_dict(reference.state_dict())
     clipforge.save(ours, work / "vit-b-32.safetensors")
+    clipforge.save(apply_compression(ours, "int8-dynamic"), work / "vit-b-32-int8.safetensors")
     (work / "images").mkdir()
     paths = write_jpegs(work / "images", count)
     cli = typer.Typer()
@@ -135,32 +139,44 @@ def embedding_figures(work: Path, reference, preprocess, count: int, workers: in
                 features.append(F.normalize(reference.encode_image(pixels), dim=-1))
         outputs["open_clip"] = torch.cat(features).numpy()
 
-    def clipforge_embed() -> None:
+    def clipforge_embed(name: str, checkpoint: str, precision: str) -> None:
         out = work / f"store-{next(runs)}"
-        argv = ["embed", str(work / "images"), "--model", str(work / "vit-b-32.safetensors"), "--out", str(out),
-                "--precision", "bf16", "--workers", str(workers), "--batch-size", str(BATCH_SIZE)]
+        argv = ["embed", str(work / "images"), "--model", str(work / checkpoint), "--out", str(out),
+                "--precision", precision, "--workers", str(workers), "--batch-size", str(BATCH_SIZE)]
         with contextlib.redirect_stdout(sys.stderr):  # its summary line; stdout is the table and the JSON line
             cli(argv, standalone_mode=False)
-        outputs["clipforge"] = out
+        outputs[name] = out
 
-    seconds = interleaved_medians({"open_clip": openclip_loop, "clipforge": clipforge_embed}, repeats=1, warmup=0)
-    stored = EmbeddingStore(outputs["clipforge"]).load_embeddings("img")
-    cosine = float(np.mean(np.sum(stored * outputs["open_clip"], axis=1)))
-    ratio = seconds["open_clip"] / seconds["clipforge"]
+    pipelines = {
+        "open_clip": openclip_loop,
+        "clipforge": lambda: clipforge_embed("clipforge", "vit-b-32.safetensors", "bf16"),
+        "clipforge_int8": lambda: clipforge_embed("clipforge_int8", "vit-b-32-int8.safetensors", "fp32"),
+    }
+    seconds = interleaved_medians(pipelines, repeats=1, warmup=0)
+
+    def cosine(name: str) -> float:
+        stored = EmbeddingStore(outputs[name]).load_embeddings("img")
+        return round(float(np.mean(np.sum(stored * outputs["open_clip"], axis=1))), 4)
 
     figures = {
         "images": count,
         "workers": workers,
         "openclip_img_s": round(count / seconds["open_clip"], 1),
         "clipforge_img_s": round(count / seconds["clipforge"], 1),
-        "embed_vs_openclip": round(ratio, 2),
-        "mean_cosine": round(cosine, 4),
+        "embed_vs_openclip": round(seconds["open_clip"] / seconds["clipforge"], 2),
+        "mean_cosine": cosine("clipforge"),
+        "clipforge_int8_img_s": round(count / seconds["clipforge_int8"], 1),
+        "embed_int8_vs_openclip": round(seconds["open_clip"] / seconds["clipforge_int8"], 2),
+        "int8_mean_cosine": cosine("clipforge_int8"),
     }
     rows = [
         [f"open_clip fp32 loop, {count} JPEGs, {workers} workers (img/s)", figures["openclip_img_s"]],
         ["clipforge embed, bf16 (img/s)", figures["clipforge_img_s"]],
         ["embedding speed ratio", figures["embed_vs_openclip"]],
         ["mean cosine, clipforge vs open_clip", figures["mean_cosine"]],
+        ["clipforge embed, int8-dynamic checkpoint (img/s)", figures["clipforge_int8_img_s"]],
+        ["embedding speed ratio, int8", figures["embed_int8_vs_openclip"]],
+        ["mean cosine, int8 vs open_clip", figures["int8_mean_cosine"]],
     ]
     return figures, rows
 

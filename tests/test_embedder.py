@@ -25,7 +25,7 @@ from PIL import Image
 import clipforge
 from clipforge.cli import embed as embed_cli
 from clipforge.data.synthetic import SyntheticWorld
-from clipforge.embedder import embed_to_store, load_model, model_reference, record_path, store_info
+from clipforge.embedder import embed_to_store, load_model, model_reference, plan_parts, record_path, store_info
 from clipforge.errors import ConfigError, InputError
 from clipforge.index import EmbeddingStore
 
@@ -55,6 +55,21 @@ def write_images(folder: Path, count: int, start: int = 0, captions: bool = Fals
     return paths
 
 
+def write_shard(shard: Path, first: int, count: int) -> list:
+    """A webdataset shard of synthetic-world samples ``first, …`` (``s0000.jpg`` + ``s0000.txt``, …); the samples."""
+    samples = [SyntheticWorld().sample("train", first + i) for i in range(count)]
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(shard, "w") as tar:
+        for i, sample in enumerate(samples):
+            buffer = io.BytesIO()
+            sample.image.save(buffer, format="JPEG", quality=90)
+            for name, data in ((f"s{i:04d}.jpg", buffer.getvalue()), (f"s{i:04d}.txt", sample.caption.encode())):
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    return samples
+
+
 def expected_image_vectors(model: clipforge.CLIP, images: list[Image.Image]) -> np.ndarray:
     with torch.no_grad():
         return model.encode_image(torch.stack([model.preprocess(image) for image in images]), normalize=True).numpy()
@@ -78,18 +93,8 @@ def test_folder_manifest_and_shard_with_captions(tmp_path, tiny):
     manifest_captions = ["first listed", "second listed", "third listed"]
     manifest = tmp_path / "listed" / "list.csv"
     manifest.write_text("image,caption\n" + "".join(f"pics/{p.name},{c}\n" for p, c in zip(manifest_images, manifest_captions)))
-    world = SyntheticWorld()
-    shard_samples = [world.sample("train", 20 + i) for i in range(4)]
     shard = tmp_path / "shards" / "00000.tar"
-    shard.parent.mkdir()
-    with tarfile.open(shard, "w") as tar:
-        for i, sample in enumerate(shard_samples):
-            buffer = io.BytesIO()
-            sample.image.save(buffer, format="JPEG", quality=90)
-            for name, data in ((f"s{i:04d}.jpg", buffer.getvalue()), (f"s{i:04d}.txt", sample.caption.encode())):
-                member = tarfile.TarInfo(name)
-                member.size = len(data)
-                tar.addfile(member, io.BytesIO(data))
+    shard_samples = write_shard(shard, first=20, count=4)
 
     out = tmp_path / "store"
     report = embed_to_store(
@@ -116,6 +121,18 @@ def test_folder_manifest_and_shard_with_captions(tmp_path, tiny):
     info = store_info(out)
     assert info["model"]["source"] == str(model_path) and info["dim"] == 128
     assert set(info["roots"]) == {str(tmp_path / "folder"), str(tmp_path / "listed"), str(tmp_path / "shards")}
+
+
+def test_a_folder_of_shards_stands_for_its_shards(tmp_path):
+    for number in (1, 0):  # written out of order: parts follow the names
+        write_shard(tmp_path / "shards" / f"{number:05d}.tar", first=10 * number, count=2)
+    listed = [(part.number, part.load()) for part in plan_parts([tmp_path / "shards"], captions=True)]
+    given = [(part.number, part.load()) for part in plan_parts([tmp_path / "shards" / "{00000..00001}.tar"], captions=True)]
+    assert listed == given and [len(items) for _, items in listed] == [2, 2]
+    assert all(item.path == str((tmp_path / "shards" / "00000.tar").absolute()) for item in listed[0][1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"empty: no images found \(nor .tar shards\)"):
+        plan_parts([tmp_path / "empty"])
 
 
 def _shard_images(shard: Path) -> list[bytes]:

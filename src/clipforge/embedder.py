@@ -140,8 +140,9 @@ def plan_parts(
 ) -> list[Part]:
     """The job's parts, numbered in input order (image files given one by one come last, together).
 
-    Inputs may be brace patterns of shards (``"shards/{00000..00099}.tar"``). A manifest's captions are
-    kept in the metadata and embedded under ``captions``; folders and shards read captions only then.
+    Inputs may be brace patterns of shards (``"shards/{00000..00099}.tar"``); a folder holding no images
+    but ``.tar`` shards stands for its shards, in name order. A manifest's captions are kept in the
+    metadata and embedded under ``captions``; folders and shards read captions only then.
     """
     if part_size < 1:
         raise ConfigError(f"part_size must be at least 1, got {part_size}")
@@ -150,15 +151,21 @@ def plan_parts(
     for path in [Path(expanded) for given in inputs for expanded in expand_shards(str(given))]:
         kind = input_kind(path)
         if kind == "shard":
-            parts.append(Part(len(parts), lambda path=path: shard_items(path, captions)))
+            parts.append(_shard_part(len(parts), path, captions))
         elif kind == "image":
             single_images.append(file_item(path, captions))
         else:
             items = folder_items(path, captions) if kind == "folder" else manifest_items(path, image_column, caption_column)
-            if not items:
-                raise InputError(f"{path}: no images found")
+            shards = sorted(path.glob("*.tar")) if kind == "folder" and not items else []
+            if not items and not shards:
+                raise InputError(f"{path}: no images found" + (" (nor .tar shards)" if kind == "folder" else ""))
             parts.extend(_chunked(items, part_size, len(parts)))
+            parts.extend([_shard_part(len(parts) + i, shard, captions) for i, shard in enumerate(shards)])
     return parts + _chunked(single_images, part_size, len(parts))
+
+
+def _shard_part(number: int, shard: Path, captions: bool) -> Part:
+    return Part(number, lambda: shard_items(shard, captions))
 
 
 def distributed_rank() -> tuple[int, int]:

@@ -28,7 +28,7 @@ def default_device() -> str:
 
 
 def embed_command(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively), manifests (.csv/.tsv/.parquet/.jsonl), webdataset .tar shards, or strings with --text.")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively), manifests (.csv/.tsv/.parquet/.jsonl), webdataset .tar shards (or a folder of them), or strings with --text.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet file, or a directory for an embedding store.")],
     text: Annotated[bool, typer.Option("--text", help="Treat the inputs as strings to embed (.parquet output).")] = False,

@@ -104,6 +104,21 @@ def test_const_cooldown_needs_a_cooldown_that_fits() -> None:
     assert load_config(None, ["schedule.kind=const-cooldown", "schedule.steps=100", "schedule.warmup=10", "schedule.cooldown=90"])
 
 
+def test_resume_refuses_another_configuration_but_not_fields_added_since(tmp_path: Path) -> None:
+    from clipforge.train.trainer import _check_run_dir
+
+    config = load_config(None, ["schedule.steps=600"])
+    saved = config.to_dict()
+    for field in ("cooldown", "cooldown_power", "cooldown_end_lr"):  # a run written before these fields existed
+        del saved["schedule"][field]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _check_run_dir(tmp_path, config, resume=True)
+    with pytest.raises(ConfigError, match=r"holds a run with schedule.steps=600, not 660"):
+        _check_run_dir(tmp_path, load_config(None, ["schedule.steps=660"]), resume=True)
+    with pytest.raises(ConfigError, match=r"schedule.kind='cosine', not 'const-cooldown'"):
+        _check_run_dir(tmp_path, load_config(None, ["schedule.steps=600", "schedule.kind=const-cooldown", "schedule.cooldown=100"]), resume=True)
+
+
 def test_weight_decay_only_on_matrices() -> None:
     model = clipforge.load(MICRO)
     decay, no_decay = build_optimizer(model, OptimizerSection(weight_decay=0.2)).param_groups

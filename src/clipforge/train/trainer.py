@@ -162,17 +162,22 @@ def _device(world: WorldInfo) -> torch.device:
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
-    """Refuse to resume a run directory that holds a run with another configuration."""
+    """Refuse to resume a run directory that holds a run with another configuration.
+
+    A field the saved configuration lacks (written before the field existed) counts as its default.
+    """
     saved = run_dir / "config.json"
     current = config.to_dict()
     comparable = {k: v for k, v in current.items() if k not in ("run", "eval")}
     if resume and saved.is_file():
-        previous = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("run", "eval")}
+        previous = json.loads(saved.read_text())
+        defaults = TrainConfig().to_dict()
         for section, values in comparable.items():
             for key, value in values.items():
-                if previous.get(section, {}).get(key) != value:
+                before = previous.get(section, {}).get(key, defaults[section][key])
+                if before != value:
                     raise ConfigError(
-                        f"{run_dir} holds a run with {section}.{key}={previous.get(section, {}).get(key)!r}, "
+                        f"{run_dir} holds a run with {section}.{key}={before!r}, "
                         f"not {value!r}; choose another run.dir or start over without resuming"
                     )
     with atomic_path(saved) as tmp:

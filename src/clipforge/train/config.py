@@ -127,7 +127,8 @@ class TrainConfig:
             (
                 self.schedule.kind != "const-cooldown" or 0 < self.schedule.cooldown <= self.schedule.steps - self.schedule.warmup,
                 "schedule.cooldown",
-                "between 1 and steps − warmup for const-cooldown",
+                f"between 1 and steps − warmup = {self.schedule.steps - self.schedule.warmup} for const-cooldown, "
+                f"got {self.schedule.cooldown} (set schedule.cooldown with schedule.steps)",
             ),
             (self.schedule.cooldown_power > 0, "schedule.cooldown_power", "positive"),
             (self.schedule.accum_freq >= 1, "schedule.accum_freq", "≥ 1"),

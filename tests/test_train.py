@@ -99,8 +99,10 @@ def test_const_cooldown_schedule_matches_open_clip(power: float, end_lr: float) 
 
 def test_const_cooldown_needs_a_cooldown_that_fits() -> None:
     for cooldown in ("0", "95"):
-        with pytest.raises(ConfigError, match="schedule.cooldown"):
+        with pytest.raises(ConfigError, match=rf"schedule.cooldown: must be between 1 and steps − warmup = 90 .*got {cooldown}"):
             load_config(None, ["schedule.kind=const-cooldown", "schedule.steps=100", "schedule.warmup=10", f"schedule.cooldown={cooldown}"])
+    with pytest.raises(ConfigError, match="schedule.cooldown_end_lr"):
+        load_config(None, ["schedule.cooldown_end_lr=-1e-4"])
     assert load_config(None, ["schedule.kind=const-cooldown", "schedule.steps=100", "schedule.warmup=10", "schedule.cooldown=90"])
 
 
@@ -113,7 +115,7 @@ def test_resume_refuses_another_configuration_but_not_fields_added_since(tmp_pat
         del saved["schedule"][field]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     _check_run_dir(tmp_path, config, resume=True)
-    with pytest.raises(ConfigError, match=r"holds a run with schedule.steps=600, not 660"):
+    with pytest.raises(ConfigError, match=r"holds a run with schedule.steps=600, not 660; .* pass --no-resume"):
         _check_run_dir(tmp_path, load_config(None, ["schedule.steps=660"]), resume=True)
     with pytest.raises(ConfigError, match=r"schedule.kind='cosine', not 'const-cooldown'"):
         _check_run_dir(tmp_path, load_config(None, ["schedule.steps=600", "schedule.kind=const-cooldown", "schedule.cooldown=100"]), resume=True)

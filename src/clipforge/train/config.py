@@ -131,6 +131,7 @@ class TrainConfig:
                 f"got {self.schedule.cooldown} (set schedule.cooldown with schedule.steps)",
             ),
             (self.schedule.cooldown_power > 0, "schedule.cooldown_power", "positive"),
+            (self.schedule.cooldown_end_lr >= 0, "schedule.cooldown_end_lr", "≥ 0"),
             (self.schedule.accum_freq >= 1, "schedule.accum_freq", "≥ 1"),
             (self.schedule.batch_size % self.schedule.accum_freq == 0, "schedule.batch_size", "divisible by accum_freq"),
             (0.0 <= self.model.patch_dropout < 1.0, "model.patch_dropout", "in [0, 1)"),

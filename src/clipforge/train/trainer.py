@@ -178,7 +178,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
                 if before != value:
                     raise ConfigError(
                         f"{run_dir} holds a run with {section}.{key}={before!r}, "
-                        f"not {value!r}; choose another run.dir or start over without resuming"
+                        f"not {value!r}; choose another run directory, or pass --no-resume to start this one over"
                     )
     with atomic_path(saved) as tmp:
         tmp.write_text(json.dumps(current, indent=2) + "\n")

@@ -33,8 +33,8 @@ import clipforge
 from _common import parser, report
 from clipforge.eval.datasets import folder_dataset, synthetic_task
 from clipforge.eval.runner import Evaluator
-from clipforge.imageio import open_image
-from clipforge.inference import default_workers
+from clipforge._util.imageio import open_image
+from clipforge.encode import default_workers
 
 
 class ImageFiles(Dataset):

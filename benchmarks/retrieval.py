@@ -42,8 +42,8 @@ from _common import interleaved_medians, parser, report  # noqa: E402
 from clipforge.cli import embed as embed_cli  # noqa: E402
 from clipforge.compress.records import apply_compression  # noqa: E402
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig  # noqa: E402
-from clipforge.index import EmbeddingStore  # noqa: E402
-from clipforge.inference import default_workers  # noqa: E402
+from clipforge.retrieval import EmbeddingStore  # noqa: E402
+from clipforge.encode import default_workers  # noqa: E402
 
 BATCH_SIZE = 64
 IMAGE_SIZE = 256

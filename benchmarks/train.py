@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 import clipforge
 from _common import parser, report
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig
-from clipforge.data.synthetic_torch import SyntheticStream
+from clipforge.data.synthetic import SyntheticStream
 from clipforge.demo import recipe_path
 from clipforge.train.config import load_config
 from clipforge.train.metrics_log import read_metrics

@@ -12,7 +12,7 @@ from PIL import Image
 
 import clipforge
 from clipforge.cli import main
-from clipforge.embed_io import read_embeddings
+from clipforge.retrieval.inputs import read_embeddings
 
 VERBS = ("models", "info", "convert", "embed", "train", "demo", "data", "index", "search", "serve", "eval", "explain", "compress")
 
@@ -118,7 +118,7 @@ def test_data_synth_writes_shards_and_resumes(tmp_path, capsys) -> None:
 def test_atomic_writes_have_normal_permissions(tmp_path) -> None:
     import os
 
-    from clipforge.fileio import atomic_path
+    from clipforge._util.fileio import atomic_path
 
     with atomic_path(tmp_path / "a.txt") as tmp:
         tmp.write_text("x")

@@ -21,11 +21,11 @@ import clipforge
 from clipforge.cli import main
 from clipforge.compress.early_exit import load_exit_heads
 from clipforge.compress.export_onnx import OnnxCLIP
-from clipforge.compress.quantize import quantize_dynamic_int8
+from clipforge.compress.quant.int8 import quantize_dynamic_int8
 from clipforge.compress.records import describe_steps, parse_steps
-from clipforge.compress.reduction import apply_token_reduction, estimate_flops
-from clipforge.compress.report import Variant, keep_ratio_for_flops
-from clipforge.embed_io import read_embeddings
+from clipforge.compress.reduction.registry import apply_token_reduction, estimate_flops
+from clipforge.compress.study import Variant, keep_ratio_for_flops
+from clipforge.retrieval.inputs import read_embeddings
 from clipforge.errors import ConfigError
 from clipforge.eval.datasets import load_dataset
 

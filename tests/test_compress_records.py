@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import clipforge
-from clipforge.compress.quantize import quantize_dynamic_int8, quantize_static_int8
+from clipforge.compress.quant.int8 import quantize_dynamic_int8, quantize_static_int8
 from clipforge.compress.records import apply_compression, apply_steps, compression_steps, parse_step
-from clipforge.compress.reduction import apply_token_reduction
+from clipforge.compress.reduction.registry import apply_token_reduction
 from clipforge.errors import CheckpointError, ConfigError
 
 MICRO = str(Path(__file__).parent / "data" / "micro-clip.json")  # 32 px, patch 8: 17 tokens, 2 blocks
@@ -187,7 +187,7 @@ def test_statically_quantized_models_are_refused_by_save(tmp_path, base, inputs)
 
 
 def test_removing_the_token_reduction_keeps_the_number_format(base, inputs) -> None:
-    from clipforge.compress.reduction import remove_token_reduction
+    from clipforge.compress.reduction.registry import remove_token_reduction
 
     model = apply_steps(copy.deepcopy(base), [parse_step("bf16"), parse_step("tome:r=4")])
     remove_token_reduction(model)

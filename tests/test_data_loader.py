@@ -25,8 +25,8 @@ from clipforge.data.loader import (
 )
 from clipforge.data.sources import SampleError, WebDatasetSource
 from clipforge.errors import ConfigError, InputError
-from clipforge.tokenizer import get_tokenizer
-from clipforge.transforms import EvalTransform, PreprocessConfig, TrainTransform
+from clipforge.preprocess.tokenizer import get_tokenizer
+from clipforge.preprocess.transforms import EvalTransform, PreprocessConfig, TrainTransform
 
 PREPROCESS = PreprocessConfig(size=16)
 TRANSFORM = TrainTransform(

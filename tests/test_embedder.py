@@ -25,9 +25,9 @@ from PIL import Image
 import clipforge
 from clipforge.cli import embed as embed_cli
 from clipforge.data.synthetic import SyntheticWorld
-from clipforge.embedder import embed_to_store, load_model, model_reference, plan_parts, record_path, store_info
+from clipforge.retrieval.embed import embed_to_store, load_model, model_reference, plan_parts, record_path, store_info
 from clipforge.errors import ConfigError, InputError
-from clipforge.index import EmbeddingStore
+from clipforge.retrieval import EmbeddingStore
 
 FLOAT16_TOLERANCE = 2e-3
 
@@ -161,7 +161,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 KILLABLE_JOB = """
 import sys, time
-from clipforge.embedder import embed_to_store, load_model, model_reference
+from clipforge.retrieval.embed import embed_to_store, load_model, model_reference
 model_path, folder, out = sys.argv[1:4]
 reference = model_reference(model_path, None, None, "fp32")
 model = load_model(reference)

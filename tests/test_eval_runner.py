@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 
 import clipforge
 from clipforge.cli import main
-from clipforge.data.synthetic_concepts import COLORS
+from clipforge.data.synthetic.concepts import COLORS
 from clipforge.errors import InputError
 from clipforge.eval.datasets import (
     folder_dataset,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import clipforge
-from clipforge.compress.reduction import build_token_reduction
+from clipforge.compress.reduction.registry import build_token_reduction
 from clipforge.explain.rollout import attention_weights
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data
 
 from clipforge.errors import InputError
-from clipforge.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
+from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
 
 ASTRONAUT = data.astronaut()[::4, ::4].copy()  # 128x128 RGB
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipforge.errors import ConfigError, InputError
-from clipforge.index import (
+from clipforge.retrieval import (
     EmbeddingStore,
     SearchIndex,
     build_index,
@@ -20,7 +20,7 @@ from clipforge.index import (
     tune,
     write_part,
 )
-from clipforge.index.spec import GiB
+from clipforge.retrieval.spec import GiB
 
 DIM = 32
 

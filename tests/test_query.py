@@ -17,8 +17,8 @@ from clipforge.cli import embed as embed_cli
 from clipforge.cli import retrieval as retrieval_cli
 from clipforge.data.synthetic import SyntheticWorld
 from clipforge.errors import ConfigError, InputError
-from clipforge.index import EmbeddingStore
-from clipforge.index.query import QueryTerm, parse_query, query_vector
+from clipforge.retrieval import EmbeddingStore
+from clipforge.retrieval.query import QueryTerm, parse_query, query_vector
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from PIL import Image
 
 import clipforge
 from clipforge.data.synthetic import SyntheticWorld
-from clipforge.embedder import embed_to_store, model_reference
-from clipforge.index import EmbeddingStore, SearchIndex
+from clipforge.retrieval.embed import embed_to_store, model_reference
+from clipforge.retrieval import EmbeddingStore, SearchIndex
 from clipforge.serve import create_app
 from clipforge.serve.app import ImageAccess
 
@@ -60,7 +60,7 @@ def free_port() -> int:
 
 SERVER = """
 import sys
-from clipforge.embedder import load_model, store_info
+from clipforge.retrieval.embed import load_model, store_info
 from clipforge.serve import serve
 store, port = sys.argv[1], int(sys.argv[2])
 serve(store, load_model(store_info(store)["model"]), port=port, max_k={max_k}, max_upload_bytes={max_upload})

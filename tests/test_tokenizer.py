@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clipforge.errors import ConfigError, InputError
-from clipforge.tokenizer import Tokenizer, get_tokenizer
+from clipforge.preprocess.tokenizer import Tokenizer, get_tokenizer
 
 NUM_GENERATED = 6000
 CONTEXT_LENGTHS = (16, 32, 77)

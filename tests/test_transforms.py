@@ -15,9 +15,9 @@ from skimage import data
 from torchvision.transforms import ColorJitter as TorchvisionColorJitter
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from clipforge import transforms
+from clipforge.preprocess import transforms
 from clipforge.errors import ConfigError
-from clipforge.transforms import EvalTransform, PreprocessConfig, TrainTransform, image_transform
+from clipforge.preprocess.transforms import EvalTransform, PreprocessConfig, TrainTransform, image_transform
 
 TOLERANCE = 1e-6
 

@@ -14,8 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "clipforge.checkpoint",
-    "save": "clipforge.checkpoint",
+    "load": "clipforge.io.checkpoint",
+    "save": "clipforge.io.checkpoint",
     "CLIP": "clipforge.models.clip",
     "ModelConfig": "clipforge.config",
     "list_models": "clipforge.config",

@@ -17,7 +17,7 @@ from clipforge.cli import evaluate as evaluate_cli
 from clipforge.cli import models as models_cli
 from clipforge.cli import retrieval as retrieval_cli
 from clipforge.cli import train as train_cli
-from clipforge.progress import error_console
+from clipforge._util.progress import error_console
 from clipforge.errors import ClipforgeError
 
 app = typer.Typer(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from clipforge.progress import console
+from clipforge._util.progress import console
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +57,8 @@ def _compress(method: str, options: dict[str, Any], set_: list[str] | None, mode
     """Apply ``method`` with the given options and ``--set`` settings on top of ``model``'s steps; save and summarise."""
     import clipforge
     from clipforge.compress.records import apply_compression, compression_steps, describe_steps, parse_settings
-    from clipforge.compress.reduction import METHODS as TOKEN_REDUCTIONS
-    from clipforge.compress.reduction import estimate_flops, image_tower, token_counts
+    from clipforge.compress.reduction.registry import METHODS as TOKEN_REDUCTIONS
+    from clipforge.compress.reduction.registry import estimate_flops, image_tower, token_counts
     from clipforge.errors import ConfigError
 
     given = {key: value for key, value in options.items() if value is not None}
@@ -199,7 +199,7 @@ def early_exit_command(
     from clipforge.compress.early_exit import EarlyExitClassifier, ExitHeads, save_exit_heads, train_exit_heads
     from clipforge.eval.datasets import load_dataset
     from clipforge.eval.runner import Evaluator, split_in_two
-    from clipforge.progress import progress_bar
+    from clipforge._util.progress import progress_bar
 
     loaded = _load(model, config, pretrained)
     dataset = load_dataset(data, samples=samples)
@@ -263,7 +263,7 @@ def report_command(
     from rich.table import Table
 
     from clipforge.compress.records import compression_steps, describe_steps
-    from clipforge.compress.report import Variant, compare_variants, default_variants, write_report
+    from clipforge.compress.study import Variant, compare_variants, default_variants, write_report
     from clipforge.errors import ConfigError
     from clipforge.eval.datasets import load_dataset
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from clipforge.progress import console
+from clipforge._util.progress import console
 
 data_app = typer.Typer(help="Data: write the synthetic world as webdataset shards.", no_args_is_help=True)
 

@@ -1,7 +1,7 @@
 """``clipforge embed``: images, folders, manifests or shards → embeddings.
 
 ``--out FILE.parquet`` writes one table ``source | embedding``; any other ``--out`` is an embedding
-store directory in clip-retrieval's layout, written in resumable parts (``clipforge.embedder``).
+store directory in clip-retrieval's layout, written in resumable parts (``clipforge.retrieval.embed``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from clipforge.cli.compress import CompressOption, TomeOption, compression_options
-from clipforge.progress import console, error_console
+from clipforge._util.progress import console, error_console
 
 
 def register(app: typer.Typer) -> None:
@@ -52,7 +52,7 @@ def embed_command(
     missing parts, and under torchrun each rank (RANK/WORLD_SIZE) does its share of the parts.
     """
     from clipforge.errors import ConfigError
-    from clipforge.inference import default_workers
+    from clipforge.encode import default_workers
 
     workers = default_workers() if workers is None else workers
     device = device or default_device()
@@ -67,7 +67,7 @@ def embed_command(
             f"--out {out}: a store records how to load its model, so --tome/--compress cannot apply here; write a "
             f"compressed checkpoint first (clipforge compress tome --model {model} --out compressed.safetensors) and embed with it"
         )
-    from clipforge.embedder import distributed_rank, embed_to_store, load_model, model_reference
+    from clipforge.retrieval.embed import distributed_rank, embed_to_store, load_model, model_reference
 
     reference = model_reference(model, config, pretrained, precision)
     loaded = load_model(reference, device=device)
@@ -93,8 +93,8 @@ def _embed_to_parquet(
 ) -> None:
     import clipforge
     from clipforge.compress.records import apply_steps
-    from clipforge.embed_io import collect_image_paths, write_embeddings
-    from clipforge.inference import embed_images, embed_texts
+    from clipforge.retrieval.inputs import collect_image_paths, write_embeddings
+    from clipforge.encode import embed_images, embed_texts
 
     loaded = apply_steps(clipforge.load(model, config=config, precision=precision, pretrained=pretrained, device=device), steps)
     if text:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from clipforge.cli.compress import CompressOption, TomeOption, compression_options
-from clipforge.progress import console
+from clipforge._util.progress import console
 
 
 def register(app: typer.Typer) -> None:
@@ -90,7 +90,7 @@ def explain_command(
     """Save a heat map of what the image tower looks at, over the image as the model sees it."""
     from clipforge.explain import explain_image
     from clipforge.explain.overlay import save_overlay
-    from clipforge.imageio import open_image
+    from clipforge._util.imageio import open_image
 
     loaded = _load_model(model, config, pretrained, precision)
     view, heatmap = explain_image(loaded, open_image(image).convert("RGB"), text, method)

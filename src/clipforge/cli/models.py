@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from clipforge.progress import console
+from clipforge._util.progress import console
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +23,7 @@ def list_models_command(
     from rich.table import Table
 
     from clipforge.config import get_model_config, list_models
-    from clipforge.pretrained import pretrained_table
+    from clipforge.io.pretrained import pretrained_table
 
     table = Table("config", "act", "image", "patch", "vision", "text", "embed", "tags")
     table.columns[0].no_wrap = True
@@ -81,7 +81,7 @@ def convert_command(
 ) -> None:
     """Convert between clipforge, open_clip, OpenAI and Hugging Face formats."""
     import clipforge
-    from clipforge.checkpoint import save_hf
+    from clipforge.io.checkpoint import save_hf
     from clipforge.errors import ConfigError
 
     if to not in ("clipforge", "hf"):

@@ -2,7 +2,7 @@
 
 ``index DIR`` on a store (written by ``clipforge embed --out DIR``) chooses, builds and tunes its faiss
 index; on a plain photo folder it first brings the folder's own store (``DIR/.clipforge``) up to date,
-embedding only new photos (``clipforge.photos``). ``search`` and ``serve`` accept either kind of DIR and
+embedding only new photos (``clipforge.retrieval.photos``). ``search`` and ``serve`` accept either kind of DIR and
 load the model recorded in the store unless ``--model`` is given.
 """
 
@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from clipforge.errors import ConfigError
-from clipforge.progress import console, error_console
+from clipforge._util.progress import console, error_console
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -50,7 +50,7 @@ def parse_size(text: str, option: str) -> int:
 
 
 def _model_reference(store: Path | None, model: str | None, config: str | None, pretrained: str | None, precision: str | None) -> dict[str, Any]:
-    from clipforge.embedder import model_reference, store_info
+    from clipforge.retrieval.embed import model_reference, store_info
 
     if model is not None:
         return model_reference(model, config, pretrained, precision or "fp32")
@@ -63,7 +63,7 @@ def _model_reference(store: Path | None, model: str | None, config: str | None, 
 
 
 def _load(store: Path | None, model: str | None, config: str | None, pretrained: str | None, precision: str | None, device: str) -> Any:
-    from clipforge.embedder import load_model
+    from clipforge.retrieval.embed import load_model
 
     return load_model(_model_reference(store, model, config, pretrained, precision), device=device)
 
@@ -84,15 +84,15 @@ def index_command(
 ) -> None:
     """Build the search index of a store, or bring a photo folder's store and index up to date."""
     _passive_openmp()
-    from clipforge.index import SearchIndex, index_dir
-    from clipforge.photos import default_store, is_store
+    from clipforge.retrieval import SearchIndex, index_dir
+    from clipforge.retrieval.photos import default_store, is_store
 
     budget = parse_size(memory_budget, "--memory-budget")
     root = directory
     if store is not None or not is_store(directory):
-        from clipforge.embedder import load_model
-        from clipforge.inference import default_workers
-        from clipforge.photos import update_photo_store
+        from clipforge.retrieval.embed import load_model
+        from clipforge.encode import default_workers
+        from clipforge.retrieval.photos import update_photo_store
 
         root = (store or default_store(directory)).absolute()
         reference = _model_reference(root if is_store(root) else None, model, config, pretrained, precision)
@@ -130,9 +130,9 @@ def search_command(
 ) -> None:
     """The k nearest images (or captions) to a query: paths and cosine scores."""
     _passive_openmp()
-    from clipforge.index import SearchIndex
-    from clipforge.index.query import parse_query, query_vector
-    from clipforge.photos import find_store
+    from clipforge.retrieval import SearchIndex
+    from clipforge.retrieval.query import parse_query, query_vector
+    from clipforge.retrieval.photos import find_store
 
     root = find_store(index)
     terms = parse_query(" ".join(query))
@@ -168,7 +168,7 @@ def serve_command(
 ) -> None:
     """Serve the JSON API (OpenAPI at /openapi.json) and the search page at http://HOST:PORT/."""
     _passive_openmp()
-    from clipforge.photos import find_store
+    from clipforge.retrieval.photos import find_store
     from clipforge.serve import serve
 
     root = find_store(index)

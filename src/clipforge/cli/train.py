@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from clipforge.progress import console
+from clipforge._util.progress import console
 
 
 def register(app: typer.Typer) -> None:

@@ -17,9 +17,9 @@ Also: ``quantize`` (torch.ao int8), ``simquant`` and ``mixed_precision`` (simula
 ``early_exit`` (LGViT exit heads) and ``report`` (speed and accuracy of variants side by side).
 """
 
-from clipforge.compress.evit import EViT, keep_attentive_tokens
-from clipforge.compress.pitome import PiToMe, energy_scores, pitome_matching
-from clipforge.compress.reduction import (
+from clipforge.compress.reduction.evit import EViT, keep_attentive_tokens
+from clipforge.compress.reduction.pitome import PiToMe, energy_scores, pitome_matching
+from clipforge.compress.reduction.registry import (
     METHODS,
     apply_token_reduction,
     build_token_reduction,
@@ -36,8 +36,8 @@ from clipforge.compress.records import (
     parse_step,
     parse_steps,
 )
-from clipforge.compress.schedules import ScheduledReduction, keep_ratio_schedule, margin_schedule, merge_schedule
-from clipforge.compress.tome import (
+from clipforge.compress.reduction.schedules import ScheduledReduction, keep_ratio_schedule, margin_schedule, merge_schedule
+from clipforge.compress.reduction.tome import (
     ToMe,
     TokenMerging,
     bipartite_soft_matching,

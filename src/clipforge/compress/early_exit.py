@@ -44,9 +44,9 @@ from torch import nn
 
 from clipforge.errors import CheckpointError, ConfigError, InputError
 from clipforge.eval.zeroshot import zero_shot_logits
-from clipforge.fileio import atomic_path
+from clipforge._util.fileio import atomic_path
 from clipforge.models.vit import VisionTransformer
-from clipforge.state_dict import read_tensors
+from clipforge.io.state_dict import read_tensors
 
 EXIT_KINDS = ("local", "local-pointwise", "global-s2", "global-s3")
 FORMAT = "clipforge-exit-heads"

@@ -198,14 +198,14 @@ class OnnxCLIP:
 
     def preprocess(self, image: Any) -> np.ndarray:
         """A PIL image → float32 pixels [3, H, W] with the exported model's preprocessing."""
-        from clipforge.transforms import PreprocessConfig, image_transform
+        from clipforge.preprocess.transforms import PreprocessConfig, image_transform
 
         transform = image_transform(PreprocessConfig.from_dict(self.config["preprocess"]))
         return transform(image).numpy()
 
     def tokenize(self, texts: str | list[str]) -> np.ndarray:
         """Strings → int64 token ids [N, context_length]."""
-        from clipforge.tokenizer import get_tokenizer
+        from clipforge.preprocess.tokenizer import get_tokenizer
 
         return get_tokenizer(self.context_length)(texts).numpy()
 

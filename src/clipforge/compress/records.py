@@ -9,7 +9,7 @@
 A step is ``{"method": name, "settings": {...every setting, defaults filled in...}}`` in plain JSON values.
 ``model.compression`` holds one step as it is (the form ``apply_token_reduction`` has always written, so
 older checkpoints read unchanged) and several as ``{"steps": [step, ...]}`` in the order they were applied.
-Methods: the token reductions ``tome``, ``pitome``, ``evit`` (``clipforge.compress.reduction``), and the
+Methods: the token reductions ``tome``, ``pitome``, ``evit`` (``clipforge.compress.reduction.registry``), and the
 number formats ``bf16`` (weights and activations in bfloat16) and ``int8-dynamic`` (``quantize_dynamic_int8``).
 A model takes at most one token reduction and one number format; in either order they stack. As text
 (``--compress``, report variants): ``parse_steps("bf16+tome:r=8")``, and back with ``describe_steps``.
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipforge.compress.quantize import quantize_dynamic_int8
-from clipforge.compress.reduction import METHODS as TOKEN_REDUCTIONS
-from clipforge.compress.reduction import apply_token_reduction, resolve_settings
+from clipforge.compress.quant.int8 import quantize_dynamic_int8
+from clipforge.compress.reduction.registry import METHODS as TOKEN_REDUCTIONS
+from clipforge.compress.reduction.registry import apply_token_reduction, resolve_settings
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.models.clip import CLIP
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipforge.data.sources import CaptionSource, SampleError
 from clipforge.errors import ConfigError, InputError
-from clipforge.transforms import EvalTransform
+from clipforge.preprocess.transforms import EvalTransform
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 
@@ -285,7 +285,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """This rank's endless training loader; ``batch_size`` is per rank; ``start`` a saved ``position``.
 
-    ``transform`` is called as ``transform(image, generator=...)`` (``clipforge.transforms.TrainTransform``).
+    ``transform`` is called as ``transform(image, generator=...)`` (``clipforge.preprocess.transforms.TrainTransform``).
     """
     if workers < 0:
         raise ConfigError(f"workers: {workers} is negative")

@@ -27,7 +27,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from clipforge.errors import ConfigError, InputError, one_line
-from clipforge.fileio import atomic_path
+from clipforge._util.fileio import atomic_path
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl")
 IMAGE_COLUMNS = ("image", "path", "filepath")

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from clipforge.errors import InputError
 from clipforge.eval.metrics import ArrayLike, scores_and_labels
-from clipforge.fileio import atomic_path
+from clipforge._util.fileio import atomic_path
 
 _ROW_SUM_TOLERANCE = 1e-3
 

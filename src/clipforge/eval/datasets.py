@@ -29,10 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipforge.data.synthetic import SyntheticWorld, WorldConfig, ZeroShotTask
-from clipforge.data.synthetic_concepts import OBJECT_RADIUS, POSITION_PHRASES
+from clipforge.data.synthetic import CONTEXT_FACTORS, SyntheticWorld, WorldConfig, ZeroShotTask
 from clipforge.errors import InputError, one_line
-from clipforge.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
+from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 """CLIP's default prompt when a dataset comes without templates."""
@@ -78,20 +77,13 @@ class RetrievalDataset:
     captions: list[list[str]]
 
 
-SYNTHETIC_CONTEXT_FACTORS: dict[str, dict[str, list[str]]] = {
-    "size": {size: [size] for size in OBJECT_RADIUS},
-    "position": {"anywhere": [""], **{place: [phrase] for place, phrase in POSITION_PHRASES.items()}},
-}
-"""PerceptionCLIP contexts of the synthetic world, in its captions' words ("small", "on the left")."""
-
-
 @dataclass(frozen=True)
 class SyntheticTask:
     """A zero-shot task of the synthetic world, able to render any split of it."""
 
     world: SyntheticWorld
     task: ZeroShotTask
-    context_factors: dict[str, dict[str, list[str]]] = field(default_factory=lambda: SYNTHETIC_CONTEXT_FACTORS)
+    context_factors: dict[str, dict[str, list[str]]] = field(default_factory=lambda: CONTEXT_FACTORS)
 
     def dataset(self, split: str, samples: int, shift: str | None = None) -> ClassificationDataset:
         """The first ``samples`` images of ``split`` that the task can label (optionally shifted)."""

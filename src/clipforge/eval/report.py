@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from clipforge.fileio import atomic_path
+from clipforge._util.fileio import atomic_path
 
 if TYPE_CHECKING:
     from clipforge.eval.runner import Table, TaskResult

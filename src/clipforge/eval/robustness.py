@@ -4,7 +4,7 @@ Corruptions follow Hendrycks & Dietterich, "Benchmarking Neural Network Robustne
 Corruptions and Perturbations" (ICLR 2019, ``make_imagenet_c.py``) at severities 1–5, applied to the
 8-bit image the model sees (after its resize and crop, as ImageNet-C corrupts 224 px crops):
 gaussian/shot noise, gaussian blur, JPEG, contrast and pixelate reuse the synthetic world's
-implementation (``clipforge.data.synthetic_render.corrupt``); shot noise and brightness are added here.
+implementation (``clipforge.data.synthetic.render.corrupt``); shot noise and brightness are added here.
 
 ``patch`` perturbs whole patches of the ViT grid, after Gu, Tresp, Qin, "Are Vision Transformers
 Robust to Patch Perturbations?" (ECCV 2022): at severity s a fraction ``PATCH_FRACTIONS[s - 1]`` of
@@ -28,14 +28,13 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from clipforge.data.synthetic_config import SHIFTS
-from clipforge.data.synthetic_render import CORRUPTIONS as SYNTHETIC_CORRUPTIONS
-from clipforge.data.synthetic_render import corrupt
+from clipforge.data.synthetic import CORRUPTIONS as SYNTHETIC_CORRUPTIONS
+from clipforge.data.synthetic import SHIFTS, corrupt
 from clipforge.errors import InputError
 from clipforge.eval.metrics import topk_accuracy
 from clipforge.eval.zeroshot import zero_shot_logits
-from clipforge.fileio import atomic_path
-from clipforge.inference import embed_images
+from clipforge._util.fileio import atomic_path
+from clipforge.encode import embed_images
 
 SHOT_NOISE_PHOTONS = (60, 25, 12, 5, 3)  # ImageNet-C shot_noise: x ~ Poisson(x * c) / c
 BRIGHTNESS_SHIFTS = (0.1, 0.2, 0.3, 0.4, 0.5)  # ImageNet-C brightness: V + c in HSV

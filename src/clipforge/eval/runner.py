@@ -4,7 +4,7 @@ Each task returns a ``TaskResult`` whose ``record`` is LAION-AI/CLIP_benchmark's
 (``dataset, model, pretrained, task, metrics, language``, written by ``write_results`` under
 CLIP_benchmark's file name ``{dataset}_{pretrained}_{model}_{language}_{task}.json``). Image features
 and zero-shot heads are computed once per dataset and shared by the tasks that need them; images are
-decoded in worker processes (``clipforge.inference.embed_images``) and text is encoded only up to the
+decoded in worker processes (``clipforge.encode.embed_images``) and text is encoded only up to the
 longest prompt of each batch, in the model's precision.
 
 Zero-shot heads follow CLIP_benchmark: templates give ``build_zero_shot_classifier``, per-class
@@ -49,8 +49,8 @@ from clipforge.eval.perception import (
 from clipforge.eval.report import confusion_matrix_plot
 from clipforge.eval.robustness import SHIFT_NAMES, corruption_accuracy, corruption_plot
 from clipforge.eval.zeroshot import build_zero_shot_classifier, zero_shot_logits
-from clipforge.fileio import atomic_path
-from clipforge.inference import embed_images
+from clipforge._util.fileio import atomic_path
+from clipforge.encode import embed_images
 
 TASKS: dict[str, str] = {
     "zeroshot": "zeroshot_classification",

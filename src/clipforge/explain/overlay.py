@@ -10,7 +10,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from clipforge.errors import InputError
-from clipforge.fileio import atomic_path
+from clipforge._util.fileio import atomic_path
 
 
 def heatmap_overlay(

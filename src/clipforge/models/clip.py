@@ -21,13 +21,13 @@ from clipforge.models.vit import VisionTransformer
 if TYPE_CHECKING:
     from PIL import Image
 
-    from clipforge.transforms import PreprocessConfig
+    from clipforge.preprocess.transforms import PreprocessConfig
 
 
 class CLIP(TextTower):
     def __init__(self, config: ModelConfig, preprocess_cfg: PreprocessConfig | None = None) -> None:
         super().__init__(config.text, config.embed_dim, config.activation)
-        from clipforge.transforms import PreprocessConfig
+        from clipforge.preprocess.transforms import PreprocessConfig
 
         self.config = config
         self.visual = VisionTransformer(config.vision, config.embed_dim, config.activation)
@@ -71,7 +71,7 @@ class CLIP(TextTower):
 
     @cached_property
     def _eval_transform(self) -> Any:
-        from clipforge.transforms import image_transform
+        from clipforge.preprocess.transforms import image_transform
 
         return image_transform(self.preprocess_cfg, train=False)
 
@@ -81,19 +81,19 @@ class CLIP(TextTower):
 
     def train_transform(self) -> Any:
         """open_clip's training augmentation with this model's preprocessing settings."""
-        from clipforge.transforms import image_transform
+        from clipforge.preprocess.transforms import image_transform
 
         return image_transform(self.preprocess_cfg, train=True)
 
     def tokenize(self, texts: str | list[str]) -> torch.Tensor:
         """Strings → LongTensor [N, context_length], exactly open_clip's token ids."""
-        from clipforge.tokenizer import get_tokenizer
+        from clipforge.preprocess.tokenizer import get_tokenizer
 
         return get_tokenizer(self.text_cfg.context_length)(texts)
 
     @property
     def tokenizer(self) -> Any:
-        from clipforge.tokenizer import get_tokenizer
+        from clipforge.preprocess.tokenizer import get_tokenizer
 
         return get_tokenizer(self.text_cfg.context_length)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clipforge.index.query import parse_query, query_vector
+from clipforge.retrieval.query import parse_query, query_vector
 from clipforge.serve.app import create_app
 
 __all__ = ["create_app", "serve"]

@@ -4,7 +4,7 @@ Routes (OpenAPI spec at ``/openapi.json``):
 
 - ``GET /api/health``: store size, index, model;
 - ``GET /api/search?q=…&k=…``: text search with the weighted ``+``/``-`` syntax of
-  ``clipforge.index.query`` (text terms only: a request never names a file on the server);
+  ``clipforge.retrieval.query`` (text terms only: a request never names a file on the server);
 - ``POST /api/search/image``: search by an uploaded image (multipart field ``image``), optionally
   combined with text terms ``q``;
 - ``GET /api/metadata/{id}``: a row's metadata;
@@ -36,12 +36,12 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clipforge.embed_io import ImageItem, read_image
-from clipforge.embedder import store_info
+from clipforge.retrieval.inputs import ImageItem, read_image
+from clipforge.retrieval.embed import store_info
 from clipforge.errors import ClipforgeError, InputError
-from clipforge.imageio import open_image
-from clipforge.index.query import QueryTerm, parse_query, query_vector
-from clipforge.index.search import SearchIndex
+from clipforge._util.imageio import open_image
+from clipforge.retrieval.query import QueryTerm, parse_query, query_vector
+from clipforge.retrieval.search import SearchIndex
 
 STATIC = Path(__file__).parent / "static"
 MAX_QUERY_CHARS = 1000

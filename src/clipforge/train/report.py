@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from clipforge.fileio import atomic_path
+from clipforge._util.fileio import atomic_path
 from clipforge.train.metrics_log import read_metrics
 
 

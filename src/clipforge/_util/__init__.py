@@ -1,0 +1,1 @@
+"""Shared helpers below every other package: atomic file writes, safe image decoding, progress bars."""

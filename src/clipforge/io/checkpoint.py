@@ -1,0 +1,271 @@
+"""``clipforge.load`` and ``clipforge.save``: one entry point for every checkpoint format.
+
+Detected formats: a config name (random initialisation), clipforge ``.safetensors`` (config and
+preprocessing in the metadata), open_clip state dicts (``.pt``/``.bin``/``.safetensors``, also training
+checkpoints wrapped in ``state_dict`` with ``module.`` prefixes), OpenAI-layout state dicts (config read
+off the shapes), Hugging Face ``CLIPModel`` directories, and open_clip hub directories
+(``open_clip_config.json``). ``save_hf`` writes a directory ``transformers.CLIPModel`` loads.
+
+A model's compression steps (``model.compression``: token merging or pruning, bf16, int8-dynamic; see
+``clipforge.compress.records``) travel in the metadata: ``save`` writes the weights the steps start from
+and ``load`` replays the steps, after casting to ``precision`` (a recorded bf16 or int8 decides the precision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge.config import ModelConfig, get_model_config, list_models
+from clipforge.errors import CheckpointError, ConfigError
+from clipforge._util.fileio import atomic_path
+from clipforge.layers.pos_embed import resize_pos_embed
+from clipforge.models.clip import CLIP
+from clipforge.io.state_dict import (
+    check_state_dict,
+    infer_architecture,
+    is_openai_layout,
+    read_tensors,
+    to_open_clip_layout,
+)
+from clipforge.preprocess.transforms import PreprocessConfig
+
+FORMAT = "clipforge"
+FORMAT_VERSION = "1"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load(
+    source: str | os.PathLike[str],
+    config: str | os.PathLike[str] | ModelConfig | None = None,
+    precision: str = "fp32",
+    image_size: int | None = None,
+    *,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+) -> CLIP:
+    """A ready-to-use model (eval mode) from any supported source; see the module docstring."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    explicit = _as_config(config)
+    path = Path(source)
+    compression = None
+    if pretrained is not None:
+        from clipforge.io.pretrained import pretrained_entry, resolve_pretrained
+
+        entry = pretrained_entry(str(source), pretrained)
+        weights = resolve_pretrained(str(source), pretrained)
+        state, _ = read_tensors(weights)
+        model_cfg = explicit or dataclasses.replace(get_model_config(str(source)), activation=entry["activation"])
+        if model_cfg.activation != entry["activation"]:
+            raise ConfigError(
+                f"{source}/{pretrained} was trained with {entry['activation']} but config {model_cfg.name} uses "
+                f"{model_cfg.activation}; use the matching -quickgelu / plain config"
+            )
+        preprocess = PreprocessConfig.from_dict({"size": model_cfg.vision.image_size, **entry.get("preprocess", {})})
+        model = _build(model_cfg, to_open_clip_layout(state), preprocess, f"{source}/{pretrained}", image_size)
+        model.provenance = {"source": f"open_clip:{source}/{pretrained}"}
+    elif path.is_dir():
+        model = _load_directory(path, explicit, image_size)
+    elif path.is_file() and path.suffix != ".json":
+        model, compression = _load_file(path, explicit, image_size)
+    elif str(source) in list_models() or path.suffix == ".json":
+        model_cfg = get_model_config(source)
+        if image_size is not None:
+            model_cfg = model_cfg.with_image_size(image_size)
+        model = CLIP(model_cfg)
+        model.provenance = {"source": f"random-init:{model_cfg.name}"}
+    else:
+        raise CheckpointError(f"{source}: no such file or directory, and not a model config name (`clipforge models`)")
+    model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
+    if compression is not None:
+        from clipforge.compress.records import restore_compression
+
+        model = restore_compression(model, compression, precision=precision, source=str(path))
+    return model
+
+
+def save(model: CLIP, path: str | os.PathLike[str], provenance: dict[str, Any] | None = None) -> Path:
+    """One ``.safetensors`` file: weights plus config, preprocessing and provenance in its metadata (atomic)."""
+    from safetensors.torch import save_file
+
+    from clipforge.compress.records import checkpoint_tensors
+
+    path = Path(path)
+    tensors = {key: value.detach().contiguous().cpu() for key, value in checkpoint_tensors(model).items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config.to_dict()),
+        "preprocess": json.dumps(model.preprocess_cfg.to_dict()),
+        "provenance": json.dumps({**model.provenance, **(provenance or {})}),
+    }
+    if getattr(model, "compression", None):
+        metadata["compression"] = json.dumps(model.compression)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def save_hf(model: CLIP, directory: str | os.PathLike[str]) -> Path:
+    """A Hugging Face ``CLIPModel`` directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``)."""
+    from safetensors.torch import save_file
+
+    from clipforge.io.hf import hf_config_dict, to_hf_state_dict
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = hf_config_dict(model.config)
+    tensors = to_hf_state_dict({k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()})
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    pre = model.preprocess_cfg
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": pre.size},
+        "do_center_crop": True,
+        "crop_size": {"height": pre.size, "width": pre.size},
+        "resample": 3 if pre.interpolation == "bicubic" else 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(pre.mean),
+        "image_std": list(pre.std),
+        "do_convert_rgb": True,
+    }
+    for name, content in (("config.json", config), ("preprocessor_config.json", processor)):
+        with atomic_path(directory / name) as tmp:
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
+    return directory
+
+
+# -- format detection ---------------------------------------------------------------------------
+
+
+def _as_config(config: str | os.PathLike[str] | ModelConfig | None) -> ModelConfig | None:
+    if config is None or isinstance(config, ModelConfig):
+        return config
+    return get_model_config(config)
+
+
+def _load_directory(path: Path, explicit: ModelConfig | None, image_size: int | None) -> CLIP:
+    if (path / "open_clip_config.json").is_file():
+        hub = json.loads((path / "open_clip_config.json").read_text())
+        model_cfg = explicit or ModelConfig.from_dict(hub.get("model_cfg", {}), name=path.name)
+        preprocess = _preprocess_from_open_clip(hub.get("preprocess_cfg", {}), model_cfg)
+        weights = next((path / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") if (path / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path}: open_clip directory without open_clip_model.safetensors or open_clip_pytorch_model.bin")
+        state, _ = read_tensors(weights)
+        model = _build(model_cfg, to_open_clip_layout(state), preprocess, str(path), image_size)
+        model.provenance = {"source": f"open_clip-dir:{path}"}
+        return model
+    if (path / "config.json").is_file():
+        from clipforge.io.hf import read_hf_directory
+
+        model_cfg, state, processor = read_hf_directory(path)
+        preprocess = _preprocess_from_hf(processor, explicit or model_cfg)
+        model = _build(explicit or model_cfg, state, preprocess, str(path), image_size)
+        model.provenance = {"source": f"huggingface:{path}"}
+        return model
+    raise CheckpointError(f"{path}: a directory with neither config.json (Hugging Face) nor open_clip_config.json")
+
+
+def _load_file(path: Path, explicit: ModelConfig | None, image_size: int | None) -> tuple[CLIP, Any]:
+    """The model in the file, and the compression record (replayed by ``load``) of a clipforge checkpoint."""
+    tensors, metadata = read_tensors(path)
+    if metadata.get("format") == FORMAT:
+        model_cfg = explicit or ModelConfig.from_dict(json.loads(metadata["config"]))
+        preprocess = PreprocessConfig.from_dict(json.loads(metadata["preprocess"]))
+        model = _build(model_cfg, tensors, preprocess, str(path), image_size)
+        model.provenance = json.loads(metadata.get("provenance", "{}"))
+        return model, _compression_record(metadata, path)
+    if any(key.startswith(("vision_model.", "text_model.")) for key in tensors):
+        from clipforge.io.hf import from_hf_state_dict
+
+        state = from_hf_state_dict(tensors)
+        layout = "huggingface"
+    else:
+        state = to_open_clip_layout(tensors)
+        layout = "openai" if is_openai_layout(tensors) else "open_clip"
+    model_cfg = explicit or _config_for_bare_state(state, layout, path)
+    model = _build(model_cfg, state, PreprocessConfig(size=model_cfg.vision.image_size), str(path), image_size)
+    model.provenance = {"source": f"{layout}:{path}"}
+    return model, None
+
+
+def _compression_record(metadata: dict[str, str], path: Path) -> Any:
+    """The checkpoint's compression steps (``clipforge.compress.records``) as saved, or None."""
+    if "compression" not in metadata:
+        return None
+    try:
+        return json.loads(metadata["compression"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: unreadable compression record in the metadata ({error})") from None
+
+
+def _config_for_bare_state(state: dict[str, torch.Tensor], layout: str, path: Path) -> ModelConfig:
+    """The architecture read off the shapes; the activation only where the layout settles it."""
+    shape_only = infer_architecture(state, activation="gelu")
+    matches = [name for name in list_models() if _same_architecture(get_model_config(name), shape_only)]
+    if layout == "openai":  # every OpenAI release was trained with QuickGELU
+        named = [m for m in matches if get_model_config(m).activation == "quick_gelu"]
+        return get_model_config(named[0]) if named else infer_architecture(state, activation="quick_gelu")
+    hint = " or ".join(f"config={m!r}" for m in matches) or "config='my-model.json' (with an explicit activation)"
+    raise CheckpointError(
+        f"{path}: a bare {layout} state dict does not record its activation (gelu or quick_gelu); pass {hint}"
+    )
+
+
+def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
+    fields = ("image_size", "patch_size", "width", "layers", "mlp_ratio")
+    same_vision = all(abs(getattr(a.vision, f) - getattr(b.vision, f)) < 1e-3 for f in fields)
+    return same_vision and a.text == b.text and a.embed_dim == b.embed_dim and (a.vision.ls_init_value is None) == (
+        b.vision.ls_init_value is None
+    )
+
+
+def _build(
+    model_cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    preprocess: PreprocessConfig,
+    source: str,
+    image_size: int | None,
+) -> CLIP:
+    if image_size is not None and image_size != model_cfg.vision.image_size:
+        model_cfg = model_cfg.with_image_size(image_size)
+        preprocess = PreprocessConfig.from_dict({**preprocess.to_dict(), "size": image_size})
+    model = CLIP(model_cfg, preprocess)
+    expected = model.state_dict()
+    key = "visual.positional_embedding"
+    if key in state and key in expected and state[key].shape[0] != expected[key].shape[0]:
+        state = {**state, key: resize_pos_embed(state[key], model_cfg.vision.grid_size)}
+    check_state_dict(expected, state, source)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _preprocess_from_open_clip(cfg: dict[str, Any], model_cfg: ModelConfig) -> PreprocessConfig:
+    known = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    for key in ("mean", "std"):
+        if key in known:
+            known[key] = tuple(known[key])
+    return PreprocessConfig.from_dict({"size": model_cfg.vision.image_size, **known})
+
+
+def _preprocess_from_hf(processor: dict[str, Any] | None, model_cfg: ModelConfig) -> PreprocessConfig:
+    if processor is None:
+        return PreprocessConfig(size=model_cfg.vision.image_size)
+    crop = processor.get("crop_size", model_cfg.vision.image_size)
+    size = crop.get("height", model_cfg.vision.image_size) if isinstance(crop, dict) else int(crop)
+    values: dict[str, Any] = {"size": size, "interpolation": "bicubic" if processor.get("resample", 3) == 3 else "bilinear"}
+    for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+        if theirs in processor:
+            values[ours] = tuple(processor[theirs])
+    return PreprocessConfig.from_dict(values)

@@ -1,0 +1,187 @@
+"""Incremental indexing of a photo folder, like rclip (research/data-retrieval.md §5).
+
+The folder's embedding store (default ``FOLDER/.clipforge``) is a one-part clip-retrieval store whose
+metadata is also the catalogue: per photo its path relative to the folder (``uid``), absolute
+``path``, ``size``, ``mtime_ns`` and ``hash``. On each run:
+
+1. the folder is walked, skipping hidden entries and rclip's excluded folders;
+2. a photo whose relative path, size and modification time match a catalogue row keeps its vector;
+3. otherwise its fingerprint (SHA-256 of the first MiB and the last KiB, rclip's) and size are looked
+   up: a match is the same photo renamed or moved (or touched), and keeps its vector;
+4. only the remaining photos are decoded and embedded; rows of deleted photos are dropped.
+
+Nothing is written when nothing changed. Otherwise the new store is written next to the old one
+(``.clipforge.new``) and swapped in by two renames; a run interrupted between them is repaired by the
+next. Moving the whole folder keeps every vector (paths are matched relative to it). A different
+model embeds everything again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from clipforge.retrieval.embed import STORE_FORMAT, STORE_INFO, store_info, write_store_info
+from clipforge.errors import ConfigError, InputError, one_line
+from clipforge._util.imageio import is_image_path
+from clipforge.retrieval.store import EmbeddingStore, write_part
+from clipforge.encode import embed_images
+
+STORE_NAME = ".clipforge"
+EXCLUDED_DIRS = frozenset({"@eaDir", "node_modules", ".git", "System Volume Information"})
+HEAD_BYTES = 1 << 20
+TAIL_BYTES = 1 << 10
+
+
+@dataclass
+class PhotoUpdate:
+    store: Path
+    embedded: int = 0
+    unchanged: int = 0
+    moved: int = 0  # renamed, moved or touched photos whose vectors were kept
+    removed: int = 0  # catalogued paths that are gone (including the old names of moved photos)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (photo, one-line reason)
+    changed: bool = False  # whether a new store was written
+
+
+def fingerprint(path: Path, size: int) -> str:
+    """SHA-256 of the first ``HEAD_BYTES`` and the last ``TAIL_BYTES`` of the file (rclip's cheap content hash)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(HEAD_BYTES))
+        if size > HEAD_BYTES:
+            handle.seek(max(HEAD_BYTES, size - TAIL_BYTES))
+            digest.update(handle.read(TAIL_BYTES))
+    return digest.hexdigest()
+
+
+def photo_files(folder: Path) -> list[Path]:
+    """Image files under ``folder``, sorted, without hidden entries or excluded folders."""
+    found = []
+    for directory, subdirs, files in os.walk(folder):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in EXCLUDED_DIRS]
+        found.extend(Path(directory) / name for name in files if not name.startswith(".") and is_image_path(name))
+    return sorted(found)
+
+
+def is_store(path: Path) -> bool:
+    return (path / STORE_INFO).is_file() or (path / "img_emb").is_dir()
+
+
+def default_store(folder: Path) -> Path:
+    return folder / STORE_NAME
+
+
+def _siblings(store: Path) -> tuple[Path, Path]:
+    return store.with_name(store.name + ".new"), store.with_name(store.name + ".old")
+
+
+def _repair(store: Path) -> None:
+    """Finish or undo a swap that a crash interrupted: keep the complete store, drop the partial one."""
+    new, old = _siblings(store)
+    if not store.exists() and old.exists():
+        os.rename(old, store)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _catalogue(store: Path, reference: dict[str, Any]) -> tuple[list[dict], np.ndarray]:
+    """The rows and vectors of an existing photo store made with the same model (none otherwise).
+
+    Any other store at that place is refused rather than replaced.
+    """
+    if not is_store(store):
+        return [], np.zeros((0, 0), np.float32)
+    info = store_info(store)
+    if info.get("kind") != "photos":
+        raise ConfigError(f"{store}: holds an embedding store that is not a photo folder's; choose another --store")
+    if info.get("model") != reference:
+        return [], np.zeros((0, 0), np.float32)
+    existing = EmbeddingStore(store)
+    rows = existing.metadata(np.arange(existing.num_vectors))
+    return rows, existing.load_embeddings("img", mmap=False)
+
+
+def update_photo_store(
+    folder: str | Path,
+    model: Any,
+    reference: dict[str, Any],
+    store: str | Path | None = None,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = True,
+) -> PhotoUpdate:
+    """Bring the store of the photo folder up to date (see the module docstring)."""
+    folder = Path(folder).absolute()
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder")
+    store = Path(store).absolute() if store else default_store(folder)
+    _repair(store)
+    old_rows, old_vectors = _catalogue(store, reference)
+    by_path = {row["uid"]: i for i, row in enumerate(old_rows)}
+    by_content = {(row["hash"], row["size"]): i for i, row in enumerate(old_rows)}
+    update = PhotoUpdate(store)
+    rows: list[dict[str, Any]] = []
+    sources: list[int | None] = []  # old row of each new row, or None to embed
+    for photo in photo_files(folder):
+        try:
+            stat = photo.stat()
+        except OSError as error:  # e.g. a link to a file that is gone
+            update.skipped.append((str(photo), f"{photo}: cannot read ({one_line(error)})"))
+            continue
+        uid = photo.relative_to(folder).as_posix()
+        old = by_path.get(uid)
+        if old is not None and (old_rows[old]["size"], old_rows[old]["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+            update.unchanged += 1
+            content = old_rows[old]["hash"]
+        else:
+            content = fingerprint(photo, stat.st_size)
+            old = by_content.get((content, stat.st_size))
+            update.moved += old is not None
+        rows.append({"uid": uid, "path": str(photo), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hash": content})
+        sources.append(old)
+    to_embed = [i for i, old in enumerate(sources) if old is None]
+    result = embed_images(model, [rows[i]["path"] for i in to_embed], batch_size=batch_size, workers=workers, progress=progress)
+    update.skipped += [(rows[to_embed[position]]["path"], reason) for position, reason in result.skipped]
+    update.embedded = len(result.kept)
+    fresh = {to_embed[position]: vector for position, vector in zip(result.kept, result.embeddings)}
+    keep = [i for i, old in enumerate(sources) if old is not None or i in fresh]
+    update.removed = len(set(by_path) - {row["uid"] for row in rows})
+    new_rows = [rows[i] for i in keep]
+    if new_rows == old_rows:
+        return update
+    if not new_rows:
+        raise InputError(f"{folder}: no readable images found")
+    vectors = np.stack([fresh[i] if sources[i] is None else old_vectors[sources[i]] for i in keep])
+    _swap_in(store, new_rows, vectors, reference, folder)
+    update.changed = True
+    return update
+
+
+def _swap_in(store: Path, rows: list[dict], vectors: np.ndarray, reference: dict[str, Any], folder: Path) -> None:
+    new, old = _siblings(store)
+    write_part(new, "img", 0, vectors, pa.Table.from_pylist(rows))
+    info = {"format": STORE_FORMAT, "kind": "photos", "model": reference, "dim": int(vectors.shape[1]), "roots": [str(folder)]}
+    write_store_info(new, info)
+    if store.exists():
+        os.rename(store, old)
+    os.rename(new, store)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_store(path: str | Path) -> Path:
+    """The store at ``path``, or the store of the photo folder ``path``."""
+    path = Path(path)
+    if is_store(path):
+        return path
+    if is_store(default_store(path)):
+        return default_store(path)
+    raise InputError(f"{path}: no embedding store here; run `clipforge index {path}` or `clipforge embed … --out {path}` first")

@@ -1,0 +1,82 @@
+"""Weighted multi-term queries: ``"2:golden retriever + ./pool.jpg - night"``.
+
+The query syntax of rclip (research/data-retrieval.md §5): terms joined by ``+`` or ``-`` (as separate
+words, so "t-shirt" stays one term), each a text or a local image path (starting with ``./``, ``../``,
+``/`` or ``~/``), each with an optional weight prefix ``2:`` or ``0.5:``. The query vector is
+Σ wᵢ·eᵢ over positive terms minus the same over negative terms, of L2-normalised embeddings eᵢ. rclip
+leaves the sum unnormalised; here it is normalised, which keeps the ranking and makes every score a
+cosine similarity, comparable between queries.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipforge.retrieval.inputs import read_image
+from clipforge.errors import InputError
+from clipforge.encode import encode_texts, model_device
+
+_OPERATOR = re.compile(r"\s+([+-])(?=\s|$)")
+_WEIGHT = re.compile(r"^(\d+(?:\.\d+)?):(.*)$", re.DOTALL)
+_IMAGE_PREFIXES = ("./", "../", "/", "~/")
+MIN_QUERY_NORM = 1e-6
+
+
+@dataclass(frozen=True)
+class QueryTerm:
+    """One term of a query: a weight (negative for ``-`` terms) and a text, an image path or a PIL image."""
+
+    weight: float
+    text: str | None = None
+    image: Path | Any | None = None
+
+
+def parse_query(query: str, allow_images: bool = True) -> list[QueryTerm]:
+    """The terms of ``query``; with ``allow_images=False`` (a server) path-like terms stay text."""
+    if not query.strip():
+        raise InputError("empty query")
+    pieces = _OPERATOR.split(" " + query)
+    signed = list(zip(["+", *pieces[1::2]], pieces[0::2]))
+    if len(signed) > 1 and not signed[0][1].strip():
+        signed = signed[1:]  # the query starts with an operator
+    terms = []
+    for sign, raw in signed:
+        raw = raw.strip()
+        weight, body = 1.0, raw
+        match = _WEIGHT.match(raw)
+        if match:
+            weight, body = float(match.group(1)), match.group(2).strip()
+        if not body:
+            raise InputError(f"query {query!r}: empty term {raw!r}")
+        weight = -weight if sign == "-" else weight
+        if allow_images and body.startswith(_IMAGE_PREFIXES):
+            terms.append(QueryTerm(weight, image=Path(body).expanduser()))
+        else:
+            terms.append(QueryTerm(weight, text=body))
+    return terms
+
+
+@torch.inference_mode()
+def query_vector(model: Any, terms: list[QueryTerm]) -> np.ndarray:
+    """The normalised weighted sum of the terms' embeddings, float32 [embed_dim]."""
+    if not terms:
+        raise InputError("empty query")
+    texts = [term for term in terms if term.text is not None]
+    images = [term for term in terms if term.text is None]
+    total = torch.zeros(model.config.embed_dim)
+    if texts:
+        total += torch.tensor([t.weight for t in texts]) @ encode_texts(model, [t.text for t in texts])
+    if images:
+        pixels = torch.stack([model.preprocess(read_image(t.image)) for t in images]).to(model_device(model))
+        embeddings = model.encode_image(pixels, normalize=True).float().cpu()
+        total += torch.tensor([t.weight for t in images]) @ embeddings
+    norm = float(total.norm())
+    if norm < MIN_QUERY_NORM:
+        raise InputError("the query's terms cancel out (their weighted sum is zero)")
+    return (total / norm).numpy()

@@ -1,0 +1,85 @@
+"""Search over an embedding store through its saved faiss index: what the CLI and the server call.
+
+``SearchIndex.build`` follows clip-retrieval's ``clip index`` (an index per modality, built with
+autofaiss-style rules next to the embeddings; research/data-retrieval.md §4.3); results carry the
+store's metadata, like clip-back's ``/knn-service`` answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from clipforge.errors import InputError
+from clipforge.retrieval.faiss_index import add_vectors, as_float32, build_index, check_vectors, load_index, save_index
+from clipforge.retrieval.spec import DEFAULT_MEMORY_BUDGET, FLAT_MAX_VECTORS, choose_index
+from clipforge.retrieval.store import EmbeddingStore
+from clipforge.retrieval.tuning import tune
+
+
+def index_dir(root: str | Path, kind: str) -> Path:
+    """Where the index of ``kind`` embeddings of the store at ``root`` lives."""
+    return Path(root) / "index" / kind
+
+
+class SearchIndex:
+    """A store's vectors of one kind ("img" or "text") behind their saved index, plus the metadata."""
+
+    def __init__(self, root: str | Path, kind: str = "img", mmap: bool = True) -> None:
+        self.store = EmbeddingStore(root)
+        self.store.check_kind(kind)
+        self.kind = kind
+        self.index, self.spec = load_index(index_dir(root, kind), mmap=mmap)
+        if self.index.ntotal != self.store.num_vectors or self.index.d != self.store.dim:
+            raise InputError(
+                f"{index_dir(root, kind)}: the index holds {self.index.ntotal} × {self.index.d} vectors but the "
+                f"store holds {self.store.num_vectors} × {self.store.dim}; rebuild the index"
+            )
+
+    @classmethod
+    def build(
+        cls,
+        root: str | Path,
+        kind: str = "img",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        target_recall: float = 0.95,
+        k: int = 10,
+        num_queries: int = 1000,
+        flat_max_vectors: int = FLAT_MAX_VECTORS,
+        progress: bool = True,
+    ) -> SearchIndex:
+        """Choose, build, tune and save the index of the store at ``root``, then open it.
+
+        For approximate indexes the last ``num_queries`` rows (at most a tenth) are held out while the
+        search parameters are tuned against exact search, then added, so tuning queries are never
+        already in the index.
+        """
+        store = EmbeddingStore(root)
+        vectors = store.load_embeddings(kind)
+        spec = choose_index(store.num_vectors, store.dim, memory_budget, flat_max_vectors)
+        held_out = 0 if spec.kind == "flat" else min(num_queries, store.num_vectors // 10)
+        indexed = vectors[: store.num_vectors - held_out]
+        index = build_index(indexed, spec, progress=progress)
+        spec = tune(index, spec, indexed, vectors[len(indexed) :], target_recall=target_recall, k=k)
+        add_vectors(index, vectors[len(indexed) :], progress=progress)
+        save_index(index, spec, index_dir(root, kind))
+        return cls(root, kind)
+
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Inner-product top-k for each query row: (scores [q, k], ids [q, k]); ids are store rows, −1 if none."""
+        queries = np.asarray(queries)
+        check_vectors(queries, self.store.dim, "queries")
+        if k < 1:
+            raise InputError(f"k must be at least 1, got {k}")
+        return self.index.search(as_float32(queries), k)
+
+    def results(self, query_vector: np.ndarray, k: int = 10) -> list[dict]:
+        """The top-k rows for one query vector: their metadata plus ``id`` (store row) and ``score``."""
+        scores, ids = self.search(np.asarray(query_vector).reshape(1, -1), k)
+        found = ids[0] >= 0
+        records = self.store.metadata(ids[0][found])
+        return [
+            {**record, "id": int(row), "score": float(score)}
+            for record, row, score in zip(records, ids[0][found], scores[0][found])
+        ]

@@ -1,0 +1,91 @@
+"""Atomic training checkpoints with exact resume: weights, optimizer, step, RNG and data position.
+
+Layout of a run directory::
+
+    run/checkpoints/step_000200/model.safetensors   # a normal clipforge checkpoint (loadable anywhere)
+    run/checkpoints/step_000200/state.pt            # optimizer, step, torch RNG, data position
+    run/checkpoints/latest                          # name of the newest complete checkpoint
+
+A checkpoint directory is written under a temporary name and renamed into place, and ``latest`` is
+replaced atomically afterwards, so a kill at any moment leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import clipforge
+from clipforge.errors import CheckpointError
+from clipforge._util.fileio import atomic_path
+
+
+@dataclass
+class ResumeState:
+    step: int
+    optimizer: dict[str, Any]
+    data_position: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    model_path: Path
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, data_position: dict[str, Any], keep: int
+) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    try:
+        clipforge.save(model, staging / "model.safetensors", provenance={"trained_steps": step})
+        state = {"step": step, "optimizer": optimizer.state_dict(), "data_position": data_position, "rng": _rng_state()}
+        torch.save(state, staging / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_path(root / "latest") as tmp:
+        tmp.write_text(final.name + "\n")
+    _prune(root, keep)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.pt").is_file() else None
+
+
+def load_resume_state(checkpoint_dir: Path) -> ResumeState:
+    try:
+        state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
+        raise CheckpointError(f"{checkpoint_dir / 'state.pt'}: unreadable training state ({type(error).__name__})") from None
+    return ResumeState(state["step"], state["optimizer"], state["data_position"], state["rng"], checkpoint_dir / "model.safetensors")
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -24,15 +24,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import interleaved_medians, parser, report
 from rich.console import Console
 from rich.table import Table
 
 import clipforge
-from _common import interleaved_medians, parser, report
+from clipforge.compress.quant.simulated import quantization_study
 from clipforge.compress.records import apply_compression
 from clipforge.compress.reduction.registry import build_token_reduction, estimate_flops
-from clipforge.compress.study import Variant, compare_variants, keep_ratio_for_flops, tome_rates
-from clipforge.compress.quant.simulated import quantization_study
+from clipforge.compress.study import (
+    Variant,
+    compare_variants,
+    keep_ratio_for_flops,
+    tome_rates,
+)
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig
 from clipforge.eval.datasets import ClassificationDataset, synthetic_task
 from clipforge.eval.zeroshot import build_zero_shot_classifier

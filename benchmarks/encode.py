@@ -13,9 +13,9 @@ import random
 
 import torch
 import torch.nn.functional as F
+from _common import interleaved_medians, parser, report
 
 import clipforge
-from _common import interleaved_medians, parser, report
 
 WORDS = (
     "a the photo of small large red blue green yellow dog cat bird car tree house street person people "

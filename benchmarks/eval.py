@@ -27,14 +27,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from _common import parser, report
 from torch.utils.data import DataLoader, Dataset
 
 import clipforge
-from _common import parser, report
-from clipforge.eval.datasets import folder_dataset, synthetic_task
-from clipforge.eval.runner import Evaluator
 from clipforge._util.imageio import open_image
 from clipforge.encode import default_workers
+from clipforge.eval.datasets import folder_dataset, synthetic_task
+from clipforge.eval.runner import Evaluator
 
 
 class ImageFiles(Dataset):
@@ -62,7 +62,10 @@ def write_images(root: Path, count: int) -> None:
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     import open_clip
-    from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
+    from clip_benchmark.metrics.zeroshot_classification import (
+        run_classification,
+        zero_shot_classifier,
+    )
 
     count = 500 if args.quick else 5000
     batch_size, workers = 64, default_workers()

@@ -34,16 +34,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import typer  # noqa: E402
+from _common import interleaved_medians, parser, report  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import clipforge  # noqa: E402
-from _common import interleaved_medians, parser, report  # noqa: E402
 from clipforge.cli import embed as embed_cli  # noqa: E402
 from clipforge.compress.records import apply_compression  # noqa: E402
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig  # noqa: E402
-from clipforge.retrieval import EmbeddingStore  # noqa: E402
 from clipforge.encode import default_workers  # noqa: E402
+from clipforge.retrieval import EmbeddingStore  # noqa: E402
 
 BATCH_SIZE = 64
 IMAGE_SIZE = 256

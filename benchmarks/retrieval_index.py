@@ -22,9 +22,16 @@ import time  # noqa: E402
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
-
 from _common import parser, report  # noqa: E402
-from clipforge.retrieval import build_index, choose_index, exact_search, index_bytes, recall_per_query, tune  # noqa: E402
+
+from clipforge.retrieval import (  # noqa: E402
+    build_index,
+    choose_index,
+    exact_search,
+    index_bytes,
+    recall_per_query,
+    tune,
+)
 
 K = 10
 EXACT_TIMED_QUERIES = 50

@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import torch
+from _common import parser, report
 from torch.utils.data import DataLoader
 
 import clipforge
-from _common import parser, report
-from clipforge.data.synthetic import SyntheticWorld, WorldConfig
-from clipforge.data.synthetic import SyntheticStream
+from clipforge.data.synthetic import SyntheticStream, SyntheticWorld, WorldConfig
 from clipforge.demo import recipe_path
 from clipforge.train.config import load_config
 from clipforge.train.metrics_log import read_metrics

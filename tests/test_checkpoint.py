@@ -146,7 +146,10 @@ def test_pretrained_from_local_cache(tmp_path, monkeypatch) -> None:
 
 
 def test_token_reduction_travels_with_the_checkpoint(tmp_path, tiny) -> None:
-    from clipforge.compress.reduction.registry import apply_token_reduction, remove_token_reduction
+    from clipforge.compress.reduction.registry import (
+        apply_token_reduction,
+        remove_token_reduction,
+    )
 
     model = clipforge.load(NAME)
     model.load_state_dict(tiny.state_dict())

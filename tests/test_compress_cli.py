@@ -25,9 +25,9 @@ from clipforge.compress.quant.int8 import quantize_dynamic_int8
 from clipforge.compress.records import describe_steps, parse_steps
 from clipforge.compress.reduction.registry import apply_token_reduction, estimate_flops
 from clipforge.compress.study import Variant, keep_ratio_for_flops
-from clipforge.retrieval.inputs import read_embeddings
 from clipforge.errors import ConfigError
 from clipforge.eval.datasets import load_dataset
+from clipforge.retrieval.inputs import read_embeddings
 
 MICRO = str(Path(__file__).parent / "data" / "micro-clip.json")  # 32 px, patch 8: 17 tokens, 2 blocks
 TOME_4 = {"method": "tome", "settings": {"r": 4, "inflect": 0.0, "prop_attn": True, "trace_source": False}}

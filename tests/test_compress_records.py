@@ -19,7 +19,12 @@ from safetensors.torch import save_file
 
 import clipforge
 from clipforge.compress.quant.int8 import quantize_dynamic_int8, quantize_static_int8
-from clipforge.compress.records import apply_compression, apply_steps, compression_steps, parse_step
+from clipforge.compress.records import (
+    apply_compression,
+    apply_steps,
+    compression_steps,
+    parse_step,
+)
 from clipforge.compress.reduction.registry import apply_token_reduction
 from clipforge.errors import CheckpointError, ConfigError
 

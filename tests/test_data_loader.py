@@ -26,7 +26,11 @@ from clipforge.data.loader import (
 from clipforge.data.sources import SampleError, WebDatasetSource
 from clipforge.errors import ConfigError, InputError
 from clipforge.preprocess.tokenizer import get_tokenizer
-from clipforge.preprocess.transforms import EvalTransform, PreprocessConfig, TrainTransform
+from clipforge.preprocess.transforms import (
+    EvalTransform,
+    PreprocessConfig,
+    TrainTransform,
+)
 
 PREPROCESS = PreprocessConfig(size=16)
 TRANSFORM = TrainTransform(

@@ -25,9 +25,16 @@ from PIL import Image
 import clipforge
 from clipforge.cli import embed as embed_cli
 from clipforge.data.synthetic import SyntheticWorld
-from clipforge.retrieval.embed import embed_to_store, load_model, model_reference, plan_parts, record_path, store_info
 from clipforge.errors import ConfigError, InputError
 from clipforge.retrieval import EmbeddingStore
+from clipforge.retrieval.embed import (
+    embed_to_store,
+    load_model,
+    model_reference,
+    plan_parts,
+    record_path,
+    store_info,
+)
 
 FLOAT16_TOLERANCE = 2e-3
 

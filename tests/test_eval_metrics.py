@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from clip_benchmark.metrics.zeroshot_classification import average_precision_per_class as cb_average_precision
+from clip_benchmark.metrics.zeroshot_classification import (
+    average_precision_per_class as cb_average_precision,
+)
 from clip_benchmark.metrics.zeroshot_retrieval import batchify as cb_batchify
 from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k as cb_recall_at_k
 from PIL import Image
@@ -16,7 +18,11 @@ from scipy.special import log_softmax, softmax
 from sklearn import metrics as skm
 
 from clipforge.errors import InputError
-from clipforge.eval.calibration import expected_calibration_error, fit_temperature, reliability_diagram
+from clipforge.eval.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    reliability_diagram,
+)
 from clipforge.eval.metrics import (
     average_precision_per_class,
     classification_metrics,

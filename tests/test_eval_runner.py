@@ -38,10 +38,22 @@ from clipforge.eval.datasets import (
     table_dataset,
     webdataset_dataset,
 )
-from clipforge.eval.perception import build_perception_classifier, composite_contexts, perception_clip, read_context_factors
+from clipforge.eval.perception import (
+    build_perception_classifier,
+    composite_contexts,
+    perception_clip,
+    read_context_factors,
+)
 from clipforge.eval.report import write_report
-from clipforge.eval.robustness import CORRUPTIONS, brightness, corrupt_image, patch_perturbation, shot_noise
-from clipforge.eval.runner import Evaluator, write_results
+from clipforge.eval.results import write_results
+from clipforge.eval.robustness import (
+    CORRUPTIONS,
+    brightness,
+    corrupt_image,
+    patch_perturbation,
+    shot_noise,
+)
+from clipforge.eval.runner import Evaluator
 from clipforge.eval.zeroshot import build_zero_shot_classifier
 from clipforge.explain import explain_image
 

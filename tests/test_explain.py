@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image
+from test_clip_benchmark_parity import open_clip_tokenize, open_clip_twins
 
 import clipforge
 from clipforge.cli import main
@@ -22,7 +23,6 @@ from clipforge.explain import explain_image
 from clipforge.explain.overlay import heatmap_overlay
 from clipforge.explain.rollout import attention_rollout, recording_attention
 from clipforge.explain.scorecam import score_cam
-from test_clip_benchmark_parity import open_clip_tokenize, open_clip_twins
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,12 @@ from PIL import Image
 
 import clipforge
 from clipforge.compress import apply_token_reduction
-from clipforge.compress.export_onnx import CONFIG_FILE, OnnxCLIP, export_onnx, quantize_onnx_int8
+from clipforge.compress.export_onnx import (
+    CONFIG_FILE,
+    OnnxCLIP,
+    export_onnx,
+    quantize_onnx_int8,
+)
 from clipforge.compress.quant.int8 import quantize_dynamic_int8
 from clipforge.errors import ConfigError, InputError
 

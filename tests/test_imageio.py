@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from clipforge.errors import InputError
 from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
+from clipforge.errors import InputError
 
 ASTRONAUT = data.astronaut()[::4, ::4].copy()  # 128x128 RGB
 

@@ -21,7 +21,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipforge.errors import ConfigError
-from clipforge.train.distributed import init_distributed, is_main_process, world_info_from_env
+from clipforge.train.distributed import (
+    init_distributed,
+    is_main_process,
+    world_info_from_env,
+)
 from clipforge.train.losses import ClipLoss, DistillClipLoss, SigLipLoss
 
 LOCAL_BATCH, DIM = 4, 8

@@ -17,9 +17,9 @@ from PIL import Image
 import clipforge
 from clipforge.cli import retrieval as retrieval_cli
 from clipforge.data.synthetic import SyntheticWorld
-from clipforge.retrieval.embed import model_reference, store_info
 from clipforge.errors import ConfigError
 from clipforge.retrieval import EmbeddingStore
+from clipforge.retrieval.embed import model_reference, store_info
 from clipforge.retrieval.photos import update_photo_store
 
 FLOAT16_TOLERANCE = 2e-3

@@ -19,8 +19,16 @@ from torch.ao.nn.quantized import Linear as StaticInt8Linear
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 import clipforge
-from clipforge.compress.quant.int8 import quantize_dynamic_int8, quantize_static_int8, to_linear_form
-from clipforge.compress.quant.mixed_precision import MIN_BITS, allocate_bits, block_relevance
+from clipforge.compress.quant.int8 import (
+    quantize_dynamic_int8,
+    quantize_static_int8,
+    to_linear_form,
+)
+from clipforge.compress.quant.mixed_precision import (
+    MIN_BITS,
+    allocate_bits,
+    block_relevance,
+)
 from clipforge.compress.quant.simulated import (
     SHIFT_CANDIDATES,
     FakeQuantAttention,

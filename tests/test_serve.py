@@ -23,8 +23,8 @@ from PIL import Image
 
 import clipforge
 from clipforge.data.synthetic import SyntheticWorld
-from clipforge.retrieval.embed import embed_to_store, model_reference
 from clipforge.retrieval import EmbeddingStore, SearchIndex
+from clipforge.retrieval.embed import embed_to_store, model_reference
 from clipforge.serve import create_app
 from clipforge.serve.app import ImageAccess
 

@@ -19,7 +19,14 @@ import pytest
 from PIL import Image
 from skimage.measure import label as connected_components
 
-from clipforge.data.synthetic import Shift, SyntheticDataset, SyntheticStream, SyntheticWorld, WorldConfig, write_shards
+from clipforge.data.synthetic import (
+    Shift,
+    SyntheticDataset,
+    SyntheticStream,
+    SyntheticWorld,
+    WorldConfig,
+    write_shards,
+)
 from clipforge.errors import ConfigError, InputError
 
 COLOR_WORDS = ["red", "green", "blue", "yellow", "purple", "cyan", "white", "black"]

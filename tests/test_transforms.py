@@ -15,9 +15,14 @@ from skimage import data
 from torchvision.transforms import ColorJitter as TorchvisionColorJitter
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from clipforge.preprocess import transforms
 from clipforge.errors import ConfigError
-from clipforge.preprocess.transforms import EvalTransform, PreprocessConfig, TrainTransform, image_transform
+from clipforge.preprocess import transforms
+from clipforge.preprocess.transforms import (
+    EvalTransform,
+    PreprocessConfig,
+    TrainTransform,
+    image_transform,
+)
 
 TOLERANCE = 1e-6
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipforge.retrieval.inputs import ImageItem, read_image
-from clipforge.errors import InputError
 from clipforge._util.progress import progress_bar
+from clipforge.errors import InputError
+from clipforge.retrieval.inputs import ImageItem, read_image
 
 
 @dataclass

@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from clipforge._util.progress import error_console
 from clipforge.cli import compress as compress_cli
 from clipforge.cli import data as data_cli
 from clipforge.cli import embed as embed_cli
@@ -17,7 +18,6 @@ from clipforge.cli import evaluate as evaluate_cli
 from clipforge.cli import models as models_cli
 from clipforge.cli import retrieval as retrieval_cli
 from clipforge.cli import train as train_cli
-from clipforge._util.progress import error_console
 from clipforge.errors import ClipforgeError
 
 app = typer.Typer(

@@ -56,10 +56,16 @@ def _load(model: str, config: str | None, pretrained: str | None) -> Any:
 def _compress(method: str, options: dict[str, Any], set_: list[str] | None, model: str, out: Path, config: str | None, pretrained: str | None) -> None:
     """Apply ``method`` with the given options and ``--set`` settings on top of ``model``'s steps; save and summarise."""
     import clipforge
-    from clipforge.compress.records import apply_compression, compression_steps, describe_steps, parse_settings
+    from clipforge.compress.records import (
+        apply_compression,
+        compression_steps,
+        describe_steps,
+        parse_settings,
+    )
     from clipforge.compress.reduction.registry import METHODS as TOKEN_REDUCTIONS
-    from clipforge.compress.reduction.registry import estimate_flops, image_tower, token_counts
+    from clipforge.compress.reduction.registry import estimate_flops, token_counts
     from clipforge.errors import ConfigError
+    from clipforge.models.vit import image_tower
 
     given = {key: value for key, value in options.items() if value is not None}
     extra = parse_settings(set_ or [], "--set")
@@ -196,10 +202,15 @@ def early_exit_command(
     import torch
     from rich.table import Table
 
-    from clipforge.compress.early_exit import EarlyExitClassifier, ExitHeads, save_exit_heads, train_exit_heads
+    from clipforge._util.progress import progress_bar
+    from clipforge.compress.early_exit import (
+        EarlyExitClassifier,
+        ExitHeads,
+        save_exit_heads,
+        train_exit_heads,
+    )
     from clipforge.eval.datasets import load_dataset
     from clipforge.eval.runner import Evaluator, split_in_two
-    from clipforge._util.progress import progress_bar
 
     loaded = _load(model, config, pretrained)
     dataset = load_dataset(data, samples=samples)
@@ -263,7 +274,12 @@ def report_command(
     from rich.table import Table
 
     from clipforge.compress.records import compression_steps, describe_steps
-    from clipforge.compress.study import Variant, compare_variants, default_variants, write_report
+    from clipforge.compress.study import (
+        Variant,
+        compare_variants,
+        default_variants,
+        write_report,
+    )
     from clipforge.errors import ConfigError
     from clipforge.eval.datasets import load_dataset
 

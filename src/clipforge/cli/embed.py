@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from clipforge.cli.compress import CompressOption, TomeOption, compression_options
 from clipforge._util.progress import console, error_console
+from clipforge.cli.compress import CompressOption, TomeOption, compression_options
 
 
 def register(app: typer.Typer) -> None:
@@ -51,8 +51,8 @@ def embed_command(
     A store directory is written part by part: rerunning the same command after a crash does only the
     missing parts, and under torchrun each rank (RANK/WORLD_SIZE) does its share of the parts.
     """
-    from clipforge.errors import ConfigError
     from clipforge.encode import default_workers
+    from clipforge.errors import ConfigError
 
     workers = default_workers() if workers is None else workers
     device = device or default_device()
@@ -67,7 +67,12 @@ def embed_command(
             f"--out {out}: a store records how to load its model, so --tome/--compress cannot apply here; write a "
             f"compressed checkpoint first (clipforge compress tome --model {model} --out compressed.safetensors) and embed with it"
         )
-    from clipforge.retrieval.embed import distributed_rank, embed_to_store, load_model, model_reference
+    from clipforge.retrieval.embed import (
+        distributed_rank,
+        embed_to_store,
+        load_model,
+        model_reference,
+    )
 
     reference = model_reference(model, config, pretrained, precision)
     loaded = load_model(reference, device=device)
@@ -93,8 +98,8 @@ def _embed_to_parquet(
 ) -> None:
     import clipforge
     from clipforge.compress.records import apply_steps
-    from clipforge.retrieval.inputs import collect_image_paths, write_embeddings
     from clipforge.encode import embed_images, embed_texts
+    from clipforge.retrieval.inputs import collect_image_paths, write_embeddings
 
     loaded = apply_steps(clipforge.load(model, config=config, precision=precision, pretrained=pretrained, device=device), steps)
     if text:

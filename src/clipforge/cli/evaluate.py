@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from clipforge.cli.compress import CompressOption, TomeOption, compression_options
 from clipforge._util.progress import console
+from clipforge.cli.compress import CompressOption, TomeOption, compression_options
 
 
 def register(app: typer.Typer) -> None:
@@ -53,7 +53,8 @@ def eval_command(
 
     from clipforge.compress.records import apply_steps, describe_steps
     from clipforge.eval.report import headline_rows, write_report
-    from clipforge.eval.runner import TASKS, DataOptions, Evaluator, run_tasks, write_results
+    from clipforge.eval.results import TASKS, write_results
+    from clipforge.eval.runner import DataOptions, Evaluator, run_tasks
 
     names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
     names = list(TASKS) if names == ["all"] else names
@@ -88,9 +89,9 @@ def explain_command(
     pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")] = None,
 ) -> None:
     """Save a heat map of what the image tower looks at, over the image as the model sees it."""
+    from clipforge._util.imageio import open_image
     from clipforge.explain import explain_image
     from clipforge.explain.overlay import save_overlay
-    from clipforge._util.imageio import open_image
 
     loaded = _load_model(model, config, pretrained, precision)
     view, heatmap = explain_image(loaded, open_image(image).convert("RGB"), text, method)

@@ -16,8 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-from clipforge.errors import ConfigError
 from clipforge._util.progress import console, error_console
+from clipforge.errors import ConfigError
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -90,8 +90,8 @@ def index_command(
     budget = parse_size(memory_budget, "--memory-budget")
     root = directory
     if store is not None or not is_store(directory):
-        from clipforge.retrieval.embed import load_model
         from clipforge.encode import default_workers
+        from clipforge.retrieval.embed import load_model
         from clipforge.retrieval.photos import update_photo_store
 
         root = (store or default_store(directory)).absolute()
@@ -131,8 +131,8 @@ def search_command(
     """The k nearest images (or captions) to a query: paths and cosine scores."""
     _passive_openmp()
     from clipforge.retrieval import SearchIndex
-    from clipforge.retrieval.query import parse_query, query_vector
     from clipforge.retrieval.photos import find_store
+    from clipforge.retrieval.query import parse_query, query_vector
 
     root = find_store(index)
     terms = parse_query(" ".join(query))

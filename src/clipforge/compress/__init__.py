@@ -17,6 +17,15 @@ Also: ``quantize`` (torch.ao int8), ``simquant`` and ``mixed_precision`` (simula
 ``early_exit`` (LGViT exit heads) and ``report`` (speed and accuracy of variants side by side).
 """
 
+from clipforge.compress.records import (
+    apply_compression,
+    apply_steps,
+    compression_steps,
+    describe_steps,
+    make_step,
+    parse_step,
+    parse_steps,
+)
 from clipforge.compress.reduction.evit import EViT, keep_attentive_tokens
 from clipforge.compress.reduction.pitome import PiToMe, energy_scores, pitome_matching
 from clipforge.compress.reduction.registry import (
@@ -27,19 +36,15 @@ from clipforge.compress.reduction.registry import (
     remove_token_reduction,
     token_counts,
 )
-from clipforge.compress.records import (
-    apply_compression,
-    apply_steps,
-    compression_steps,
-    describe_steps,
-    make_step,
-    parse_step,
-    parse_steps,
+from clipforge.compress.reduction.schedules import (
+    ScheduledReduction,
+    keep_ratio_schedule,
+    margin_schedule,
+    merge_schedule,
 )
-from clipforge.compress.reduction.schedules import ScheduledReduction, keep_ratio_schedule, margin_schedule, merge_schedule
 from clipforge.compress.reduction.tome import (
-    ToMe,
     TokenMerging,
+    ToMe,
     bipartite_soft_matching,
     merge_source,
     merge_wavg,

@@ -42,22 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge._util.fileio import atomic_path
 from clipforge.errors import CheckpointError, ConfigError, InputError
 from clipforge.eval.zeroshot import zero_shot_logits
-from clipforge._util.fileio import atomic_path
-from clipforge.models.vit import VisionTransformer
 from clipforge.io.state_dict import read_tensors
+from clipforge.models.vit import VisionTransformer, image_tower
 
 EXIT_KINDS = ("local", "local-pointwise", "global-s2", "global-s3")
 FORMAT = "clipforge-exit-heads"
-
-
-def image_tower(model: nn.Module) -> VisionTransformer:
-    """``model.visual`` for a CLIP model, or the model itself if it is a ``VisionTransformer``."""
-    tower = getattr(model, "visual", model)
-    if not isinstance(tower, VisionTransformer):
-        raise ConfigError(f"early exit needs a ViT image tower; {type(model).__name__} has none")
-    return tower
 
 
 def default_exit_layers(num_layers: int) -> list[int]:

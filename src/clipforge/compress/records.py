@@ -35,7 +35,10 @@ from torch import nn
 
 from clipforge.compress.quant.int8 import quantize_dynamic_int8
 from clipforge.compress.reduction.registry import METHODS as TOKEN_REDUCTIONS
-from clipforge.compress.reduction.registry import apply_token_reduction, resolve_settings
+from clipforge.compress.reduction.registry import (
+    apply_token_reduction,
+    resolve_settings,
+)
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.models.clip import CLIP
 

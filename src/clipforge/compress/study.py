@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clipforge._util.fileio import atomic_path
+from clipforge._util.progress import progress_bar
 from clipforge.compress.records import (
     NUMBER_FORMATS,
     Step,
@@ -38,13 +40,12 @@ from clipforge.compress.records import (
     number_format,
     parse_steps,
 )
-from clipforge.compress.reduction.registry import build_token_reduction, estimate_flops, image_tower
+from clipforge.compress.reduction.registry import build_token_reduction, estimate_flops
 from clipforge.errors import ConfigError
 from clipforge.eval.datasets import ClassificationDataset, load_image
 from clipforge.eval.runner import Evaluator
-from clipforge._util.fileio import atomic_path
 from clipforge.models.clip import CLIP
-from clipforge._util.progress import progress_bar
+from clipforge.models.vit import image_tower
 
 BASE = "base"
 

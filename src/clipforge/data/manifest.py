@@ -26,8 +26,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from clipforge.errors import ConfigError, InputError, one_line
 from clipforge._util.fileio import atomic_path
+from clipforge.errors import ConfigError, InputError, one_line
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl")
 IMAGE_COLUMNS = ("image", "path", "filepath")

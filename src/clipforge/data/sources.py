@@ -27,10 +27,16 @@ import braceexpand
 import pyarrow as pa
 from PIL import Image
 
-from clipforge.data.manifest import MANIFEST_SUFFIXES, NO_MEMBER, read_manifest, read_member, shard_offsets
+from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
+from clipforge.data.manifest import (
+    MANIFEST_SUFFIXES,
+    NO_MEMBER,
+    read_manifest,
+    read_member,
+    shard_offsets,
+)
 from clipforge.data.synthetic import SPLITS, SyntheticWorld, WorldConfig
 from clipforge.errors import ConfigError, InputError, one_line
-from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
 
 UNREADABLE_IMAGE = "unreadable image"
 MISSING_IMAGE = "missing image"

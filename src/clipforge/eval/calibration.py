@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from clipforge._util.fileio import atomic_path
 from clipforge.errors import InputError
 from clipforge.eval.metrics import ArrayLike, scores_and_labels
-from clipforge._util.fileio import atomic_path
 
 _ROW_SUM_TOLERANCE = 1e-3
 

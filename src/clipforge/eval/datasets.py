@@ -29,9 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipforge.data.synthetic import CONTEXT_FACTORS, SyntheticWorld, WorldConfig, ZeroShotTask
-from clipforge.errors import InputError, one_line
 from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
+from clipforge.data.synthetic import (
+    CONTEXT_FACTORS,
+    SyntheticWorld,
+    WorldConfig,
+    ZeroShotTask,
+)
+from clipforge.errors import InputError, one_line
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 """CLIP's default prompt when a dataset comes without templates."""

@@ -21,7 +21,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from clipforge.errors import InputError
-from clipforge.eval.metrics import ArrayLike, as_float_tensor, as_label_tensor, classification_metrics
+from clipforge.eval.metrics import (
+    ArrayLike,
+    as_float_tensor,
+    as_label_tensor,
+    classification_metrics,
+)
 
 CLIP_C_GRID = np.logspace(-6, 6, 97)  # 12 decades at 8 steps per decade
 _COARSE_STRIDE = 16  # every second decade: the 7 starting points of the CLIP search

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from clipforge._util.fileio import atomic_path
 from clipforge.errors import InputError
 from clipforge.eval.metrics import ArrayLike, as_float_tensor
-from clipforge._util.fileio import atomic_path
 
 
 def mcm_score(image_features: ArrayLike, class_text_features: ArrayLike, temperature: float = 1.0) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The evaluation report: one markdown and one HTML page with every task's figures, tables and plots.
 
-Each ``TaskResult`` (see ``clipforge.eval.runner``) becomes a section: its metrics, its extra tables
+Each ``TaskResult`` (see ``clipforge.eval.results``) becomes a section: its metrics, its extra tables
 (corruption × severity, distribution shifts, ...) and its PNG plots (confusion matrix, reliability
 diagrams, ROC curve, robustness curves), referenced by file name so the pages stay next to them.
 """
@@ -12,15 +12,13 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from clipforge._util.fileio import atomic_path
-
-if TYPE_CHECKING:
-    from clipforge.eval.runner import Table, TaskResult
+from clipforge.eval.results import Table, TaskResult
 
 HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
@@ -76,8 +74,6 @@ def confusion_matrix_plot(matrix: np.ndarray, classnames: Sequence[str], path: s
 
 
 def _metric_table(result: TaskResult) -> Table:
-    from clipforge.eval.runner import Table
-
     return Table("metrics", ["metric", "value"], [[key, value] for key, value in result.metrics.items()])
 
 

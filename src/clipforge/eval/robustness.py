@@ -28,13 +28,13 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from clipforge._util.fileio import atomic_path
 from clipforge.data.synthetic import CORRUPTIONS as SYNTHETIC_CORRUPTIONS
 from clipforge.data.synthetic import SHIFTS, corrupt
+from clipforge.encode import embed_images
 from clipforge.errors import InputError
 from clipforge.eval.metrics import topk_accuracy
 from clipforge.eval.zeroshot import zero_shot_logits
-from clipforge._util.fileio import atomic_path
-from clipforge.encode import embed_images
 
 SHOT_NOISE_PHOTONS = (60, 25, 12, 5, 3)  # ImageNet-C shot_noise: x ~ Poisson(x * c) / c
 BRIGHTNESS_SHIFTS = (0.1, 0.2, 0.3, 0.4, 0.5)  # ImageNet-C brightness: V + c in HSV

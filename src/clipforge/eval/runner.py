@@ -1,8 +1,6 @@
 """The evaluation runner: zero-shot, retrieval, linear probe, robustness, OOD detection and calibration.
 
-Each task returns a ``TaskResult`` whose ``record`` is LAION-AI/CLIP_benchmark's result JSON
-(``dataset, model, pretrained, task, metrics, language``, written by ``write_results`` under
-CLIP_benchmark's file name ``{dataset}_{pretrained}_{model}_{language}_{task}.json``). Image features
+Each task returns a ``TaskResult`` (``clipforge.eval.results``: CLIP_benchmark's result JSON). Image features
 and zero-shot heads are computed once per dataset and shared by the tasks that need them; images are
 decoded in worker processes (``clipforge.encode.embed_images``) and text is encoded only up to the
 longest prompt of each batch, in the model's precision.
@@ -15,9 +13,8 @@ classifies with ``clipforge.eval.perception`` instead.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipforge.encode import embed_images
 from clipforge.errors import InputError
-from clipforge.eval.calibration import expected_calibration_error, fit_temperature, reliability_diagram
+from clipforge.eval.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    reliability_diagram,
+)
 from clipforge.eval.datasets import (
     ClassificationDataset,
     RetrievalDataset,
@@ -36,7 +38,12 @@ from clipforge.eval.datasets import (
     model_input_image,
 )
 from clipforge.eval.linear_probe import linear_probe
-from clipforge.eval.metrics import classification_metrics, confusion_matrix, retrieval_recall_at_k, topk_accuracy
+from clipforge.eval.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    retrieval_recall_at_k,
+    topk_accuracy,
+)
 from clipforge.eval.ood import auroc, fpr_at_tpr, mcm_score, roc_curve_plot
 from clipforge.eval.perception import (
     ContextFactors,
@@ -47,64 +54,11 @@ from clipforge.eval.perception import (
     read_context_factors,
 )
 from clipforge.eval.report import confusion_matrix_plot
+from clipforge.eval.results import TASKS, Table, TaskResult, slug
 from clipforge.eval.robustness import SHIFT_NAMES, corruption_accuracy, corruption_plot
 from clipforge.eval.zeroshot import build_zero_shot_classifier, zero_shot_logits
-from clipforge._util.fileio import atomic_path
-from clipforge.encode import embed_images
-
-TASKS: dict[str, str] = {
-    "zeroshot": "zeroshot_classification",
-    "retrieval": "zeroshot_retrieval",
-    "linear-probe": "linear_probe",
-    "robustness": "robustness",
-    "ood": "ood_detection",
-    "calibration": "calibration",
-}
-"""Command-line task names → the task name in the result JSON (CLIP_benchmark's where it has one)."""
 
 MAX_CONFUSION_CLASSES = 100
-
-
-@dataclass(frozen=True)
-class Table:
-    title: str
-    columns: list[str]
-    rows: list[list[Any]]
-
-
-@dataclass
-class TaskResult:
-    """One (dataset, task) evaluation: CLIP_benchmark metrics plus tables and plots for the report."""
-
-    dataset: str
-    task: str
-    metrics: dict[str, float]
-    tables: list[Table] = field(default_factory=list)
-    plots: dict[str, Path] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def record(self, model: str, pretrained: str, language: str = "en") -> dict[str, Any]:
-        """CLIP_benchmark's result JSON; ``extra`` (e.g. the OOD dataset) adds keys after the standard ones."""
-        return {"dataset": self.dataset, "model": model, "pretrained": pretrained, "task": self.task,
-                "metrics": self.metrics, "language": language, **self.extra}
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+@-]+", "_", text).strip("_")
-
-
-def write_results(
-    results: Sequence[TaskResult], out_dir: str | Path, model: str, pretrained: str, language: str = "en"
-) -> list[Path]:
-    """One CLIP_benchmark JSON per result, named ``{dataset}_{pretrained}_{model}_{language}_{task}.json``."""
-    paths = []
-    for result in results:
-        name = "_".join(slug(part) for part in (result.dataset, Path(pretrained).name, model, language, result.task))
-        path = Path(out_dir) / f"{name}.json"
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(result.record(model, pretrained, language), indent=1) + "\n")
-        paths.append(path)
-    return paths
 
 
 class Evaluator:

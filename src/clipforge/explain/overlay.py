@@ -9,8 +9,8 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from clipforge.errors import InputError
 from clipforge._util.fileio import atomic_path
+from clipforge.errors import InputError
 
 
 def heatmap_overlay(

@@ -20,7 +20,11 @@ import torch
 
 from clipforge.errors import ConfigError, InputError
 from clipforge.layers.attention import AttentionOutput
-from clipforge.layers.token_reduction import AttentionRequest, TokenReduction, TokenState
+from clipforge.layers.token_reduction import (
+    AttentionRequest,
+    TokenReduction,
+    TokenState,
+)
 
 HEAD_FUSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean": lambda weights: weights.mean(dim=1),

@@ -21,11 +21,9 @@ from typing import Any
 
 import torch
 
+from clipforge._util.fileio import atomic_path
 from clipforge.config import ModelConfig, get_model_config, list_models
 from clipforge.errors import CheckpointError, ConfigError
-from clipforge._util.fileio import atomic_path
-from clipforge.layers.pos_embed import resize_pos_embed
-from clipforge.models.clip import CLIP
 from clipforge.io.state_dict import (
     check_state_dict,
     infer_architecture,
@@ -33,6 +31,8 @@ from clipforge.io.state_dict import (
     read_tensors,
     to_open_clip_layout,
 )
+from clipforge.layers.pos_embed import resize_pos_embed
+from clipforge.models.clip import CLIP
 from clipforge.preprocess.transforms import PreprocessConfig
 
 FORMAT = "clipforge"

@@ -2,7 +2,11 @@
 
 from clipforge.layers.attention import Attention, AttentionOutput
 from clipforge.layers.mlp import Mlp, QuickGELU
-from clipforge.layers.token_reduction import AttentionRequest, TokenReduction, TokenState
+from clipforge.layers.token_reduction import (
+    AttentionRequest,
+    TokenReduction,
+    TokenState,
+)
 from clipforge.layers.transformer import ResidualAttentionBlock, Transformer
 
 __all__ = [

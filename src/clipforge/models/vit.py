@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from clipforge.config import VisionConfig
+from clipforge.errors import ConfigError
 from clipforge.layers.patch_dropout import PatchDropout
 from clipforge.layers.pos_embed import sincos_2d_pos_embed
 from clipforge.layers.token_reduction import TokenReduction, TokenState
@@ -126,3 +127,11 @@ def _take_indices(layers: int, indices: int | list[int] | None) -> list[int]:
     if bad:
         raise ValueError(f"intermediate block index {bad[0]} is out of range 0..{layers - 1}")
     return take
+
+
+def image_tower(model: nn.Module) -> VisionTransformer:
+    """``model.visual`` for a CLIP model, or the model itself if it is a ``VisionTransformer``."""
+    tower = getattr(model, "visual", model)
+    if not isinstance(tower, VisionTransformer):
+        raise ConfigError(f"{type(model).__name__} has no ViT image tower (token reduction and early exit need one)")
+    return tower

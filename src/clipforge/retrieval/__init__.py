@@ -5,7 +5,13 @@
     hits = SearchIndex("emb/").results(query_vector, k=10)  # [{"uid": ..., "path": ..., "id": 3, "score": 0.31}, ...]
 """
 
-from clipforge.retrieval.faiss_index import add_vectors, build_index, index_bytes, load_index, save_index
+from clipforge.retrieval.faiss_index import (
+    add_vectors,
+    build_index,
+    index_bytes,
+    load_index,
+    save_index,
+)
 from clipforge.retrieval.search import SearchIndex, index_dir
 from clipforge.retrieval.spec import DEFAULT_MEMORY_BUDGET, IndexSpec, choose_index
 from clipforge.retrieval.store import EmbeddingStore, write_part

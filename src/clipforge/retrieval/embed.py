@@ -25,13 +25,21 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from clipforge.data.sources import expand_shards
-from clipforge.retrieval.inputs import ImageItem, file_item, folder_items, input_kind, input_root, manifest_items, shard_items
-from clipforge.errors import ConfigError, InputError
 from clipforge._util.fileio import atomic_path
-from clipforge.retrieval.store import write_part
-from clipforge.encode import encode_image_batches, encode_texts, fixed_batches
 from clipforge._util.progress import progress_bar
+from clipforge.data.sources import expand_shards
+from clipforge.encode import encode_image_batches, encode_texts, fixed_batches
+from clipforge.errors import ConfigError, InputError
+from clipforge.retrieval.inputs import (
+    ImageItem,
+    file_item,
+    folder_items,
+    input_kind,
+    input_root,
+    manifest_items,
+    shard_items,
+)
+from clipforge.retrieval.store import write_part
 
 STORE_INFO = "clipforge.json"
 STORE_FORMAT = 1

@@ -18,10 +18,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from clipforge.errors import ConfigError, InputError
 from clipforge._util.fileio import atomic_path
-from clipforge.retrieval.spec import IndexSpec
 from clipforge._util.progress import error_console, progress_bar
+from clipforge.errors import ConfigError, InputError
+from clipforge.retrieval.spec import IndexSpec
 
 ADD_CHUNK = 65_536
 INDEX_FILE = "index.faiss"

@@ -23,11 +23,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipforge.data.manifest import MANIFEST_SUFFIXES, NO_MEMBER, read_manifest, read_member, shard_offsets
-from clipforge.data.sources import decode_caption
-from clipforge.errors import InputError, one_line
 from clipforge._util.fileio import atomic_path
 from clipforge._util.imageio import is_image_path, open_image
+from clipforge.data.manifest import (
+    MANIFEST_SUFFIXES,
+    NO_MEMBER,
+    read_manifest,
+    read_member,
+    shard_offsets,
+)
+from clipforge.data.sources import decode_caption
+from clipforge.errors import InputError, one_line
 
 
 @dataclass(frozen=True)

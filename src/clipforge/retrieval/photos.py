@@ -28,11 +28,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from clipforge.retrieval.embed import STORE_FORMAT, STORE_INFO, store_info, write_store_info
-from clipforge.errors import ConfigError, InputError, one_line
 from clipforge._util.imageio import is_image_path
-from clipforge.retrieval.store import EmbeddingStore, write_part
 from clipforge.encode import embed_images
+from clipforge.errors import ConfigError, InputError, one_line
+from clipforge.retrieval.embed import (
+    STORE_FORMAT,
+    STORE_INFO,
+    store_info,
+    write_store_info,
+)
+from clipforge.retrieval.store import EmbeddingStore, write_part
 
 STORE_NAME = ".clipforge"
 EXCLUDED_DIRS = frozenset({"@eaDir", "node_modules", ".git", "System Volume Information"})

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.retrieval.inputs import read_image
-from clipforge.errors import InputError
 from clipforge.encode import encode_texts, model_device
+from clipforge.errors import InputError
+from clipforge.retrieval.inputs import read_image
 
 _OPERATOR = re.compile(r"\s+([+-])(?=\s|$)")
 _WEIGHT = re.compile(r"^(\d+(?:\.\d+)?):(.*)$", re.DOTALL)

@@ -12,8 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from clipforge.errors import InputError
-from clipforge.retrieval.faiss_index import add_vectors, as_float32, build_index, check_vectors, load_index, save_index
-from clipforge.retrieval.spec import DEFAULT_MEMORY_BUDGET, FLAT_MAX_VECTORS, choose_index
+from clipforge.retrieval.faiss_index import (
+    add_vectors,
+    as_float32,
+    build_index,
+    check_vectors,
+    load_index,
+    save_index,
+)
+from clipforge.retrieval.spec import (
+    DEFAULT_MEMORY_BUDGET,
+    FLAT_MAX_VECTORS,
+    choose_index,
+)
 from clipforge.retrieval.store import EmbeddingStore
 from clipforge.retrieval.tuning import tune
 

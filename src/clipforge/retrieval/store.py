@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipforge.errors import InputError
 from clipforge._util.fileio import atomic_path
+from clipforge.errors import InputError
 
 KINDS = ("img", "text")
 METADATA_ROW_GROUP = 16_384  # rows per parquet row group: ``metadata()`` decodes only the groups it needs

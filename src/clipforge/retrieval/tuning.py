@@ -18,7 +18,11 @@ import faiss
 import numpy as np
 
 from clipforge.errors import InputError
-from clipforge.retrieval.faiss_index import apply_search_params, as_float32, check_vectors
+from clipforge.retrieval.faiss_index import (
+    apply_search_params,
+    as_float32,
+    check_vectors,
+)
 from clipforge.retrieval.spec import IndexSpec
 
 EXACT_CHUNK = 262_144

@@ -27,19 +27,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from PIL import Image
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clipforge.retrieval.inputs import ImageItem, read_image
-from clipforge.retrieval.embed import store_info
-from clipforge.errors import ClipforgeError, InputError
 from clipforge._util.imageio import open_image
+from clipforge.errors import ClipforgeError, InputError
+from clipforge.retrieval.embed import store_info
+from clipforge.retrieval.inputs import ImageItem, read_image
 from clipforge.retrieval.query import QueryTerm, parse_query, query_vector
 from clipforge.retrieval.search import SearchIndex
 

@@ -22,7 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clipforge.train.distributed import gather_features, other_ranks_blocks, rank_and_world_size
+from clipforge.train.distributed import (
+    gather_features,
+    other_ranks_blocks,
+    rank_and_world_size,
+)
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)  # learnable log-temperature init, Radford et al. 2021 §2.5
 MAX_LOGIT_SCALE = math.log(100)  # clamp for the log-scale "to prevent scaling the logits by more than 100"

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 import clipforge
-from clipforge.errors import CheckpointError
 from clipforge._util.fileio import atomic_path
+from clipforge.errors import CheckpointError
 
 
 @dataclass

@@ -19,18 +19,29 @@ import torch
 from torch import nn
 
 import clipforge
-from clipforge.errors import ConfigError
 from clipforge._util.fileio import atomic_path
-from clipforge.models.clip import CLIP
 from clipforge._util.progress import progress_bar
-from clipforge.train.resume import latest_checkpoint, load_resume_state, restore_rng, save_checkpoint
+from clipforge.errors import ConfigError
+from clipforge.models.clip import CLIP
+from clipforge.preprocess.transforms import image_transform
 from clipforge.train.config import TrainConfig
 from clipforge.train.distributed import WorldInfo, init_distributed
-from clipforge.train.losses import MAX_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, ClipLoss, SigLipLoss
+from clipforge.train.losses import (
+    MAX_LOGIT_SCALE,
+    SIGLIP_INIT_LOGIT_BIAS,
+    SIGLIP_INIT_LOGIT_SCALE,
+    ClipLoss,
+    SigLipLoss,
+)
 from clipforge.train.metrics_log import MetricsLog
 from clipforge.train.optim import build_optimizer, learning_rate, set_learning_rate
+from clipforge.train.resume import (
+    latest_checkpoint,
+    load_resume_state,
+    restore_rng,
+    save_checkpoint,
+)
 from clipforge.train.step import ContrastiveStep
-from clipforge.preprocess.transforms import image_transform
 
 Evaluator = Callable[[CLIP], dict[str, float]]
 

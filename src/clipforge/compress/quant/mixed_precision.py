@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.compress.quant.int8 import Tower, image_batches, quantized_towers, token_batches
+from clipforge.compress.quant.int8 import (
+    Tower,
+    image_batches,
+    quantized_towers,
+    token_batches,
+)
 from clipforge.errors import ConfigError
 from clipforge.models.clip import CLIP
 

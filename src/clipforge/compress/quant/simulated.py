@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.compress.quant.mixed_precision import MAX_BITS, MIN_BITS, block_bits, block_relevance, tower_blocks
 from clipforge.compress.quant.int8 import (
     LinearQkvAttention,
     image_batches,
@@ -39,6 +38,13 @@ from clipforge.compress.quant.int8 import (
     to_linear_form,
     token_batches,
     tower_modules,
+)
+from clipforge.compress.quant.mixed_precision import (
+    MAX_BITS,
+    MIN_BITS,
+    block_bits,
+    block_relevance,
+    tower_blocks,
 )
 from clipforge.errors import ConfigError
 from clipforge.layers.attention import AttentionOutput

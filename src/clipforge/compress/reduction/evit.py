@@ -17,7 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
-from clipforge.compress.reduction.schedules import ScheduledReduction, keep_ratio_schedule
+from clipforge.compress.reduction.schedules import (
+    ScheduledReduction,
+    keep_ratio_schedule,
+)
 from clipforge.layers.attention import AttentionOutput
 from clipforge.layers.token_reduction import AttentionRequest, TokenState
 

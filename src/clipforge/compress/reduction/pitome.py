@@ -31,7 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.compress.reduction.schedules import keep_ratio_schedule, margin_schedule
-from clipforge.compress.reduction.tome import Merge, TokenMerging, bipartite_soft_matching
+from clipforge.compress.reduction.tome import (
+    Merge,
+    TokenMerging,
+    bipartite_soft_matching,
+)
 from clipforge.errors import ConfigError
 from clipforge.layers.attention import AttentionOutput
 from clipforge.layers.token_reduction import AttentionRequest

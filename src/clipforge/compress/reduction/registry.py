@@ -20,7 +20,7 @@ from clipforge.compress.reduction.pitome import PiToMe
 from clipforge.compress.reduction.schedules import ScheduledReduction
 from clipforge.compress.reduction.tome import ToMe
 from clipforge.errors import ConfigError
-from clipforge.models.vit import VisionTransformer
+from clipforge.models.vit import image_tower
 
 METHODS: dict[str, type[ScheduledReduction]] = {"tome": ToMe, "pitome": PiToMe, "evit": EViT}
 
@@ -109,11 +109,3 @@ def estimate_flops(model: nn.Module, method: str | None = None, **settings: Any)
     for entering, leaving in zip(counts[:-1], counts[1:], strict=True):
         total += 4 * entering * width**2 + 2 * entering**2 * width + 2 * leaving * width * hidden
     return total
-
-
-def image_tower(model: nn.Module) -> VisionTransformer:
-    """``model.visual`` for a CLIP model, or the model itself if it is a ``VisionTransformer``."""
-    tower = getattr(model, "visual", model)
-    if not isinstance(tower, VisionTransformer):
-        raise ConfigError(f"token reduction needs a ViT image tower; {type(model).__name__} has none")
-    return tower

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipforge.data.synthetic.concepts import COUNT_WORDS, POSITION_PHRASES, RELATION_PHRASES, object_noun, plural
+from clipforge.data.synthetic.concepts import (
+    COUNT_WORDS,
+    POSITION_PHRASES,
+    RELATION_PHRASES,
+    object_noun,
+    plural,
+)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from clipforge.data.synthetic.concepts import ALL_SHAPES, BACKGROUNDS, COLORS, FILLS, SHAPES, SHIFT_BACKGROUNDS
+from clipforge.data.synthetic.concepts import (
+    ALL_SHAPES,
+    BACKGROUNDS,
+    COLORS,
+    FILLS,
+    SHAPES,
+    SHIFT_BACKGROUNDS,
+)
 from clipforge.data.synthetic.render import CORRUPTIONS
 from clipforge.errors import ConfigError
 

@@ -10,7 +10,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from clipforge.data.synthetic.captions import Description, ObjectSpec, caption
-from clipforge.data.synthetic.concepts import COLORS, COUNT_LAYOUTS, OBJECT_RADIUS, POSITIONS, RELATIONS
+from clipforge.data.synthetic.concepts import (
+    COLORS,
+    COUNT_LAYOUTS,
+    OBJECT_RADIUS,
+    POSITIONS,
+    RELATIONS,
+)
 from clipforge.data.synthetic.config import WorldConfig
 from clipforge.data.synthetic.render import BackgroundSpec, Placement
 

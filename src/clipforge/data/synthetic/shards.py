@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clipforge.data.synthetic.config import Shift
-from clipforge.errors import ConfigError, InputError
 from clipforge._util.fileio import atomic_path
 from clipforge._util.progress import progress_bar
+from clipforge.data.synthetic.config import Shift
+from clipforge.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from clipforge.data.synthetic.world import SyntheticWorld

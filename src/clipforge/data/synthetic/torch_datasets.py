@@ -11,8 +11,8 @@ from typing import Any
 import torch.distributed as dist
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from clipforge.data.synthetic.world import SyntheticWorld
 from clipforge.data.synthetic.config import Shift
+from clipforge.data.synthetic.world import SyntheticWorld
 
 Transform = Callable[[Any], Any] | None
 

@@ -29,9 +29,20 @@ from clipforge.data.synthetic.concepts import (
     SHAPES,
     SHIFT_BACKGROUNDS,
 )
-from clipforge.data.synthetic.config import SHIFTS, SPLITS, Shift, WorldConfig, resolve_shift
+from clipforge.data.synthetic.config import (
+    SHIFTS,
+    SPLITS,
+    Shift,
+    WorldConfig,
+    resolve_shift,
+)
 from clipforge.data.synthetic.render import CORRUPTIONS, pixel_box, render
-from clipforge.data.synthetic.scene import ConceptTable, Scene, draw_scene, uniform_colors_table
+from clipforge.data.synthetic.scene import (
+    ConceptTable,
+    Scene,
+    draw_scene,
+    uniform_colors_table,
+)
 from clipforge.data.synthetic.tasks import ZeroShotTask, build_tasks
 from clipforge.errors import ConfigError, InputError
 

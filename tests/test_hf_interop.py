@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import clipforge
-from clipforge.io.checkpoint import save_hf
+from clipforge.io.hf import save_hf
 
 transformers = pytest.importorskip("transformers")
 

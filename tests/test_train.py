@@ -121,6 +121,22 @@ def test_resume_refuses_another_configuration_but_not_fields_added_since(tmp_pat
         _check_run_dir(tmp_path, load_config(None, ["schedule.steps=600", "schedule.kind=const-cooldown", "schedule.cooldown=100"]), resume=True)
 
 
+def test_training_refuses_a_compressed_checkpoint(tmp_path: Path) -> None:
+    """The trainer reads checkpoints without replaying compression (it sits below ``clipforge.compress``), so a
+    checkpoint that records steps is refused rather than trained without them."""
+    from clipforge.compress import apply_compression
+    from clipforge.train.trainer import build_model
+
+    merged = tmp_path / "tome.safetensors"
+    clipforge.save(apply_compression(clipforge.load(MICRO), "tome", r=2), merged)
+    config = load_config(None, [f"model.name={json.dumps(str(merged))}"])
+    with pytest.raises(ConfigError, match=r"^model.name: .*tome.safetensors records compression steps .* uncompressed checkpoint"):
+        build_model(config)
+    plain = tmp_path / "plain.safetensors"
+    clipforge.save(clipforge.load(MICRO), plain)
+    assert build_model(load_config(None, [f"model.name={json.dumps(str(plain))}"])).training is False
+
+
 def test_weight_decay_only_on_matrices() -> None:
     model = clipforge.load(MICRO)
     decay, no_decay = build_optimizer(model, OptimizerSection(weight_decay=0.2)).param_groups

@@ -14,8 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "clipforge.io.checkpoint",
-    "save": "clipforge.io.checkpoint",
+    "load": "clipforge.api",
+    "save": "clipforge.api",
     "CLIP": "clipforge.models.clip",
     "ModelConfig": "clipforge.config",
     "list_models": "clipforge.config",

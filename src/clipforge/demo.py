@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import clipforge
+from clipforge.config import get_model_config
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig
 from clipforge.errors import ConfigError
 from clipforge.eval.synthetic import SyntheticBenchmark, encode_pil_images
@@ -34,7 +34,7 @@ def synthetic_world(config: TrainConfig) -> SyntheticWorld:
     if image_size is None:
         if Path(config.model.name).is_file() and not config.model.name.endswith(".json"):
             raise ConfigError("data.image_size: set it to train a checkpoint on the synthetic world (e.g. data.image_size=64)")
-        image_size = clipforge.get_model_config(config.model.name).vision.image_size
+        image_size = get_model_config(config.model.name).vision.image_size
     return SyntheticWorld(WorldConfig(seed=config.data.world_seed, image_size=image_size))
 
 

@@ -82,7 +82,7 @@ def convert_command(
     """Convert between clipforge, open_clip, OpenAI and Hugging Face formats."""
     import clipforge
     from clipforge.errors import ConfigError
-    from clipforge.io.checkpoint import save_hf
+    from clipforge.io.hf import save_hf
 
     if to not in ("clipforge", "hf"):
         raise ConfigError(f"--to: {to!r} is not one of clipforge, hf")

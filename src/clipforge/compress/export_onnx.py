@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clipforge.compress.quant.int8 import is_linear_form
 from clipforge.errors import ConfigError, InputError
 from clipforge.models.clip import CLIP
 
@@ -57,11 +58,7 @@ class TextEncoder(nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        x = model.token_embedding(tokens) + model.positional_embedding[: tokens.shape[1]]
-        x, _ = model.transformer(x, is_causal=True)
-        x = model.ln_final(x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)])
-        return x @ model.text_projection
+        return self.model.text_features(tokens)
 
 
 def int8_name(name: str) -> str:
@@ -84,7 +81,7 @@ def export_onnx(model: CLIP, out_dir: str | Path, opset: int = 17, *, int8: bool
             f"ONNX export does not support token reduction ({method}); "
             "call clipforge.compress.remove_token_reduction(model) first"
         )
-    if not isinstance(model.visual.proj, torch.Tensor):
+    if is_linear_form(model):
         raise ConfigError(
             "ONNX export needs the float model, not a torch.ao-quantized or simulated copy; "
             "export the float model and use export_onnx(..., int8=True) for int8"

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clipforge.compress.quant.int8 import quantize_dynamic_int8
+from clipforge.compress.quant.int8 import is_linear_form, quantize_dynamic_int8
 from clipforge.compress.reduction.registry import METHODS as TOKEN_REDUCTIONS
 from clipforge.compress.reduction.registry import (
     apply_token_reduction,
@@ -244,7 +244,7 @@ def restore_compression(model: CLIP, record: Any, *, precision: str, source: str
 
 def checkpoint_tensors(model: CLIP) -> dict[str, torch.Tensor]:
     """The tensors ``clipforge.save`` writes: the state dict, or the kept float weights of an int8-dynamic model."""
-    if isinstance(model.visual.proj, torch.Tensor):
+    if not is_linear_form(model):
         return model.state_dict()
     if getattr(model, FLOAT_WEIGHTS, None) is not None and number_format(compression_steps(model)) == "int8-dynamic":
         return getattr(model, FLOAT_WEIGHTS)

@@ -1,14 +1,15 @@
-"""``clipforge.load`` and ``clipforge.save``: one entry point for every checkpoint format.
+"""Reading and writing checkpoints in every supported format; nothing here runs a model or compresses one.
 
 Detected formats: a config name (random initialisation), clipforge ``.safetensors`` (config and
 preprocessing in the metadata), open_clip state dicts (``.pt``/``.bin``/``.safetensors``, also training
 checkpoints wrapped in ``state_dict`` with ``module.`` prefixes), OpenAI-layout state dicts (config read
 off the shapes), Hugging Face ``CLIPModel`` directories, and open_clip hub directories
-(``open_clip_config.json``). ``save_hf`` writes a directory ``transformers.CLIPModel`` loads.
+(``open_clip_config.json``); well-known open_clip tags are fetched on request (``clipforge.io.pretrained``).
 
-A model's compression steps (``model.compression``: token merging or pruning, bf16, int8-dynamic; see
-``clipforge.compress.records``) travel in the metadata: ``save`` writes the weights the steps start from
-and ``load`` replays the steps, after casting to ``precision`` (a recorded bf16 or int8 decides the precision).
+``read_checkpoint`` returns the model and, for a clipforge checkpoint, its compression record (the JSON
+``model.compression`` held when it was saved); ``write_checkpoint`` writes one ``.safetensors`` file with
+config, preprocessing, provenance and that record in its metadata. ``clipforge.load``/``clipforge.save``
+(``clipforge.api``) add the replay of the record (``clipforge.compress.records``) on top.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from typing import Any
 
 import torch
 
-from clipforge._util.fileio import atomic_path
 from clipforge.config import ModelConfig, get_model_config, list_models
 from clipforge.errors import CheckpointError, ConfigError
+from clipforge.io.hf import from_hf_state_dict, read_hf_directory
+from clipforge.io.pretrained import pretrained_entry, resolve_pretrained
 from clipforge.io.state_dict import (
     check_state_dict,
     infer_architecture,
     is_openai_layout,
     read_tensors,
     to_open_clip_layout,
+    write_safetensors,
 )
 from clipforge.layers.pos_embed import resize_pos_embed
 from clipforge.models.clip import CLIP
@@ -37,67 +40,48 @@ from clipforge.preprocess.transforms import PreprocessConfig
 
 FORMAT = "clipforge"
 FORMAT_VERSION = "1"
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load(
+def read_checkpoint(
     source: str | os.PathLike[str],
     config: str | os.PathLike[str] | ModelConfig | None = None,
-    precision: str = "fp32",
     image_size: int | None = None,
     *,
     pretrained: str | None = None,
-    device: str | torch.device = "cpu",
-) -> CLIP:
-    """A ready-to-use model (eval mode) from any supported source; see the module docstring."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+) -> tuple[CLIP, Any]:
+    """The float32 model in ``source`` (see the module docstring) and its compression record, or None.
+
+    ``config`` overrides the architecture read from the source; ``image_size`` runs the model at another
+    resolution (position embeddings interpolated); ``pretrained`` names an open_clip tag of the config ``source``.
+    """
     explicit = _as_config(config)
     path = Path(source)
-    compression = None
     if pretrained is not None:
-        from clipforge.io.pretrained import pretrained_entry, resolve_pretrained
-
-        entry = pretrained_entry(str(source), pretrained)
-        weights = resolve_pretrained(str(source), pretrained)
-        state, _ = read_tensors(weights)
-        model_cfg = explicit or dataclasses.replace(get_model_config(str(source)), activation=entry["activation"])
-        if model_cfg.activation != entry["activation"]:
-            raise ConfigError(
-                f"{source}/{pretrained} was trained with {entry['activation']} but config {model_cfg.name} uses "
-                f"{model_cfg.activation}; use the matching -quickgelu / plain config"
-            )
-        preprocess = PreprocessConfig.from_dict({"size": model_cfg.vision.image_size, **entry.get("preprocess", {})})
-        model = _build(model_cfg, to_open_clip_layout(state), preprocess, f"{source}/{pretrained}", image_size)
-        model.provenance = {"source": f"open_clip:{source}/{pretrained}"}
-    elif path.is_dir():
-        model = _load_directory(path, explicit, image_size)
-    elif path.is_file() and path.suffix != ".json":
-        model, compression = _load_file(path, explicit, image_size)
-    elif str(source) in list_models() or path.suffix == ".json":
+        return _load_pretrained(str(source), pretrained, explicit, image_size), None
+    if path.is_dir():
+        return _load_directory(path, explicit, image_size), None
+    if path.is_file() and path.suffix != ".json":
+        return _load_file(path, explicit, image_size)
+    if str(source) in list_models() or path.suffix == ".json":
         model_cfg = get_model_config(source)
         if image_size is not None:
             model_cfg = model_cfg.with_image_size(image_size)
         model = CLIP(model_cfg)
         model.provenance = {"source": f"random-init:{model_cfg.name}"}
-    else:
-        raise CheckpointError(f"{source}: no such file or directory, and not a model config name (`clipforge models`)")
-    model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
-    if compression is not None:
-        from clipforge.compress.records import restore_compression
-
-        model = restore_compression(model, compression, precision=precision, source=str(path))
-    return model
+        return model, None
+    raise CheckpointError(f"{source}: no such file or directory, and not a model config name (`clipforge models`)")
 
 
-def save(model: CLIP, path: str | os.PathLike[str], provenance: dict[str, Any] | None = None) -> Path:
-    """One ``.safetensors`` file: weights plus config, preprocessing and provenance in its metadata (atomic)."""
-    from safetensors.torch import save_file
-
-    from clipforge.compress.records import checkpoint_tensors
-
-    path = Path(path)
-    tensors = {key: value.detach().contiguous().cpu() for key, value in checkpoint_tensors(model).items()}
+def write_checkpoint(
+    model: CLIP,
+    path: str | os.PathLike[str],
+    provenance: dict[str, Any] | None = None,
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
+    compression: Any = None,
+) -> Path:
+    """One ``.safetensors`` file (atomic): ``tensors`` (default: the state dict) plus config, preprocessing,
+    provenance and the compression record in its metadata."""
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -105,44 +89,9 @@ def save(model: CLIP, path: str | os.PathLike[str], provenance: dict[str, Any] |
         "preprocess": json.dumps(model.preprocess_cfg.to_dict()),
         "provenance": json.dumps({**model.provenance, **(provenance or {})}),
     }
-    if getattr(model, "compression", None):
-        metadata["compression"] = json.dumps(model.compression)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path
-
-
-def save_hf(model: CLIP, directory: str | os.PathLike[str]) -> Path:
-    """A Hugging Face ``CLIPModel`` directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``)."""
-    from safetensors.torch import save_file
-
-    from clipforge.io.hf import hf_config_dict, to_hf_state_dict
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = hf_config_dict(model.config)
-    tensors = to_hf_state_dict({k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()})
-    with atomic_path(directory / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    pre = model.preprocess_cfg
-    processor = {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": pre.size},
-        "do_center_crop": True,
-        "crop_size": {"height": pre.size, "width": pre.size},
-        "resample": 3 if pre.interpolation == "bicubic" else 2,
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(pre.mean),
-        "image_std": list(pre.std),
-        "do_convert_rgb": True,
-    }
-    for name, content in (("config.json", config), ("preprocessor_config.json", processor)):
-        with atomic_path(directory / name) as tmp:
-            tmp.write_text(json.dumps(content, indent=2) + "\n")
-    return directory
+    if compression:
+        metadata["compression"] = json.dumps(compression)
+    return write_safetensors(path, model.state_dict() if tensors is None else tensors, metadata)
 
 
 # -- format detection ---------------------------------------------------------------------------
@@ -152,6 +101,21 @@ def _as_config(config: str | os.PathLike[str] | ModelConfig | None) -> ModelConf
     if config is None or isinstance(config, ModelConfig):
         return config
     return get_model_config(config)
+
+
+def _load_pretrained(name: str, tag: str, explicit: ModelConfig | None, image_size: int | None) -> CLIP:
+    entry = pretrained_entry(name, tag)
+    state, _ = read_tensors(resolve_pretrained(name, tag))
+    model_cfg = explicit or dataclasses.replace(get_model_config(name), activation=entry["activation"])
+    if model_cfg.activation != entry["activation"]:
+        raise ConfigError(
+            f"{name}/{tag} was trained with {entry['activation']} but config {model_cfg.name} uses "
+            f"{model_cfg.activation}; use the matching -quickgelu / plain config"
+        )
+    preprocess = PreprocessConfig.from_dict({"size": model_cfg.vision.image_size, **entry.get("preprocess", {})})
+    model = _build(model_cfg, to_open_clip_layout(state), preprocess, f"{name}/{tag}", image_size)
+    model.provenance = {"source": f"open_clip:{name}/{tag}"}
+    return model
 
 
 def _load_directory(path: Path, explicit: ModelConfig | None, image_size: int | None) -> CLIP:
@@ -167,8 +131,6 @@ def _load_directory(path: Path, explicit: ModelConfig | None, image_size: int | 
         model.provenance = {"source": f"open_clip-dir:{path}"}
         return model
     if (path / "config.json").is_file():
-        from clipforge.io.hf import read_hf_directory
-
         model_cfg, state, processor = read_hf_directory(path)
         preprocess = _preprocess_from_hf(processor, explicit or model_cfg)
         model = _build(explicit or model_cfg, state, preprocess, str(path), image_size)
@@ -187,8 +149,6 @@ def _load_file(path: Path, explicit: ModelConfig | None, image_size: int | None)
         model.provenance = json.loads(metadata.get("provenance", "{}"))
         return model, _compression_record(metadata, path)
     if any(key.startswith(("vision_model.", "text_model.")) for key in tensors):
-        from clipforge.io.hf import from_hf_state_dict
-
         state = from_hf_state_dict(tensors)
         layout = "huggingface"
     else:

@@ -9,14 +9,18 @@ as ``hidden_act`` (``"gelu"`` or ``"quick_gelu"``), so a GELU model never silent
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from clipforge._util.fileio import atomic_path
 from clipforge.config import ModelConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError
+from clipforge.io.state_dict import read_tensors, write_safetensors
+from clipforge.models.clip import CLIP
 
 _BLOCK_RENAMES = (
     ("ln_1.", "layer_norm1."),
@@ -195,8 +199,6 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 
 def read_hf_directory(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any] | None]:
     """Config, open_clip-layout tensors and the image-processor settings of a ``CLIPModel`` directory."""
-    from clipforge.io.state_dict import read_tensors
-
     config = config_from_hf(json.loads((directory / "config.json").read_text()), str(directory))
     weights = [directory / name for name in ("model.safetensors", "pytorch_model.bin") if (directory / name).is_file()]
     if not weights:
@@ -205,3 +207,31 @@ def read_hf_directory(directory: Path) -> tuple[ModelConfig, dict[str, torch.Ten
     processor_file = directory / "preprocessor_config.json"
     processor = json.loads(processor_file.read_text()) if processor_file.is_file() else None
     return config, from_hf_state_dict(hf_state), processor
+
+
+def save_hf(model: CLIP, directory: str | os.PathLike[str]) -> Path:
+    """A Hugging Face ``CLIPModel`` directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = hf_config_dict(model.config)
+    tensors = to_hf_state_dict({key: value.float() for key, value in model.state_dict().items()})
+    write_safetensors(directory / "model.safetensors", tensors, {"format": "pt"})
+    pre = model.preprocess_cfg
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": pre.size},
+        "do_center_crop": True,
+        "crop_size": {"height": pre.size, "width": pre.size},
+        "resample": 3 if pre.interpolation == "bicubic" else 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(pre.mean),
+        "image_std": list(pre.std),
+        "do_convert_rgb": True,
+    }
+    for name, content in (("config.json", config), ("preprocessor_config.json", processor)):
+        with atomic_path(directory / name) as tmp:
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
+    return directory

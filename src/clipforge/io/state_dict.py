@@ -1,4 +1,4 @@
-"""Reading weights safely and reconciling state-dict layouts (open_clip, OpenAI, training wrappers).
+"""Reading and writing tensor files safely, and reconciling state-dict layouts (open_clip, OpenAI, training wrappers).
 
 Nothing is ever unpickled beyond tensors: ``.safetensors`` files are read with safetensors, other files
 with ``torch.load(weights_only=True)``, which refuses pickled code.
@@ -6,12 +6,14 @@ with ``torch.load(weights_only=True)``, which refuses pickled code.
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from clipforge._util.fileio import atomic_path
 from clipforge.config import ModelConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError, one_line
 
@@ -47,6 +49,16 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(error)[:200]})") from None
     return _unwrap(loaded, path), {}
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Tensors (copied to contiguous CPU memory) and string metadata in one ``.safetensors`` file, written atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, str(tmp), metadata=metadata)
+    return path
 
 
 def _unwrap(loaded: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -24,6 +24,8 @@ class TextTower(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, cfg.ls_init_value)
         self.ln_final = nn.LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, output_dim))
+        self.text_projection_linear: nn.Module | None = None
+        self.text_output_dim = output_dim
         self._init_text_parameters()
 
     def _init_text_parameters(self) -> None:
@@ -44,18 +46,28 @@ class TextTower(nn.Module):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Token ids [B, L] → text embeddings [B, embed_dim], pooled at the end-of-text token.
 
-        The end token has the largest id, so ``argmax`` finds it. Only the positions up to the last end
-        token of the batch are computed: with a causal mask, later (padding) positions cannot change
-        earlier ones, so this is exact and saves most of the work on short captions.
+        Only the positions up to the last end token of the batch are computed: with a causal mask, later
+        (padding) positions cannot change earlier ones, so this is exact and saves most of the work on
+        short captions.
         """
         if tokens.shape[-1] > self.text_cfg.context_length:
             raise ValueError(f"token sequences of length {tokens.shape[-1]} exceed the context length {self.text_cfg.context_length}")
         if tokens.shape[0] == 0:
-            return self.text_projection.new_zeros(0, self.text_projection.shape[1])
+            return self.token_embedding.weight.new_zeros(0, self.text_output_dim)
+        features = self.text_features(tokens[:, : int(tokens.argmax(dim=-1).max()) + 1])
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] → unnormalised embeddings, computing all L positions (the end token has the
+        largest id, so ``argmax`` finds it). ONNX export traces this: its graph keeps the length dynamic."""
         eot = tokens.argmax(dim=-1)
-        tokens = tokens[:, : int(eot.max()) + 1]
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x, _ = self.transformer(x, is_causal=True)
-        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
-        features = x @ self.text_projection
-        return F.normalize(features, dim=-1) if normalize else features
+        return self.project_text(self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot]))
+
+    def project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, width] → the shared embedding space: ``pooled @ text_projection``, or
+        ``text_projection_linear(pooled)`` when a quantizer has put the projection in a module."""
+        if self.text_projection_linear is None:
+            return pooled @ self.text_projection
+        return self.text_projection_linear(pooled)

@@ -17,6 +17,7 @@ class VisionTransformer(nn.Module):
     """Patchify (conv, no bias) → class token → position embedding → ``ln_pre`` → blocks → ``ln_post`` → pool → proj.
 
     ``token_reduction`` (None by default) is the hook every block calls between attention and MLP.
+    ``proj_linear`` (None by default) replaces ``x @ proj`` by a module, for quantizers that swap ``nn.Linear``s.
     """
 
     def __init__(self, cfg: VisionConfig, output_dim: int, activation: str) -> None:
@@ -37,6 +38,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation, cfg.ls_init_value)
         self.ln_post = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, output_dim))
+        self.proj_linear: nn.Module | None = None
         self.token_reduction: TokenReduction | None = None
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -57,9 +59,13 @@ class VisionTransformer(nn.Module):
             return (patches * size).sum(1) / size.sum(1)
         return patches.mean(1)
 
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, width] → the shared embedding space: ``pooled @ proj``, or ``proj_linear(pooled)``."""
+        return pooled @ self.proj if self.proj_linear is None else self.proj_linear(pooled)
+
     def head(self, x: torch.Tensor, state: TokenState | None = None) -> torch.Tensor:
         """Final tokens → the image embedding (before normalisation)."""
-        return self.pool(x, state) @ self.proj
+        return self.project(self.pool(x, state))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels → image embedding. With class-token pooling the last block computes the class token

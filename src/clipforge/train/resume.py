@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-import clipforge
 from clipforge._util.fileio import atomic_path
 from clipforge.errors import CheckpointError
+from clipforge.io.checkpoint import write_checkpoint
 
 
 @dataclass
@@ -43,7 +43,7 @@ def save_checkpoint(
     final = root / f"step_{step:07d}"
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        clipforge.save(model, staging / "model.safetensors", provenance={"trained_steps": step})
+        write_checkpoint(model, staging / "model.safetensors", provenance={"trained_steps": step})
         state = {"step": step, "optimizer": optimizer.state_dict(), "data_position": data_position, "rng": _rng_state()}
         torch.save(state, staging / "state.pt")
         if final.exists():

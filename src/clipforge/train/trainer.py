@@ -8,6 +8,7 @@ last checkpoint left off (weights, optimizer, schedule, RNG and data position).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -18,10 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-import clipforge
 from clipforge._util.fileio import atomic_path
 from clipforge._util.progress import progress_bar
+from clipforge.data.loader import build_train_loader
+from clipforge.data.sources import open_source
 from clipforge.errors import ConfigError
+from clipforge.io.checkpoint import read_checkpoint, write_checkpoint
+from clipforge.layers.patch_dropout import PatchDropout
 from clipforge.models.clip import CLIP
 from clipforge.preprocess.transforms import image_transform
 from clipforge.train.config import TrainConfig
@@ -70,7 +74,7 @@ def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | No
     checkpoint = latest_checkpoint(run_dir) if resume else None
     state = load_resume_state(checkpoint) if checkpoint else None
     if state is not None:
-        model.load_state_dict(clipforge.load(state.model_path).state_dict())
+        model.load_state_dict(read_checkpoint(state.model_path)[0].state_dict())
     model.to(device)
     optimizer = build_optimizer(model, config.optimizer)
     start_step = 0
@@ -131,7 +135,7 @@ def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | No
         log.log({"step": config.schedule.steps, **evaluation})
     log.close()
     if is_main:
-        clipforge.save(model, run_dir / "model.safetensors", provenance={"trained_steps": config.schedule.steps})
+        write_checkpoint(model, run_dir / "model.safetensors", provenance={"trained_steps": config.schedule.steps})
     steps_run = config.schedule.steps - start_step
     return TrainResult(
         run_dir,
@@ -147,16 +151,18 @@ def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | No
 
 def build_model(config: TrainConfig) -> CLIP:
     """The model to train: loaded or initialised, with patch dropout, locking and checkpointing applied."""
-    from clipforge.layers.patch_dropout import PatchDropout
-
     section = config.model
-    model = clipforge.load(section.name, config=section.config, pretrained=section.pretrained)
+    model, compression = read_checkpoint(section.name, section.config, pretrained=section.pretrained)
+    if compression is not None:
+        raise ConfigError(
+            f"model.name: {section.name} records compression steps (see `clipforge info`); train from the "
+            "uncompressed checkpoint it was made from"
+        )
+    model.eval()
     model.visual.patch_dropout = PatchDropout(section.patch_dropout)
     if config.loss.kind == "siglip" and model.logit_bias is None:
         model.logit_scale.data.fill_(SIGLIP_INIT_LOGIT_SCALE)
         model.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS))
-        import dataclasses
-
         model.config = dataclasses.replace(model.config, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
     if section.lock_image:
         model.lock_image_tower(section.lock_image_unlocked_groups)
@@ -196,9 +202,6 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
 
 
 def _train_loader(config: TrainConfig, model: CLIP, world: WorldInfo, position: dict[str, Any] | None) -> Any:
-    from clipforge.data.loader import build_train_loader
-    from clipforge.data.sources import open_source
-
     data = config.data
     if config.schedule.batch_size % world.world_size:
         raise ConfigError(f"schedule.batch_size: {config.schedule.batch_size} is not divisible by {world.world_size} ranks")

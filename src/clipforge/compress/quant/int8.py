@@ -8,7 +8,8 @@ Every GEMM of both towers becomes int8: the fused q/k/v projection, ``out_proj``
 ``c_proj``, and the two projection matrices ``visual.proj`` / ``text_projection``. ``nn.MultiheadAttention``
 keeps its q/k/v weight as a bare parameter that ``quantize_dynamic`` never sees (efficiency.md §7.7), so
 ``to_linear_form`` first turns the model into one where every GEMM is an ``nn.Linear`` module: attention
-becomes ``LinearQkvAttention`` (q/k/v as ``qkv``), the projection matrices become ``LinearProjection``.
+becomes ``LinearQkvAttention`` (q/k/v as ``qkv``), the projection matrices become the towers' ``proj_linear``
+and ``text_projection_linear`` modules.
 Patch embedding (a convolution), LayerNorm, softmax, GELU and the attention matmuls stay in float.
 
 The quantized copies run on the CPU only (torch.ao's int8 kernels) and their weights are packed for the
@@ -57,29 +58,6 @@ class LinearQkvAttention(Attention):
         return self.qkv(x)
 
 
-class LinearProjection(nn.Module):
-    """A projection matrix ``W`` [in, out] used as ``x @ W`` (``visual.proj``, ``text_projection``) as a module.
-
-    The towers compute ``features @ self.proj``; with this module in its place Python calls ``__rmatmul__``,
-    which runs ``linear`` (weight ``Wᵀ``, no bias), so module-swapping quantizers can replace ``linear``.
-    ``shape`` and ``new_zeros`` stand in for the matrix where the towers read them.
-    """
-
-    def __init__(self, matrix: torch.Tensor) -> None:
-        super().__init__()
-        self.linear = nn.Linear(matrix.shape[0], matrix.shape[1], bias=False, device=matrix.device, dtype=matrix.dtype)
-        with torch.no_grad():
-            self.linear.weight.copy_(matrix.T)
-        self.shape = torch.Size(matrix.shape)
-        self.register_buffer("_like", matrix.new_zeros(0), persistent=False)
-
-    def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
-
-    def new_zeros(self, *size: int) -> torch.Tensor:
-        return self._like.new_zeros(*size)
-
-
 def to_linear_form(model: CLIP) -> CLIP:
     """A deep copy of ``model`` in which every GEMM of both towers is an ``nn.Linear`` module; same outputs."""
     if not isinstance(model, CLIP):
@@ -89,18 +67,31 @@ def to_linear_form(model: CLIP) -> CLIP:
         for name, child in list(parent.named_children()):
             if type(child) is Attention:
                 setattr(parent, name, LinearQkvAttention.from_attention(child))
-    for owner, name in ((model.visual, "proj"), (model, "text_projection")):
-        matrix = getattr(owner, name).detach()
-        delattr(owner, name)
-        setattr(owner, name, LinearProjection(matrix))
+    model.visual.proj_linear = _as_linear(model.visual.proj)
+    model.text_projection_linear = _as_linear(model.text_projection)
+    del model.visual.proj, model.text_projection  # the towers now call the linear modules
     return model
+
+
+def _as_linear(matrix: torch.Tensor) -> nn.Sequential:
+    """``x @ W`` (W [in, out]) as an ``nn.Linear`` without bias (weight ``Wᵀ``), inside a container so that
+    module-swapping quantizers (``replace_linears``, ``quantize_dynamic``) can replace it."""
+    linear = nn.Linear(matrix.shape[0], matrix.shape[1], bias=False, device=matrix.device, dtype=matrix.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(matrix.detach().T)
+    return nn.Sequential(linear)
+
+
+def is_linear_form(model: CLIP) -> bool:
+    """True for a copy made by ``to_linear_form`` (quantized or simulated): its float weights are gone."""
+    return model.visual.proj_linear is not None
 
 
 def tower_modules(model: CLIP, tower: Tower) -> list[nn.Module]:
     """The block stack and the projection of one tower of a model in linear form."""
     if tower == "image":
-        return [model.visual.transformer, model.visual.proj]
-    return [model.transformer, model.text_projection]
+        return [model.visual.transformer, model.visual.proj_linear]
+    return [model.transformer, model.text_projection_linear]
 
 
 def quantized_towers(text_batches: Iterable[torch.Tensor] | None) -> list[Tower]:

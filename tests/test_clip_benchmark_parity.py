@@ -117,13 +117,12 @@ def test_clip_benchmark_on_a_clipforge_model_matches_clipforge_eval(tmp_path, mo
 
     world = SyntheticWorld()
     task = world.tasks()["shape"]
-    images, labels, index = [], [], 0
-    while len(images) < samples:
+    images, labels = [], []  # --samples N: the images among the first N of the split that the task labels
+    for index in range(samples):
         sample = world.sample("test", index)
         if (label := task.label_of(sample.metadata)) is not None:
             images.append(sample.image)
             labels.append(label)
-        index += 1
     loader = DataLoader(_Classification(images, labels, task.classnames, model.preprocess), batch_size=32)
     expected = zeroshot_classification.evaluate(model, loader, model.tokenize, task.classnames, task.templates, "cpu", amp=False)
 

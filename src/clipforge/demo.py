@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from clipforge._util.fileio import atomic_path
 from clipforge.config import get_model_config
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig
+from clipforge.encode import Encoder, embed_images, encode_texts
 from clipforge.errors import ConfigError
-from clipforge.eval.synthetic import SyntheticBenchmark, encode_pil_images
+from clipforge.eval.synthetic import SyntheticBenchmark
 from clipforge.train.config import TrainConfig, load_config
-from clipforge.train.report import loss_curve, retrieval_grid, write_markdown
+from clipforge.train.plots import loss_curve
 from clipforge.train.trainer import train
 
 DEMO_CONFIG = "synthetic-tiny.toml"
@@ -53,9 +60,8 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, resume: bool =
     world = synthetic_world(config)
     result = train(config, resume=resume, evaluator=synthetic_benchmark(config, world))
     run_dir = result.run_dir
-    examples = list(world.samples("test", 0, 256))
-    features = encode_pil_images(result.model, [s.image for s in examples])
-    retrieval_grid(result.model, EXAMPLE_QUERIES, [s.image for s in examples], features, run_dir / "retrievals.png")
+    examples = [sample.image for sample in world.samples("test", 0, 256)]
+    retrieval_grid(result.model, EXAMPLE_QUERIES, examples, run_dir / "retrievals.png")
     loss_curve(run_dir, run_dir / "loss.png")
     figures = {key: result.evaluation.get(key) for key in SUMMARY_KEYS}
     summary = {"wall_s": round(time.perf_counter() - started, 1), **figures, "run_dir": str(run_dir)}
@@ -64,3 +70,33 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, resume: bool =
     if result.skips:
         (run_dir / "skipped.txt").write_text(result.skips + "\n")
     return summary
+
+
+def retrieval_grid(model: Encoder, queries: Sequence[str], images: Sequence[Image.Image], path: Path, k: int = 5) -> Path:
+    """For each text query, its top-k images among ``images`` with their cosine similarity."""
+    image_features = torch.from_numpy(embed_images(model, images, workers=0, strict=True, progress=False).embeddings)
+    top = (encode_texts(model, queries) @ image_features.T).topk(k, dim=1)
+    figure = Figure(figsize=(1.6 * k + 2.2, 1.7 * len(queries)), dpi=110)
+    for row, query in enumerate(queries):
+        for col in range(k):
+            axes = figure.add_subplot(len(queries), k, row * k + col + 1)
+            axes.imshow(images[int(top.indices[row, col])])
+            axes.set_xticks([])
+            axes.set_yticks([])
+            axes.set_title(f"{float(top.values[row, col]):.2f}", fontsize=7)
+            if col == 0:
+                axes.set_ylabel(query, fontsize=8, rotation=0, ha="right", va="center")
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return path
+
+
+def write_markdown(path: Path, title: str, figures: dict[str, Any], images: dict[str, str]) -> Path:
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in figures.items()]
+    lines.append("")
+    lines += [f"![{name}]({file})" for name, file in images.items()]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,7 +1,21 @@
-"""Batched embedding of many images or strings, with worker processes for decoding and a progress bar.
+"""The one encoder: images and texts → L2-normalised float32 embeddings, in batches, on the model's device.
 
-Bad images (missing, corrupt, truncated, decompression bombs) are skipped and reported by name, or fail
-at once under ``strict``; the embeddings of the good ones keep their input order.
+Every module that turns images or text into embeddings calls this one (``tests/test_layering.py`` checks
+that no other module calls ``encode_image``/``encode_text``, but for the documented exceptions). It decides,
+once for the package:
+
+- batching: images in batches of ``batch_size``, decoded and preprocessed (``model.preprocess``) in worker
+  processes while the model encodes the previous batch; texts tokenized a batch at a time, so the text
+  tower runs only up to the longest caption of each batch;
+- device: inputs go to the model's device (``model_device``), embeddings come back on the CPU;
+- precision: the model runs in its own dtype (``clipforge.load(precision=...)``); embeddings are cast to
+  float32 before they are normalised, so a bf16 model's vectors are normalised in float32;
+- progress: an optional bar with the caller's description;
+- bad images: skipped and reported by position with a one-line reason, or the first one raised under ``strict``;
+  the embeddings of the good ones keep their input order.
+
+Any model with the ``Encoder`` surface works: a clipforge ``CLIP``, a quantized copy of one, or an open_clip
+model with ``preprocess``, ``tokenize`` and ``config.embed_dim`` attached.
 """
 
 from __future__ import annotations
@@ -9,16 +23,35 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clipforge._util.progress import progress_bar
 from clipforge.errors import InputError
-from clipforge.retrieval.inputs import ImageItem, read_image
+from clipforge.retrieval.inputs import read_image
+
+TEXT_BATCH = 256
+
+
+class Encoder(Protocol):
+    """What the encoder needs of a model (open_clip's ``CLIP`` interface plus its preprocessing and tokenizer)."""
+
+    config: Any  # has ``embed_dim``
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor: ...
+
+    def preprocess(self, image: Any) -> torch.Tensor: ...
+
+    def tokenize(self, texts: str | list[str]) -> torch.Tensor: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
 
 
 @dataclass
@@ -26,6 +59,48 @@ class EmbeddingResult:
     embeddings: np.ndarray  # [n_kept, embed_dim] float32, L2-normalised
     kept: list[int]  # input positions the rows belong to
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (position, one-line reason)
+
+
+def model_device(model: Encoder) -> torch.device:
+    """The device of the model's parameters (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
+def default_workers() -> int:
+    """Decoding processes: the cores but one, at most 4."""
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def fixed_batches(count: int, batch_size: int) -> list[range]:
+    return [range(start, min(count, start + batch_size)) for start in range(0, count, batch_size)]
+
+
+def _normalized(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features.float(), dim=-1).cpu()
+
+
+# -- images -------------------------------------------------------------------------------------------
+
+
+def model_input_image(model: Encoder, image: Image.Image) -> Image.Image:
+    """The RGB image the model sees (after its resize and crop), recovered exactly from ``model.preprocess``.
+
+    Un-normalising the preprocessed tensor gives back the 8-bit pixels (the float error is far below
+    half a level), so this works for every resize mode without re-implementing the geometry.
+    """
+    pixels = model.preprocess(image)
+    mean = torch.tensor(model.preprocess_cfg.mean).view(3, 1, 1)
+    std = torch.tensor(model.preprocess_cfg.std).view(3, 1, 1)
+    values = ((pixels * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(values.permute(1, 2, 0).numpy(), "RGB")
+
+
+@torch.inference_mode()
+def encode_pixels(model: Encoder, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Preprocessed pixels [N, 3, H, W] → embeddings [N, embed_dim] (float32, normalised, CPU)."""
+    device = model_device(model)
+    rows = [_normalized(model.encode_image(pixels[start : start + batch_size].to(device))) for start in range(0, len(pixels), batch_size)]
+    return torch.cat(rows) if rows else torch.zeros(0, model.config.embed_dim)
 
 
 class _Images(Dataset):
@@ -52,20 +127,13 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[
     return [i for i, _ in good], pixels, bad
 
 
-def default_workers() -> int:
-    return min(4, max(0, (os.cpu_count() or 1) - 1))
-
-
-def model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def encode_image_batches(
-    model: Any, sources: Sequence[str | Path | ImageItem | Any], batches: Sequence[Sequence[int]], workers: int, strict: bool = False
+    model: Encoder, sources: Sequence[Any], batches: Sequence[Sequence[int]], workers: int, strict: bool = False
 ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
-    """For each batch of source positions, in order: (kept positions, their float32 embeddings on the CPU, skipped).
+    """For each batch of source positions, in order: (kept positions, their embeddings, skipped positions).
 
+    Sources are PIL images, image paths, encoded bytes or store items (``clipforge.retrieval.inputs``).
     Decoding and ``model.preprocess`` run in ``workers`` processes (none when 0) while the model encodes
     the previous batch. Under ``strict`` the first unreadable image raises its ``InputError``.
     """
@@ -81,29 +149,26 @@ def encode_image_batches(
     for positions, pixels, bad in loader:
         if bad and strict:
             raise InputError(bad[0][1])
-        vectors = empty if pixels is None else model.encode_image(pixels.to(device), normalize=True).float().cpu()
+        vectors = empty if pixels is None else _normalized(model.encode_image(pixels.to(device)))
         yield positions, vectors, bad
 
 
-def fixed_batches(count: int, batch_size: int) -> list[range]:
-    return [range(start, min(count, start + batch_size)) for start in range(0, count, batch_size)]
-
-
 def embed_images(
-    model: Any,
-    images: Sequence[str | Path | ImageItem | Any],
+    model: Encoder,
+    images: Sequence[Any],
     *,
     batch_size: int = 64,
     workers: int | None = None,
     strict: bool = False,
     progress: bool = True,
+    description: str = "embedding images",
 ) -> EmbeddingResult:
-    """Embed PIL images, image paths or ``ImageItem``s with ``model.preprocess``; decoding runs in ``workers`` processes."""
+    """Embed PIL images, image paths, encoded bytes or store items; decoding runs in ``workers`` processes."""
     workers = default_workers() if workers is None else workers
     batches = fixed_batches(len(images), batch_size)
     rows, kept, skipped = [], [], []
     with progress_bar(disable=not progress) as bar:
-        task = bar.add_task("embedding images", total=len(images), unit="img")
+        task = bar.add_task(description, total=len(images), unit="img")
         for positions, vectors, bad in encode_image_batches(model, images, batches, workers if len(batches) > 1 else 0, strict):
             skipped.extend(bad)
             rows.append(vectors)
@@ -111,6 +176,9 @@ def embed_images(
             bar.advance(task, len(positions) + len(bad))
     embeddings = torch.cat(rows).numpy() if rows else np.zeros((0, model.config.embed_dim), np.float32)
     return EmbeddingResult(embeddings, kept, skipped)
+
+
+# -- texts --------------------------------------------------------------------------------------------
 
 
 def check_texts(texts: Sequence[Any]) -> None:
@@ -121,19 +189,28 @@ def check_texts(texts: Sequence[Any]) -> None:
 
 
 @torch.inference_mode()
-def encode_texts(model: Any, texts: Sequence[str]) -> torch.Tensor:
-    """One batch of strings → float32 L2-normalised embeddings on the CPU."""
-    tokens = model.tokenize(list(texts)).to(model_device(model))
-    return model.encode_text(tokens, normalize=True).float().cpu()
-
-
-def embed_texts(model: Any, texts: Sequence[str], *, batch_size: int = 256, progress: bool = True) -> np.ndarray:
-    """Embed strings; empty or non-string items raise ``InputError`` naming their position."""
+def encode_texts(
+    model: Encoder,
+    texts: Sequence[str],
+    *,
+    batch_size: int = TEXT_BATCH,
+    progress: bool = False,
+    description: str = "embedding texts",
+) -> torch.Tensor:
+    """Strings → embeddings [N, embed_dim] (float32, normalised, CPU); empty or non-string items raise
+    ``InputError`` naming their position."""
     check_texts(texts)
+    device = model_device(model)
     rows = []
     with progress_bar(disable=not progress) as bar:
-        task = bar.add_task("embedding texts", total=len(texts), unit="text")
+        task = bar.add_task(description, total=len(texts), unit="text")
         for chunk in fixed_batches(len(texts), batch_size):
-            rows.append(encode_texts(model, [texts[i] for i in chunk]))
+            tokens = model.tokenize([texts[i] for i in chunk]).to(device)
+            rows.append(_normalized(model.encode_text(tokens)))
             bar.advance(task, len(chunk))
-    return torch.cat(rows).numpy() if rows else np.zeros((0, model.config.embed_dim), np.float32)
+    return torch.cat(rows) if rows else torch.zeros(0, model.config.embed_dim)
+
+
+def embed_texts(model: Encoder, texts: Sequence[str], *, batch_size: int = TEXT_BATCH, progress: bool = True) -> np.ndarray:
+    """``encode_texts`` as a float32 numpy array [N, embed_dim], with a progress bar by default."""
+    return encode_texts(model, texts, batch_size=batch_size, progress=progress).numpy()

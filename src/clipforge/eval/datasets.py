@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
@@ -91,22 +90,20 @@ class SyntheticTask:
     context_factors: dict[str, dict[str, list[str]]] = field(default_factory=lambda: CONTEXT_FACTORS)
 
     def dataset(self, split: str, samples: int, shift: str | None = None) -> ClassificationDataset:
-        """The first ``samples`` images of ``split`` that the task can label (optionally shifted)."""
-        images, labels = [], []
-        index = 0
-        limit = 50 * samples
-        while len(images) < samples and index < limit:
-            sample = self.world.sample(split, index, shift)
-            label = self.task.label_of(sample.metadata)
-            if label is not None:
-                images.append(sample.image)
-                labels.append(label)
-            index += 1
-        if not images:
-            raise InputError(f"synthetic:{self.task.name}: split {split!r} has no sample this task can label")
+        """The images among the first ``samples`` of ``split`` (optionally shifted) that the task can label."""
+        scenes = list(self.world.samples(split, 0, samples, shift))
         suffix = "" if split == "test" and shift is None else f"@{split}" + (f"+{shift}" if shift else "")
+        return self.labelled(scenes, f"synthetic/{self.task.name}{suffix}", f"split {split!r}")
+
+    def labelled(self, scenes: Sequence[Any], name: str, where: str = "these samples") -> ClassificationDataset:
+        """The samples of ``scenes`` (``world.sample`` results) that the task can label, in order."""
+        labels = [self.task.label_of(scene.metadata) for scene in scenes]
+        kept = [i for i, label in enumerate(labels) if label is not None]
+        if not kept:
+            raise InputError(f"synthetic:{self.task.name}: {where} has no sample this task can label")
+        images = [scenes[i].image for i in kept]
         return ClassificationDataset(
-            f"synthetic/{self.task.name}{suffix}", list(self.task.classnames), list(self.task.templates), images, labels, self
+            name, list(self.task.classnames), list(self.task.templates), images, [labels[i] for i in kept], self
         )
 
     def single_object_images(self, split: str, samples: int) -> list[Image.Image]:
@@ -404,16 +401,3 @@ def load_image(source: ImageSource) -> Image.Image:
     """A dataset entry as an RGB PIL image (files and bytes through ``open_image``)."""
     image = source if isinstance(source, Image.Image) else open_image(source)
     return image.convert("RGB")
-
-
-def model_input_image(model: Any, image: Image.Image) -> Image.Image:
-    """The RGB image the model sees (after its resize and crop), recovered exactly from ``model.preprocess``.
-
-    Un-normalising the preprocessed tensor gives back the 8-bit pixels (the float error is far below
-    half a level), so this works for every resize mode without re-implementing the geometry.
-    """
-    pixels = model.preprocess(image)
-    mean = torch.tensor(model.preprocess_cfg.mean).view(3, 1, 1)
-    std = torch.tensor(model.preprocess_cfg.std).view(3, 1, 1)
-    values = ((pixels * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
-    return Image.fromarray(values.permute(1, 2, 0).numpy(), "RGB")

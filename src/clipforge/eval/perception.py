@@ -26,34 +26,24 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from clipforge.encode import Encoder, encode_texts
 from clipforge.errors import InputError, one_line
 
 ContextFactors = Mapping[str, Mapping[str, Sequence[str]]]
 """factor name → factor value → descriptions (an empty description means "say nothing")."""
 
 
-@torch.inference_mode()
-def encode_prompts(model: Any, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised float32 text embeddings (N, D); each batch is encoded only up to its longest prompt."""
-    device = next(model.parameters()).device
-    rows = [
-        model.encode_text(model.tokenize(list(prompts[start : start + batch_size])).to(device)).float()
-        for start in range(0, len(prompts), batch_size)
-    ]
-    return F.normalize(torch.cat(rows), dim=-1)
-
-
-def ensemble_text_embeddings(model: Any, prompt_groups: Sequence[Sequence[str]], batch_size: int = 256) -> torch.Tensor:
+def ensemble_text_embeddings(model: Encoder, prompt_groups: Sequence[Sequence[str]], batch_size: int = 256) -> torch.Tensor:
     """One embedding per group (G, D): normalise → mean over the group's prompts → renormalise."""
     sizes = [len(group) for group in prompt_groups]
     if not sizes or min(sizes) == 0:
         raise InputError("prompt ensemble: every class needs at least one prompt")
-    embeddings = encode_prompts(model, [prompt for group in prompt_groups for prompt in group], batch_size)
+    embeddings = encode_texts(model, [prompt for group in prompt_groups for prompt in group], batch_size=batch_size)
     counts = torch.tensor(sizes, device=embeddings.device)
     owner = torch.repeat_interleave(torch.arange(len(sizes), device=embeddings.device), counts)
     sums = torch.zeros(len(sizes), embeddings.shape[1], device=embeddings.device).index_add_(0, owner, embeddings)
@@ -119,7 +109,7 @@ class PerceptionClassifier:
 
 
 def build_perception_classifier(
-    model: Any,
+    model: Encoder,
     classnames: Sequence[str],
     factors: ContextFactors,
     *,

@@ -2,8 +2,8 @@
 
 Each task returns a ``TaskResult`` (``clipforge.eval.results``: CLIP_benchmark's result JSON). Image features
 and zero-shot heads are computed once per dataset and shared by the tasks that need them; images are
-decoded in worker processes (``clipforge.encode.embed_images``) and text is encoded only up to the
-longest prompt of each batch, in the model's precision.
+encoded by ``clipforge.encode`` (images decoded in worker processes; text encoded only up to the longest
+prompt of each batch), in the model's precision.
 
 Zero-shot heads follow CLIP_benchmark: templates give ``build_zero_shot_classifier``, per-class
 descriptions (CuPL) their renormalised mean; logits are ``100 · cos``. ``method="perceptionclip"``
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforge.encode import embed_images
+from clipforge.encode import Encoder, embed_images, encode_texts, model_input_image
 from clipforge.errors import InputError
 from clipforge.eval.calibration import (
     expected_calibration_error,
@@ -35,7 +35,6 @@ from clipforge.eval.datasets import (
     load_dataset,
     load_image,
     load_retrieval_dataset,
-    model_input_image,
 )
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metrics import (
@@ -48,7 +47,6 @@ from clipforge.eval.ood import auroc, fpr_at_tpr, mcm_score, roc_curve_plot
 from clipforge.eval.perception import (
     ContextFactors,
     build_perception_classifier,
-    encode_prompts,
     ensemble_text_embeddings,
     perception_clip,
     read_context_factors,
@@ -66,7 +64,7 @@ class Evaluator:
 
     def __init__(
         self,
-        model: Any,
+        model: Encoder,
         *,
         batch_size: int = 64,
         workers: int | None = None,
@@ -85,17 +83,25 @@ class Evaluator:
 
     # -- shared pieces --
 
-    def embed(self, images: Sequence[Any]) -> torch.Tensor:
+    def embed(self, images: Sequence[Any], name: str = "") -> torch.Tensor:
         """Normalised float32 features (N, D) of images, decoded in worker processes; bad files are errors."""
         result = embed_images(
-            self.model, images, batch_size=self.batch_size, workers=self.workers, strict=True, progress=self.progress
+            self.model, images, batch_size=self.batch_size, workers=self.workers, strict=True, progress=self.progress,
+            description=f"encoding {name}" if name else "encoding images",
         )
         return torch.from_numpy(result.embeddings)
 
     def image_features(self, dataset: ClassificationDataset) -> torch.Tensor:
         if id(dataset) not in self._features:
-            self._features[id(dataset)] = (dataset, self.embed(dataset.images))
+            self._features[id(dataset)] = (dataset, self.embed(dataset.images, dataset.name))
         return self._features[id(dataset)][1]
+
+    def share_features(self, dataset: ClassificationDataset, features: torch.Tensor) -> None:
+        """Use ``features`` (normalised, one row per image of ``dataset``, e.g. rows of a larger set already
+        encoded) for ``dataset`` instead of encoding its images again."""
+        if len(features) != len(dataset):
+            raise InputError(f"{dataset.name}: {len(features)} feature rows for {len(dataset)} images")
+        self._features[id(dataset)] = (dataset, features)
 
     def classifier(self, dataset: ClassificationDataset) -> torch.Tensor:
         """Zero-shot head [D, C]: template ensemble, or CuPL descriptions per class (computed once per prompt set)."""
@@ -150,8 +156,8 @@ class Evaluator:
         """Image→text and text→image recall@k, a hit when any correct item is in the top k (CLIP_benchmark)."""
         captions = [text for texts in dataset.captions for text in texts]
         owner = [i for i, texts in enumerate(dataset.captions) for _ in texts]
-        image_features = self.embed(dataset.images)
-        text_features = encode_prompts(self.model, captions).cpu()
+        image_features = self.embed(dataset.images, dataset.name)
+        text_features = encode_texts(self.model, captions, progress=self.progress, description=f"encoding {dataset.name} captions")
         return TaskResult(dataset.name, TASKS["retrieval"], retrieval_recall_at_k(image_features, text_features, owner, ks))
 
     def linear_probe(
@@ -191,14 +197,14 @@ class Evaluator:
         return result
 
     def _accuracy(self, dataset: ClassificationDataset, classifier: torch.Tensor) -> float:
-        logits = zero_shot_logits(self.embed(dataset.images), classifier)
+        logits = zero_shot_logits(self.embed(dataset.images, dataset.name), classifier)
         return topk_accuracy(logits, dataset.labels, ks=(1,))["acc1"]
 
     def ood(self, dataset: ClassificationDataset, ood_images: Sequence[Any], ood_name: str) -> TaskResult:
         """MCM scores (softmax of raw cosines to the class heads, T = 1): AUROC and FPR at 95% TPR, ROC plot."""
         concepts = self.classifier(dataset).T
         id_scores = mcm_score(self.image_features(dataset), concepts)
-        ood_scores = mcm_score(self.embed(ood_images), concepts)
+        ood_scores = mcm_score(self.embed(ood_images, ood_name), concepts)
         metrics = {"auroc": auroc(id_scores, ood_scores), "fpr95": fpr_at_tpr(id_scores, ood_scores, 0.95),
                    "id_samples": float(len(id_scores)), "ood_samples": float(len(ood_scores))}
         result = TaskResult(dataset.name, TASKS["ood"], metrics, extra={"ood_dataset": ood_name})

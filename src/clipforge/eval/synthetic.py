@@ -1,33 +1,33 @@
-"""Zero-shot and retrieval figures of a model on the synthetic world (used by training and the demo).
+"""The synthetic world's figures during training and in the demo: a preset of the evaluation runner.
 
-Test images are rendered once and cached per preprocessing; every call then costs one image pass,
-one text pass per task, and a few matrix products.
+``acc_<task>`` is zero-shot top-1 (``Evaluator.zeroshot``) on the images among the first ``samples`` of the
+test split that the task labels: exactly what ``clipforge eval zeroshot --data synthetic:<task> --samples N``
+reports for the same model and world. ``acc_heldout_combos`` is shape+color on the held-out pairs
+(``test_heldout``), and ``recall_at_1_i2t``/``recall_at_1_t2i`` are image↔text recall@1 (``Evaluator.retrieval``)
+on the first ``retrieval_samples`` test images with five paraphrases each. The images are rendered once;
+each call encodes the test images once and scores every task on its share of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from clipforge.data.synthetic import SyntheticWorld
-from clipforge.eval.metrics import retrieval_recall_at_k
-from clipforge.eval.zeroshot import build_zero_shot_classifier, zero_shot_logits
+from clipforge.encode import Encoder
+from clipforge.eval.datasets import (
+    ClassificationDataset,
+    RetrievalDataset,
+    SyntheticTask,
+)
+from clipforge.eval.runner import Evaluator
 
-
-@torch.inference_mode()
-def encode_pil_images(model: Any, images: Sequence[Any], batch_size: int = 256) -> torch.Tensor:
-    device = next(model.parameters()).device
-    rows = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([model.preprocess(image) for image in images[start : start + batch_size]])
-        rows.append(model.encode_image(pixels.to(device)).float())
-    return torch.cat(rows)
+BATCH_SIZE = 256
 
 
 class SyntheticBenchmark:
-    """``acc_<task>`` on the test split, ``acc_heldout_combos`` on held-out shape+color pairs, and recall@1."""
+    """``acc_<task>`` per task, ``acc_heldout_combos`` and recall@1, as a dict of figures rounded to 4 places."""
 
     def __init__(
         self,
@@ -38,48 +38,36 @@ class SyntheticBenchmark:
         heldout_samples: int = 256,
         retrieval_samples: int = 256,
     ) -> None:
-        self.world = world
-        self.tasks = {name: world.tasks()[name] for name in tasks}
-        self.test = list(world.samples("test", 0, samples))
-        self.heldout = list(world.samples("test_heldout", 0, heldout_samples)) if world.config.heldout_combos else []
-        self.retrieval = world.retrieval_set("test", retrieval_samples) if retrieval_samples else None
+        test = list(world.samples("test", 0, samples))
+        self.test_images = [scene.image for scene in test]
+        self.tasks: dict[str, tuple[ClassificationDataset, list[int]] | None] = {}
+        for name in tasks:
+            task = world.tasks()[name]
+            rows = [i for i, scene in enumerate(test) if task.label_of(scene.metadata) is not None]
+            self.tasks[name] = (SyntheticTask(world, task).labelled(test, f"synthetic/{name}"), rows) if rows else None
+        self.heldout = (
+            SyntheticTask(world, world.tasks()["shape_color"]).dataset("test_heldout", heldout_samples)
+            if world.config.heldout_combos
+            else None
+        )
+        found = world.retrieval_set("test", retrieval_samples) if retrieval_samples else None
+        self.retrieval = RetrievalDataset("synthetic/retrieval", found.images, found.captions) if found else None
 
-    def __call__(self, model: Any) -> dict[str, float]:
+    def __call__(self, model: Encoder) -> dict[str, float]:
+        evaluator = Evaluator(model, batch_size=BATCH_SIZE, workers=0)
+        features = evaluator.embed(self.test_images)
         results: dict[str, float] = {}
-        features = encode_pil_images(model, [s.image for s in self.test])
-        for name, task in self.tasks.items():
-            results[f"acc_{name}"] = self._accuracy(model, task, features, [s.metadata for s in self.test])
-        if self.heldout:
-            heldout_features = encode_pil_images(model, [s.image for s in self.heldout])
-            task = self.world.tasks()["shape_color"]
-            results["acc_heldout_combos"] = self._accuracy(model, task, heldout_features, [s.metadata for s in self.heldout])
+        for name, share in self.tasks.items():
+            if share is None:
+                results[f"acc_{name}"] = float("nan")
+                continue
+            dataset, rows = share
+            evaluator.share_features(dataset, features[torch.tensor(rows)])
+            results[f"acc_{name}"] = round(evaluator.zeroshot(dataset).metrics["acc1"], 4)
+        if self.heldout is not None:
+            results["acc_heldout_combos"] = round(evaluator.zeroshot(self.heldout).metrics["acc1"], 4)
         if self.retrieval is not None:
-            results.update(self._retrieval(model))
+            recall = evaluator.retrieval(self.retrieval, ks=(1,)).metrics
+            results["recall_at_1_i2t"] = round(recall["text_retrieval_recall@1"], 4)
+            results["recall_at_1_t2i"] = round(recall["image_retrieval_recall@1"], 4)
         return results
-
-    @staticmethod
-    def _accuracy(model: Any, task: Any, features: torch.Tensor, metadata: list[dict[str, Any]]) -> float:
-        labels = [task.label_of(m) for m in metadata]
-        rows = [i for i, label in enumerate(labels) if label is not None]
-        if not rows:
-            return float("nan")
-        classifier = build_zero_shot_classifier(model, task.classnames, task.templates)
-        predictions = zero_shot_logits(features[rows], classifier).argmax(dim=1)
-        targets = torch.tensor([labels[i] for i in rows])
-        return round((predictions.cpu() == targets).float().mean().item(), 4)
-
-    def _retrieval(self, model: Any) -> dict[str, float]:
-        assert self.retrieval is not None
-        image_features = encode_pil_images(model, self.retrieval.images)
-        captions = [text for texts in self.retrieval.captions for text in texts]
-        owner = [i for i, texts in enumerate(self.retrieval.captions) for _ in texts]
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            text_features = torch.cat(
-                [model.encode_text(model.tokenize(captions[s : s + 512]).to(device)).float() for s in range(0, len(captions), 512)]
-            )
-        recall = retrieval_recall_at_k(image_features, text_features, owner, ks=(1,))
-        return {
-            "recall_at_1_i2t": round(recall["text_retrieval_recall@1"], 4),
-            "recall_at_1_t2i": round(recall["image_retrieval_recall@1"], 4),
-        }

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from clipforge.encode import Encoder, encode_texts
 from clipforge.errors import InputError
 
 Template = str | Callable[[str], str]
@@ -20,25 +21,23 @@ def fill_template(template: Template, classname: str) -> str:
     return template(classname) if callable(template) else template.format(c=classname)
 
 
-@torch.inference_mode()
 def build_zero_shot_classifier(
-    model: torch.nn.Module,
+    model: Encoder,
     classnames: Sequence[str],
     templates: Sequence[Template],
     *,
     num_classes_per_batch: int = 10,
 ) -> torch.Tensor:
-    """Class weights [embed_dim, num_classes] (float32)."""
+    """Class weights [embed_dim, num_classes] (float32, on the CPU)."""
     if not classnames:
         raise InputError("zero-shot classifier: no class names")
     if not templates:
         raise InputError("zero-shot classifier: no prompt templates")
-    device = next(model.parameters()).device
     columns = []
     for start in range(0, len(classnames), num_classes_per_batch):
         batch = classnames[start : start + num_classes_per_batch]
         prompts = [fill_template(t, c) for c in batch for t in templates]
-        embeddings = F.normalize(model.encode_text(model.tokenize(prompts).to(device)).float(), dim=-1)
+        embeddings = encode_texts(model, prompts, batch_size=len(prompts))
         embeddings = embeddings.reshape(len(batch), len(templates), -1).mean(dim=1)
         columns.append(F.normalize(embeddings, dim=-1))
     return torch.cat(columns).T

@@ -3,24 +3,21 @@ pair (``scorecam``) and PNG overlays (``overlay``). ``explain_image`` runs one o
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from PIL import Image
 
+from clipforge.encode import Encoder, encode_texts, model_input_image
 from clipforge.errors import InputError
+from clipforge.explain.rollout import attention_rollout
+from clipforge.explain.scorecam import score_cam
 
 METHODS = ("scorecam", "rollout")
 
 
 def explain_image(
-    model: Any, image: Image.Image, text: str | None = None, method: str = "scorecam"
+    model: Encoder, image: Image.Image, text: str | None = None, method: str = "scorecam"
 ) -> tuple[Image.Image, torch.Tensor]:
     """The image as the model sees it and a [0, 1] map over it (Score-CAM needs ``text``; rollout ignores it)."""
-    from clipforge.eval.datasets import model_input_image
-    from clipforge.explain.rollout import attention_rollout
-    from clipforge.explain.scorecam import score_cam
-
     if method not in METHODS:
         raise InputError(f"explanation method: {method!r} is not one of {', '.join(METHODS)}")
     pixels = model.preprocess(image)[None]
@@ -28,7 +25,4 @@ def explain_image(
         return model_input_image(model, image), attention_rollout(model, pixels)[0]
     if not text or not text.strip():
         raise InputError("Score-CAM explains an image-text pair: give a non-empty text")
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        text_embedding = model.encode_text(model.tokenize([text]).to(device), normalize=True)
-    return model_input_image(model, image), score_cam(model, pixels, text_embedding)[0]
+    return model_input_image(model, image), score_cam(model, pixels, encode_texts(model, [text]))[0]

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from clipforge.encode import Encoder, encode_pixels
 from clipforge.errors import ConfigError, InputError
 from clipforge.layers.attention import AttentionOutput
 from clipforge.layers.token_reduction import (
@@ -68,10 +69,10 @@ def recording_attention(visual: Any) -> Iterator[AttentionRecorder]:
 
 
 @torch.inference_mode()
-def attention_weights(model: Any, pixels: torch.Tensor) -> list[torch.Tensor]:
+def attention_weights(model: Encoder, pixels: torch.Tensor) -> list[torch.Tensor]:
     """Post-softmax attention [B, heads, N, N] (float32) of every image block for preprocessed ``pixels``."""
     with recording_attention(model.visual) as recorder:
-        model.encode_image(pixels.to(next(model.parameters()).device))
+        encode_pixels(model, pixels, batch_size=len(pixels))
     return [weights.float() for weights in recorder.weights]
 
 
@@ -105,7 +106,7 @@ def _discard_weakest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
     return kept
 
 
-def attention_rollout(model: Any, pixels: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
+def attention_rollout(model: Encoder, pixels: torch.Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
     """Class-token rollout over the patch grid [B, grid_h, grid_w], each map scaled to a maximum of 1."""
     rolled = rollout(attention_weights(model, pixels), head_fusion, discard_ratio)
     patch = model.visual.patch_size

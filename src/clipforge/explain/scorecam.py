@@ -12,11 +12,10 @@ per image, batched.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
+from clipforge.encode import Encoder, encode_pixels, model_device
 from clipforge.errors import InputError
 
 
@@ -29,26 +28,22 @@ def _scaled_per_map(maps: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def score_cam(
-    model: Any, pixels: torch.Tensor, text_embedding: torch.Tensor, *, layer: int = -1, batch_size: int = 32
+    model: Encoder, pixels: torch.Tensor, text_embedding: torch.Tensor, *, layer: int = -1, batch_size: int = 32
 ) -> torch.Tensor:
     """Score-CAM maps [B, H, W] in [0, 1] of preprocessed ``pixels`` [B, 3, H, W] for text embeddings [B or 1, D]."""
     if pixels.ndim != 4:
         raise InputError(f"score_cam: pixels must be [B, 3, H, W], got shape {tuple(pixels.shape)}")
-    device = next(model.parameters()).device
-    pixels = pixels.to(device)
-    target = F.normalize(text_embedding.float().to(device).reshape(-1, text_embedding.shape[-1]), dim=-1)
+    pixels = pixels.to(model_device(model))
+    target = F.normalize(text_embedding.float().cpu().reshape(-1, text_embedding.shape[-1]), dim=-1)
     target = target.expand(len(pixels), -1)
     activations = model.visual.forward_intermediates(
         pixels, indices=[layer], output_fmt="NCHW", intermediates_only=True, stop_early=True
     )["image_intermediates"][0].float()  # [B, K, h, w]
     size = pixels.shape[-2:]
     masks = _scaled_per_map(F.interpolate(activations, size=size, mode="bilinear", align_corners=True))
-    scores = torch.empty(activations.shape[:2], device=device)
-    for image in range(len(pixels)):
-        for start in range(0, masks.shape[1], batch_size):
-            masked = pixels[image] * masks[image, start : start + batch_size, None].to(pixels.dtype)
-            embedding = F.normalize(model.encode_image(masked).float(), dim=-1)
-            scores[image, start : start + batch_size] = embedding @ target[image]
-    weights = scores.softmax(dim=-1)
+    scores = torch.stack(
+        [encode_pixels(model, pixels[image] * masks[image, :, None].to(pixels.dtype), batch_size) @ target[image] for image in range(len(pixels))]
+    )
+    weights = scores.softmax(dim=-1).to(activations.device)
     cam = F.relu((weights[:, :, None, None] * activations).sum(dim=1, keepdim=True))
     return _scaled_per_map(F.interpolate(cam, size=size, mode="bilinear", align_corners=True))[:, 0]

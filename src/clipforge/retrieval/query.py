@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipforge.encode import encode_texts, model_device
+from clipforge.encode import Encoder, embed_images, encode_texts
 from clipforge.errors import InputError
-from clipforge.retrieval.inputs import read_image
 
 _OPERATOR = re.compile(r"\s+([+-])(?=\s|$)")
 _WEIGHT = re.compile(r"^(\d+(?:\.\d+)?):(.*)$", re.DOTALL)
@@ -62,8 +61,7 @@ def parse_query(query: str, allow_images: bool = True) -> list[QueryTerm]:
     return terms
 
 
-@torch.inference_mode()
-def query_vector(model: Any, terms: list[QueryTerm]) -> np.ndarray:
+def query_vector(model: Encoder, terms: list[QueryTerm]) -> np.ndarray:
     """The normalised weighted sum of the terms' embeddings, float32 [embed_dim]."""
     if not terms:
         raise InputError("empty query")
@@ -73,9 +71,8 @@ def query_vector(model: Any, terms: list[QueryTerm]) -> np.ndarray:
     if texts:
         total += torch.tensor([t.weight for t in texts]) @ encode_texts(model, [t.text for t in texts])
     if images:
-        pixels = torch.stack([model.preprocess(read_image(t.image)) for t in images]).to(model_device(model))
-        embeddings = model.encode_image(pixels, normalize=True).float().cpu()
-        total += torch.tensor([t.weight for t in images]) @ embeddings
+        embedded = embed_images(model, [t.image for t in images], workers=0, strict=True, progress=False)
+        total += torch.tensor([t.weight for t in images]) @ torch.from_numpy(embedded.embeddings)
     norm = float(total.norm())
     if norm < MIN_QUERY_NORM:
         raise InputError("the query's terms cancel out (their weighted sum is zero)")

@@ -111,6 +111,20 @@ def test_every_entry_point_reads_the_same_captions(written, name) -> None:
     assert embedding == EXPECTED
 
 
+def test_folder_images_come_in_one_order_everywhere(tmp_path) -> None:
+    names = ["2023.png", "2023-party.png", "2023/x.png", "B.PNG", "a.jpeg"]
+    for index, name in enumerate(names):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(png(index))
+        (tmp_path / name).with_suffix(".txt").write_text(f"picture {name}")
+    expected = ["2023/x.png", "2023-party.png", "2023.png", "B.PNG", "a.jpeg"]  # by path components, then bytes
+
+    source = open_source(str(tmp_path))
+    assert [source.key(index) for index in range(len(source))] == expected
+    assert [Path(image).relative_to(tmp_path).as_posix() for image in load_retrieval_dataset(str(tmp_path)).images] == expected
+    assert [Path(item.path).relative_to(tmp_path).as_posix() for item in folder_items(tmp_path)] == expected
+
+
 @pytest.mark.parametrize("name", [*TABLES, "captions.tar"])
 def test_captions_as_class_labels_read_the_same_in_evaluation(written, name) -> None:
     options = {"class_field": "txt"} if name.endswith(".tar") else {"label_column": "caption"}

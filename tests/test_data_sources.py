@@ -20,7 +20,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from clipforge.data import manifest
+from clipforge.data.formats import shards as shard_reader
 from clipforge.data.sources import (
     ConcatSource,
     FolderSource,
@@ -265,7 +265,7 @@ def test_plain_tar_shard_groups_members_by_first_dot_of_basename(tmp_path) -> No
     image, caption = source.load(0)
     assert caption == "caption a" and same_pixels(image, members[0][1])
     assert source.load(1)[1] == "caption b"
-    assert load_error(source, 2).endswith(":c: missing image (no .jpg, .jpeg, .png or .webp member)")
+    assert load_error(source, 2).endswith(":c: missing image (no .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif or .tiff member)")
 
 
 def test_missing_unreadable_and_empty_shards(tmp_path) -> None:
@@ -287,8 +287,8 @@ def test_missing_unreadable_and_empty_shards(tmp_path) -> None:
 
 def test_offset_index_is_cached_reused_and_rebuilt_when_the_shard_changes(tmp_path, monkeypatch) -> None:
     scans = []
-    real_scan = manifest.scan_tar
-    monkeypatch.setattr(manifest, "scan_tar", lambda shard: scans.append(shard) or real_scan(shard))
+    real_scan = shard_reader.scan_tar
+    monkeypatch.setattr(shard_reader, "scan_tar", lambda shard: scans.append(shard) or real_scan(shard))
     shard = tmp_path / "00000.tar"
     write_wds_shard(shard, good_wds_samples("a", 3, 0))
 
@@ -316,7 +316,7 @@ def test_unwritable_shard_folder_still_works_without_a_cache(tmp_path, monkeypat
     def refuse(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(manifest, "atomic_path", refuse)
+    monkeypatch.setattr(shard_reader, "atomic_path", refuse)
     source = WebDatasetSource([str(tmp_path / "s.tar")])
     assert source.load(1)[1] == "caption r 1"
     assert not (tmp_path / ".s.tar.offsets.parquet").exists()

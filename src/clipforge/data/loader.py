@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipforge.data.sources import CaptionSource, SampleError
+from clipforge.data.formats.samples import SampleError
+from clipforge.data.sources import CaptionSource
 from clipforge.errors import ConfigError, InputError
 from clipforge.preprocess.transforms import EvalTransform
 

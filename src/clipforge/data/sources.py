@@ -3,13 +3,15 @@
 Random access to every sample is what makes exact resume and clean sharding possible (see
 ``clipforge.data.loader``): a folder of images with sidecar captions, a CSV/TSV/parquet/JSONL
 manifest (open_clip's ``--dataset-type csv``), webdataset shards in img2dataset's layout made
-randomly accessible by a tar offset index (``clipforge.data.manifest``), and the synthetic world.
+randomly accessible by a tar offset index, and the synthetic world. The files are read by
+``clipforge.data.formats``, as evaluation and embedding read them.
 
     source = open_source("shards/{00000..00009}.tar")   # or a folder, a manifest, "synthetic"
     image, caption = source.load(0)                     # InputError naming source.key(0) if bad
 
-A bad sample raises ``SampleError`` (an ``InputError``) whose message is one line,
-``"<key>: <reason> (<detail>)"``; ``reason`` is one of a few fixed phrases so skips can be counted.
+A bad sample raises ``SampleError`` (``clipforge.data.formats.samples``, an ``InputError``) whose
+message is one line, ``"<key>: <reason> (<detail>)"``; ``reason`` is one of a few fixed phrases so
+skips can be counted.
 """
 
 from __future__ import annotations
@@ -19,45 +21,33 @@ import dataclasses
 import inspect
 import itertools
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-import braceexpand
-import pyarrow as pa
 from PIL import Image
 
-from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
-from clipforge.data.manifest import (
-    MANIFEST_SUFFIXES,
-    NO_MEMBER,
-    read_manifest,
-    read_member,
-    shard_offsets,
+from clipforge._util.imageio import IMAGE_EXTENSIONS
+from clipforge.data.formats.folders import image_files, sidecar_caption
+from clipforge.data.formats.images import read_image
+from clipforge.data.formats.samples import (
+    EMPTY_SHARD,
+    MISSING_IMAGE,
+    UNREADABLE_IMAGE,
+    SampleError,
+    decode_caption,
 )
+from clipforge.data.formats.shards import (
+    CAPTION_FIELD,
+    IMAGE_FIELDS,
+    SOURCE_LIST_SEPARATOR,
+    expand_shards,
+    shard_indexes,
+)
+from clipforge.data.formats.tables import TABLE_SUFFIXES, read_caption_table
 from clipforge.data.synthetic import SPLITS, SyntheticWorld, WorldConfig
 from clipforge.errors import ConfigError, InputError, one_line
 
-UNREADABLE_IMAGE = "unreadable image"
-MISSING_IMAGE = "missing image"
-MISSING_CAPTION = "missing caption"
-CAPTION_NOT_UTF8 = "caption is not UTF-8"
-EMPTY_CAPTION = "empty caption"
-EMPTY_SHARD = "empty shard"
-UNREADABLE_CAPTION = "unreadable caption file"
-TRUNCATED_SHARD = "truncated shard"
-
 DEFAULT_SYNTHETIC_LENGTH = 100_000
-INDEX_THREADS = 8  # shard offset indexes read or built at once
-SOURCE_LIST_SEPARATOR = "::"  # open_clip's separator for several data sources
-
-
-class SampleError(InputError):
-    """One bad sample: ``key`` names it, ``reason`` is a fixed phrase to count by, ``detail`` says more."""
-
-    def __init__(self, key: str, reason: str, detail: str = "") -> None:
-        super().__init__(f"{key}: {reason}" + (f" ({detail})" if detail else ""))
-        self.key, self.reason, self.detail = key, reason, detail
 
 
 class CaptionSource(Protocol):
@@ -76,25 +66,9 @@ class CaptionSource(Protocol):
     def load(self, index: int) -> tuple[Image.Image, str]: ...
 
 
-def decode_caption(raw: bytes | str | None, key: str, missing: str = "") -> str:
-    """The caption text, stripped; ``SampleError`` when it is missing (``missing`` says where it was looked
-    for), not UTF-8 or blank."""
-    if raw is None:
-        raise SampleError(key, MISSING_CAPTION, missing)
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as error:
-            raise SampleError(key, CAPTION_NOT_UTF8, f"invalid byte at position {error.start}") from error
-    text = raw.strip()
-    if not text:
-        raise SampleError(key, EMPTY_CAPTION)
-    return text
-
-
 def _decode_image(data: bytes | Path, key: str) -> Image.Image:
     try:
-        return open_image(data, name=key)
+        return read_image(data, name=key)
     except InputError as error:
         raise SampleError(key, UNREADABLE_IMAGE, str(error).removeprefix(f"{key}: ")) from error
 
@@ -106,19 +80,14 @@ def _check_index(index: int, length: int) -> int:
 
 
 class FolderSource:
-    """Images found recursively under ``root`` (sorted by relative path), each captioned by the
-    ``.txt`` file with the same path minus the extension (``a/b.jpg`` → ``a/b.txt``).
-
-    Keys are image paths relative to ``root``. Pairing by path-without-extension avoids clip-retrieval's
-    ``files`` reader bug (keys with extensions never pair; research/data-retrieval.md §4.3).
-    """
+    """Images found recursively under ``root``, each captioned by its ``.txt`` sidecar
+    (``clipforge.data.formats.folders``). Keys are image paths relative to ``root``."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise InputError(f"{self.root}: no such folder")
-        found = (path for path in self.root.rglob("*") if is_image_path(path) and path.is_file())
-        self.relative_paths = sorted(path.relative_to(self.root).as_posix() for path in found)
+        self.relative_paths = [path.relative_to(self.root).as_posix() for path in image_files(self.root)]
         if not self.relative_paths:
             raise InputError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self.dropped: list[tuple[str, str]] = []
@@ -131,23 +100,15 @@ class FolderSource:
 
     def load(self, index: int) -> tuple[Image.Image, str]:
         key = self.key(index)
-        path = self.root / key
-        caption_path = path.with_suffix(".txt")
-        try:
-            raw = caption_path.read_bytes()
-        except FileNotFoundError:
-            raw = None
-        except OSError as error:
-            raise SampleError(key, UNREADABLE_CAPTION, one_line(error)) from error
-        caption = decode_caption(raw, key, f"no {caption_path.name}")
-        return _decode_image(path, key), caption
+        caption = sidecar_caption(self.root / key, key)
+        return _decode_image(self.root / key, key), caption
 
 
 class ManifestSource:
-    """Rows of a CSV, TSV, parquet or JSONL manifest: an image column (paths, or encoded bytes in a
-    binary column) and a caption column, auto-detected from ``manifest.IMAGE_COLUMNS`` and
-    ``manifest.CAPTION_COLUMNS`` unless named. Relative paths resolve against ``root`` (default: the
-    manifest's folder). Keys are the paths as written (``"<manifest> row <i>"`` for bytes or a blank path).
+    """Rows of a CSV, TSV, parquet or JSONL manifest (``clipforge.data.formats.tables``): an image column
+    (paths, encoded bytes or ``{bytes, path}`` structs) and a caption column, auto-detected unless named.
+    Relative paths resolve against ``root`` (default: the manifest's folder). Keys are the paths as
+    written (``"<manifest> row <i>"`` for bytes or a blank path).
     """
 
     def __init__(
@@ -158,41 +119,32 @@ class ManifestSource:
         root: str | Path | None = None,
     ) -> None:
         self.path = Path(path)
-        columns = read_manifest(self.path, image_column, caption_column)
-        self.images, self.captions = columns.images, columns.captions
-        self.image_column, self.caption_column = columns.image_column, columns.caption_column
+        self.table = read_caption_table(self.path, image_column, caption_column)
+        self.image_column, self.caption_column = self.table.image_column, self.table.value_column
         self.root = Path(root) if root is not None else self.path.parent
-        self._holds_bytes = not pa.types.is_string(self.images.type)
         if len(self) == 0:
             raise InputError(f"{self.path}: the manifest has no rows")
         self.dropped: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.table)
 
     def key(self, index: int) -> str:
         index = _check_index(index, len(self))
-        value = None if self._holds_bytes else self.images[index].as_py()
-        return value if value and value.strip() else f"{self.path.name} row {index}"
+        return self.table.image_path(index) or f"{self.path.name} row {index}"
 
     def load(self, index: int) -> tuple[Image.Image, str]:
         key = self.key(index)
-        caption = decode_caption(self.captions[index].as_py(), key, f"no {self.caption_column!r} value")
-        value = self.images[index].as_py()
-        if value is None or (not self._holds_bytes and not value.strip()):
+        caption = self.table.caption(index, key)
+        image = self.table.image(index, self.root)
+        if image is None:
             raise SampleError(key, MISSING_IMAGE, f"no {self.image_column!r} value")
-        return _decode_image(value if self._holds_bytes else self.root / value, key), caption
-
-
-def expand_shards(shards: str | Sequence[str]) -> list[str]:
-    """Shard paths from brace patterns (``"data/{00000..00009}.tar"``), ``::``-joined lists or a list."""
-    patterns = shards.split(SOURCE_LIST_SEPARATOR) if isinstance(shards, str) else list(shards)
-    return [path for pattern in patterns for path in braceexpand.braceexpand(pattern)]
+        return _decode_image(image, key), caption
 
 
 class WebDatasetSource:
-    """Samples of webdataset tar shards in img2dataset's layout: ``{key}.jpg|jpeg|png|webp`` and
-    ``{key}.txt`` (other members, such as ``{key}.json``, are ignored), read by tar offset index.
+    """Samples of webdataset tar shards (``clipforge.data.formats.shards``) that have an image or a
+    ``.txt`` caption: ``{key}.jpg|png|webp|...`` and ``{key}.txt``; other members are ignored.
 
     Keys are ``"<shard>:<sample key>"``. A missing shard is an ``InputError``; an empty one gives no
     samples and is listed in ``dropped`` as an "empty shard".
@@ -202,10 +154,10 @@ class WebDatasetSource:
         self.shards = [Path(path) for path in expand_shards(shards)]
         if not self.shards:
             raise ConfigError("webdataset source: no shard paths given")
-        with ThreadPoolExecutor(max_workers=INDEX_THREADS) as pool:  # shards may sit on a network file system
-            self.offsets = list(pool.map(shard_offsets, self.shards))
-        self.dropped = [(str(shard), EMPTY_SHARD) for shard, index in zip(self.shards, self.offsets) if not len(index)]
-        self._starts = list(itertools.accumulate((len(index) for index in self.offsets), initial=0))
+        self.indexes = shard_indexes(self.shards)
+        self.rows = [index.samples_with((*IMAGE_FIELDS, CAPTION_FIELD)) for index in self.indexes]
+        self.dropped = [(str(shard), EMPTY_SHARD) for shard, rows in zip(self.shards, self.rows) if len(rows) == 0]
+        self._starts = list(itertools.accumulate((len(rows) for rows in self.rows), initial=0))
         if len(self) == 0:
             raise InputError(f"{self.shards[0]}: every one of the {len(self.shards)} shards is empty")
 
@@ -215,30 +167,21 @@ class WebDatasetSource:
     def _locate(self, index: int) -> tuple[int, int]:
         index = _check_index(index, len(self))
         shard = bisect.bisect_right(self._starts, index) - 1
-        return shard, index - self._starts[shard]
+        return shard, self.rows[shard][index - self._starts[shard]]
 
     def key(self, index: int) -> str:
         shard, row = self._locate(index)
-        return f"{self.shards[shard]}:{self.offsets[shard].keys[row]}"
+        return self.indexes[shard].label(row)
 
     def load(self, index: int) -> tuple[Image.Image, str]:
         shard, row = self._locate(index)
-        key, path, offsets = self.key(index), self.shards[shard], self.offsets[shard]
-        raw_caption = self._member(path, key, offsets.caption_offsets[row], offsets.caption_sizes[row])
-        caption = decode_caption(raw_caption, key, "no .txt member")
-        image = self._member(path, key, offsets.image_offsets[row], offsets.image_sizes[row])
+        key, shard_index = self.key(index), self.indexes[shard]
+        caption = shard_index.caption(row)
+        image = shard_index.image(row)
         if image is None:
-            raise SampleError(key, MISSING_IMAGE, "no .jpg, .jpeg, .png or .webp member")
-        return _decode_image(image, key), caption
-
-    @staticmethod
-    def _member(path: Path, key: str, offset: int, size: int) -> bytes | None:
-        if offset == NO_MEMBER:
-            return None
-        data = read_member(path, int(offset), int(size))
-        if data is None:
-            raise SampleError(key, TRUNCATED_SHARD, f"the file ends before byte {offset + size}")
-        return data
+            fields = [f".{field}" for field in IMAGE_FIELDS]
+            raise SampleError(key, MISSING_IMAGE, f"no {', '.join(fields[:-1])} or {fields[-1]} member")
+        return _decode_image(image.read(), key), caption
 
 
 class SyntheticSource:
@@ -343,11 +286,11 @@ def _open_one(text: str) -> CaptionSource:
     if path.is_dir():
         shards = sorted(str(shard) for shard in path.glob("*.tar"))
         return WebDatasetSource(shards) if shards else FolderSource(path)
-    if path.suffix.lower() in MANIFEST_SUFFIXES:
+    if path.suffix.lower() in TABLE_SUFFIXES:
         return ManifestSource(path)
     if not path.exists():
         raise InputError(f"{text}: no such file or folder")
     raise ConfigError(
-        f"{text}: not a data source (expected a folder, .tar shards, a {', '.join(MANIFEST_SUFFIXES)} manifest "
+        f"{text}: not a data source (expected a folder, .tar shards, a {', '.join(TABLE_SUFFIXES)} manifest "
         "or 'synthetic')"
     )

@@ -1,25 +1,25 @@
-"""Evaluation datasets: labelled images with class names and prompt templates, from five kinds of source.
+"""Evaluation datasets: labelled images with class names and prompt templates, from four kinds of source.
 
 - the synthetic world's zero-shot tasks (``synthetic`` or ``synthetic:<task>``, e.g. ``synthetic:color``);
 - a class-per-folder directory (``root/<class>/<image>``, classes in sorted folder order);
-- a CSV/TSV/parquet table with an image column (paths relative to the table, or encoded bytes) and a
-  label column (class ids or class names);
+- a CSV/TSV/parquet/JSONL table with an image column (paths relative to the table, encoded bytes or
+  ``{bytes, path}`` structs) and a label column (class ids or class names);
 - webdataset shards (``.tar`` files, brace patterns such as ``shards/{000..009}.tar``) whose samples
   carry a class field (a ``<key>.cls`` member, as CLIP_benchmark's ``wds/*`` sets, or a JSON field).
 
-Class names and templates may come from files (``read_classnames``, ``read_templates``): one per line
-in a ``.txt``, a JSON list, or, for templates, a CuPL JSON object ``{class name: [descriptions]}``
-(Pratt et al., "What does a platypus look like?", ICCV 2023). Templates are ``str.format`` strings
-with a ``{c}`` placeholder, as in CLIP_benchmark. Every problem is one ``InputError`` line naming the
-file and the line, row, class or field at fault.
+Retrieval sets (image-caption pairs) come from the synthetic world, a table with image and caption
+columns, webdataset shards or a folder of images, with a ``.txt`` caption per image. Files are read by
+``clipforge.data.formats``, exactly as training and embedding read them; shard images stay in their
+shards (``ShardMember`` references) until an image is decoded.
+
+Class names and templates may come from files (``clipforge.eval.prompts``). Every problem is one
+``InputError`` line naming the file and the line, row, class or field at fault.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import tarfile
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +28,22 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path, open_image
+from clipforge._util.imageio import IMAGE_EXTENSIONS
+from clipforge.data.formats.folders import class_folders, image_files, sidecar_caption
+from clipforge.data.formats.images import ImageSource, read_rgb_image
+from clipforge.data.formats.samples import decode_text
+from clipforge.data.formats.shards import (
+    IMAGE_FIELDS,
+    ShardIndex,
+    expand_shards,
+    shard_indexes,
+)
+from clipforge.data.formats.tables import (
+    TABLE_SUFFIXES,
+    Table,
+    read_caption_table,
+    read_label_table,
+)
 from clipforge.data.synthetic import (
     CONTEXT_FACTORS,
     SyntheticWorld,
@@ -36,17 +51,18 @@ from clipforge.data.synthetic import (
     ZeroShotTask,
 )
 from clipforge.errors import InputError, one_line
-
-DEFAULT_TEMPLATES = ["a photo of a {c}."]
-"""CLIP's default prompt when a dataset comes without templates."""
-
-Templates = list[str] | dict[str, list[str]]
-ImageSource = Image.Image | str | Path | bytes
+from clipforge.eval.prompts import (
+    DEFAULT_TEMPLATES,
+    Templates,
+    check_templates,
+    read_classnames,
+    read_templates,
+)
 
 
 @dataclass(frozen=True)
 class ClassificationDataset:
-    """Images (PIL images, file paths or encoded bytes) with class ids into ``classnames``.
+    """Images (PIL images, file paths, encoded bytes or shard members) with class ids into ``classnames``.
 
     ``templates`` is a list of ``{c}`` prompts shared by all classes, or per-class descriptions
     (CuPL). ``synthetic`` is set for the synthetic world's tasks: it can render the task's other
@@ -116,78 +132,6 @@ class SyntheticTask:
         return RetrievalDataset("synthetic/retrieval", found.images, found.captions)
 
 
-# -- class names and templates from files --
-
-
-def _read_entries(path: Path, what: str) -> tuple[list[Any] | dict[str, Any], str]:
-    """A ``.json`` file's list or object, or a text file's lines (trailing blank lines dropped), and
-    what to call one entry in messages ("entry" or "line")."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{what} file {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"{what} file {path}: cannot read it ({one_line(error)})") from None
-    if path.suffix.lower() != ".json":
-        return text.rstrip("\n\r ").splitlines(), "line"
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{what} file {path}: invalid JSON ({error.msg} at line {error.lineno})") from None
-    if not isinstance(value, list | dict):
-        raise InputError(f"{what} file {path}: expected a JSON list or object, got {type(value).__name__}")
-    return value, "entry"
-
-
-def _nonempty_strings(values: Sequence[Any], where: str, position: str, noun: str) -> list[str]:
-    for number, value in enumerate(values, start=1):
-        if not isinstance(value, str) or not value.strip():
-            raise InputError(f"{where}: {position} {number} is an empty {noun} ({value!r})")
-    if not values:
-        raise InputError(f"{where}: has no {noun}s")
-    return [value.strip() for value in values]
-
-
-def read_classnames(path: str | Path) -> list[str]:
-    """Class names from a ``.txt`` (one per line) or a JSON list; empty or repeated names are errors."""
-    path = Path(path)
-    entries, position = _read_entries(path, "class names")
-    if isinstance(entries, dict):
-        raise InputError(f"class names file {path}: expected a list of class names, got a JSON object")
-    names = _nonempty_strings(entries, f"class names file {path}", position, "class name")
-    for number, name in enumerate(names, start=1):
-        if (first := names.index(name) + 1) != number:
-            raise InputError(f"class names file {path}: {position} {number} repeats class {name!r} ({position} {first})")
-    return names
-
-
-def read_templates(path: str | Path) -> Templates:
-    """Prompt templates (``.txt`` lines or a JSON list, each with ``{c}``) or CuPL descriptions per class."""
-    path = Path(path)
-    entries, position = _read_entries(path, "templates")
-    where = f"templates file {path}"
-    if isinstance(entries, dict):
-        return {
-            name: _nonempty_strings(texts if isinstance(texts, list) else [], f"{where}, class {name!r}", "entry", "description")
-            for name, texts in entries.items()
-        }
-    templates = _nonempty_strings(entries, where, position, "template")
-    for number, template in enumerate(templates, start=1):
-        if "{c}" not in template:
-            raise InputError(f"{where}: {position} {number} has no {{c}} placeholder ({template!r})")
-    return templates
-
-
-def check_templates(templates: Templates, classnames: Sequence[str], source: str) -> Templates:
-    """CuPL descriptions must cover every class; returns them restricted to ``classnames``."""
-    if isinstance(templates, list):
-        return templates
-    missing = [name for name in classnames if name not in templates]
-    if missing:
-        raise InputError(f"{source}: no descriptions for class {missing[0]!r} ({len(missing)} classes missing)")
-    return {name: templates[name] for name in classnames}
-
-
 # -- dataset sources --
 
 
@@ -202,20 +146,12 @@ def synthetic_task(task: str = "shape", world: WorldConfig | None = None) -> Syn
 def folder_dataset(root: str | Path, classnames: Sequence[str] | None = None) -> ClassificationDataset:
     """``root/<class folder>/**/<image>``; ``classnames`` (if given) name the folders in sorted order."""
     root = Path(root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise InputError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
-    if classnames is not None and len(classnames) != len(folders):
-        raise InputError(f"{root}: {len(folders)} class folders but {len(classnames)} class names")
-    images: list[ImageSource] = []
-    labels: list[int] = []
-    for label, folder in enumerate(folders):
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p))
-        if not files:
-            raise InputError(f"{folder}: class {folder.name!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-        images.extend(files)
-        labels.extend([label] * len(files))
-    names = list(classnames) if classnames is not None else [folder.name.replace("_", " ") for folder in folders]
+    classes = class_folders(root)
+    if classnames is not None and len(classnames) != len(classes):
+        raise InputError(f"{root}: {len(classes)} class folders but {len(classnames)} class names")
+    images = [image for _, files in classes for image in files]
+    labels = [label for label, (_, files) in enumerate(classes) for _ in files]
+    names = list(classnames) if classnames is not None else [folder.name.replace("_", " ") for folder, _ in classes]
     return ClassificationDataset(root.name, names, list(DEFAULT_TEMPLATES), images, labels)
 
 
@@ -247,35 +183,13 @@ def _require_every_class(labels: Sequence[int], classnames: Sequence[str], sourc
         raise InputError(f"{source}: class {empty[0]!r} has no images ({len(empty)} empty classes)")
 
 
-def _read_table(path: Path) -> Any:
-    import pyarrow.csv as pa_csv
-    import pyarrow.parquet as pq
-
-    try:
-        if path.suffix.lower() == ".parquet":
-            return pq.read_table(path)
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
-    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for unreadable tables
-        raise InputError(f"{path}: cannot read the table ({one_line(error)})") from None
-
-
-def _column(table: Any, name: str, path: Path) -> list[Any]:
-    if name not in table.column_names:
-        raise InputError(f"{path}: no column {name!r} (columns: {', '.join(table.column_names)})")
-    return table.column(name).to_pylist()
-
-
-def _image_cell(value: Any, base: Path, source: str, row: int) -> ImageSource:
-    """A table cell as an image source: bytes, a path (relative to the table), or {"bytes", "path"}."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, bytes | bytearray):
-        return bytes(value)
-    if isinstance(value, str) and value.strip():
-        path = Path(value)
-        return path if path.is_absolute() else base / path
-    raise InputError(f"{source}: row {row} has no image ({value!r})")
+def _table_images(table: Table) -> list[ImageSource]:
+    """Every row's image (files relative to the table); an empty cell is an error naming its row."""
+    images = [table.image(row, table.path.parent) for row in range(len(table))]
+    if None in images:
+        row = images.index(None)
+        raise InputError(f"{table.path} column {table.image_column!r}: row {row + 1} has no image")
+    return images
 
 
 def table_dataset(
@@ -284,25 +198,26 @@ def table_dataset(
     label_column: str = "label",
     classnames: Sequence[str] | None = None,
 ) -> ClassificationDataset:
-    """A CSV/TSV/parquet table with one image and one label per row."""
+    """A CSV/TSV/parquet/JSONL table with one image and one label per row."""
     path = Path(path)
-    table = _read_table(path)
-    source = f"{path} column {label_column!r}"
-    labels, names = _labels_to_ids(_column(table, label_column, path), classnames, source)
-    cells = _column(table, image_column, path)
-    images = [_image_cell(cell, path.parent, f"{path} column {image_column!r}", row) for row, cell in enumerate(cells, 1)]
+    table = read_label_table(path, image_column, label_column)
+    labels, names = _labels_to_ids(table.values.to_pylist(), classnames, f"{path} column {label_column!r}")
+    images = _table_images(table)
     _require_every_class(labels, names, str(path))
     return ClassificationDataset(path.stem, names, list(DEFAULT_TEMPLATES), images, labels)
 
 
-def _class_value(members: dict[str, bytes], class_field: str, where: str) -> Any:
+def _class_value(index: ShardIndex, row: int, class_field: str) -> Any:
     """The class of one webdataset sample: member ``<key>.<class_field>`` or field ``class_field`` of ``<key>.json``."""
-    if class_field in members:
-        text = members[class_field].decode("utf-8").strip()
+    where = index.label(row)
+    raw = index.read(row, class_field)
+    if raw is not None:
+        text = decode_text(raw, where, "class")
         return int(text) if text.lstrip("-").isdigit() else text
-    if "json" in members:
+    raw = index.read(row, "json")
+    if raw is not None:
         try:
-            record = json.loads(members["json"])
+            record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InputError(f"{where}: unreadable .json member ({one_line(error)})") from None
         if isinstance(record, dict) and class_field in record:
@@ -310,38 +225,30 @@ def _class_value(members: dict[str, bytes], class_field: str, where: str) -> Any
     raise InputError(f"{where}: no class field {class_field!r} (neither a .{class_field} member nor a JSON field)")
 
 
+def _shard_images(pattern: str) -> list[tuple[ShardIndex, int]]:
+    """(index, row) of every sample with an image in the shards of ``pattern``, in order."""
+    indexes = shard_indexes([Path(shard) for shard in expand_shards(pattern)])
+    found = [(index, row) for index in indexes for row in index.samples_with(IMAGE_FIELDS)]
+    if not found:
+        raise InputError(f"{pattern}: no image samples in the shards")
+    return found
+
+
+def _shard_set_name(pattern: str) -> str:
+    return Path(pattern).parent.name or Path(pattern).stem
+
+
 def webdataset_dataset(
     pattern: str, class_field: str = "cls", classnames: Sequence[str] | None = None
 ) -> ClassificationDataset:
-    """Webdataset shards: members grouped by key (the name up to the first dot); image bytes kept in memory."""
-    from braceexpand import braceexpand
-
-    images: list[ImageSource] = []
-    raw_labels: list[Any] = []
-    for shard in map(Path, braceexpand(pattern)):
-        if not shard.is_file():
-            raise InputError(f"{shard}: no such webdataset shard")
-        samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-        try:
-            with tarfile.open(shard) as archive:
-                for member in archive:
-                    if member.isfile():
-                        directory, _, base = member.name.rpartition("/")
-                        key, _, extension = base.partition(".")
-                        samples[f"{directory}/{key}"][extension.lower()] = archive.extractfile(member).read()
-        except (tarfile.TarError, OSError) as error:
-            raise InputError(f"{shard}: not a readable tar shard ({one_line(error)})") from None
-        for key, members in samples.items():
-            image_extension = next((e for e in members if f".{e}" in IMAGE_EXTENSIONS), None)
-            if image_extension is None:
-                continue
-            images.append(members[image_extension])
-            raw_labels.append(_class_value(members, class_field, f"{shard} sample {key.lstrip('/')}"))
-    if not images:
-        raise InputError(f"{pattern}: no image samples in the shards")
+    """Webdataset shards (``clipforge.data.formats.shards``): one image per sample with an image, kept
+    in its shard as a ``ShardMember``, and its class."""
+    samples = _shard_images(pattern)
+    images = [index.image(row) for index, row in samples]
+    raw_labels = [_class_value(index, row, class_field) for index, row in samples]
     labels, names = _labels_to_ids(raw_labels, classnames, f"{pattern} field {class_field!r}")
     _require_every_class(labels, names, pattern)
-    return ClassificationDataset(Path(pattern).parent.name or Path(pattern).stem, names, list(DEFAULT_TEMPLATES), images, labels)
+    return ClassificationDataset(_shard_set_name(pattern), names, list(DEFAULT_TEMPLATES), images, labels)
 
 
 def load_dataset(
@@ -364,14 +271,12 @@ def load_dataset(
         path = Path(spec)
         if path.is_dir():
             dataset = folder_dataset(path, classnames)
-        elif path.suffix.lower() in (".csv", ".tsv", ".parquet"):
-            if not path.is_file():
-                raise InputError(f"{path}: no such file")
+        elif path.suffix.lower() in TABLE_SUFFIXES:
             dataset = table_dataset(path, image_column, label_column, classnames)
         elif path.suffix.lower() == ".tar":
             dataset = webdataset_dataset(spec, class_field, classnames)
         else:
-            raise InputError(f"{spec}: not a folder, table (.csv/.tsv/.parquet), webdataset (.tar) or 'synthetic[:task]'")
+            raise InputError(f"{spec}: not a folder, table ({'/'.join(TABLE_SUFFIXES)}), webdataset (.tar) or 'synthetic[:task]'")
     if templates_file is not None:
         templates = check_templates(read_templates(templates_file), dataset.classnames, str(templates_file))
         dataset = replace(dataset, templates=templates)
@@ -381,23 +286,31 @@ def load_dataset(
 def load_retrieval_dataset(
     spec: str, *, samples: int = 1000, image_column: str = "image", caption_column: str = "caption"
 ) -> RetrievalDataset:
-    """``synthetic`` (five paraphrases per image) or a table with one caption per row (rows grouped by image)."""
+    """``synthetic`` (five paraphrases per image), a table with one caption per row (rows grouped by
+    image), webdataset shards (``.tar``, brace patterns) or a folder of images, each with one ``.txt``
+    caption."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
         return synthetic_task(spec.partition(":")[2] or "shape").retrieval(samples)
     path = Path(spec)
-    if path.suffix.lower() not in (".csv", ".tsv", ".parquet") or not path.is_file():
-        raise InputError(f"{spec}: retrieval needs 'synthetic' or a .csv/.tsv/.parquet table with image and caption columns")
-    table = _read_table(path)
+    if path.is_dir():
+        files = image_files(path)
+        if not files:
+            raise InputError(f"{path}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+        return RetrievalDataset(path.name, files, [[sidecar_caption(file, str(file))] for file in files])
+    if path.suffix.lower() == ".tar":
+        found = _shard_images(spec)
+        captions = [[index.caption(row)] for index, row in found]
+        return RetrievalDataset(_shard_set_name(spec), [index.image(row) for index, row in found], captions)
+    if path.suffix.lower() not in TABLE_SUFFIXES or not path.is_file():
+        raise InputError(
+            f"{spec}: retrieval needs 'synthetic', a folder of images with .txt captions, webdataset shards (.tar) "
+            f"or a {'/'.join(TABLE_SUFFIXES)} table with image and caption columns"
+        )
+    table = read_caption_table(path, image_column, caption_column)
     grouped: dict[Any, list[str]] = {}
-    cells, texts = _column(table, image_column, path), _column(table, caption_column, path)
-    for row, (cell, text) in enumerate(zip(cells, texts, strict=True), start=1):
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{path} column {caption_column!r}: row {row} has an empty caption")
-        grouped.setdefault(_image_cell(cell, path.parent, f"{path} column {image_column!r}", row), []).append(text)
+    for row, image in enumerate(_table_images(table)):
+        grouped.setdefault(image, []).append(table.caption(row, f"{path} row {row + 1}"))
     return RetrievalDataset(path.stem, list(grouped), list(grouped.values()))
 
 
-def load_image(source: ImageSource) -> Image.Image:
-    """A dataset entry as an RGB PIL image (files and bytes through ``open_image``)."""
-    image = source if isinstance(source, Image.Image) else open_image(source)
-    return image.convert("RGB")
+load_image = read_rgb_image  # a dataset entry as an RGB PIL image (``clipforge.data.formats.images``)

@@ -27,7 +27,7 @@ import torch
 
 from clipforge._util.fileio import atomic_path
 from clipforge._util.progress import progress_bar
-from clipforge.data.sources import expand_shards
+from clipforge.data.formats.shards import expand_shards
 from clipforge.encode import encode_image_batches, encode_texts, fixed_batches
 from clipforge.errors import ConfigError, InputError
 from clipforge.retrieval.inputs import (

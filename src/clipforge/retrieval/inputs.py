@@ -1,13 +1,14 @@
 """What to embed and where embeddings go: image folders, manifests and webdataset shards in; parquet out.
 
-Inputs become ``ImageItem`` records (an id, where the image bytes are, an optional caption):
+Inputs become ``ImageItem`` records (an id, where the image bytes are, an optional caption), read by
+``clipforge.data.formats`` exactly as training and evaluation read them:
 
 - a folder: its image files, recursively, sorted; with captions, the ``.txt`` file with the same path
-  minus the extension (the pairing ``data.sources.FolderSource`` uses too, research/data-retrieval.md §4.3);
-- a manifest (``.csv``, ``.tsv``, ``.parquet``, ``.jsonl``, read by ``data.manifest.read_manifest``):
-  one row per image, paths relative to the manifest's folder, and a caption column;
+  minus the extension (``formats.folders``);
+- a manifest (``.csv``, ``.tsv``, ``.parquet``, ``.jsonl``, ``formats.tables``): one row per image,
+  paths relative to the manifest's folder, and a caption column;
 - a webdataset shard (``.tar``): one item per sample with an image, located by the shard's cached
-  offset index (``data.manifest.shard_offsets``) so decoding workers read it with one seek;
+  index (``formats.shards``) so decoding workers read it with one seek;
 - an image file.
 """
 
@@ -24,15 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge._util.fileio import atomic_path
-from clipforge._util.imageio import is_image_path, open_image
-from clipforge.data.manifest import (
-    MANIFEST_SUFFIXES,
-    NO_MEMBER,
-    read_manifest,
-    read_member,
-    shard_offsets,
-)
-from clipforge.data.sources import decode_caption
+from clipforge._util.imageio import is_image_path
+from clipforge.data.formats import images
+from clipforge.data.formats.folders import image_files, sidecar_caption
+from clipforge.data.formats.shards import ShardMember, shard_index
+from clipforge.data.formats.tables import TABLE_SUFFIXES, read_caption_table
 from clipforge.errors import InputError, one_line
 
 
@@ -70,30 +67,25 @@ class ImageItem:
             int(row["offset"]) if in_shard else -1, int(row["size"]) if in_shard else -1,
         )
 
+    def image_source(self) -> str | ShardMember:
+        """Where the encoded image is, for ``clipforge.data.formats.images.read_image``."""
+        return self.path if self.offset < 0 else ShardMember(self.path, self.sample or "", self.offset, self.size)
+
     def read_bytes(self) -> bytes:
         """The encoded image: the whole file, or its byte range inside the shard."""
+        source = self.image_source()
+        if isinstance(source, ShardMember):
+            return source.read()
         try:
-            if self.offset < 0:
-                return Path(self.path).read_bytes()
-            data = read_member(Path(self.path), self.offset, self.size)
+            return Path(source).read_bytes()
         except OSError as error:
             raise InputError(f"{self.label}: cannot read ({one_line(error)})") from None
-        if data is None:
-            raise InputError(f"{self.label}: the shard is shorter than its index says (changed since?)")
-        return data
 
 
 def read_image(source: Any) -> Any:
-    """A decoded PIL image from a PIL image, an image path or an ``ImageItem`` (``InputError`` names it)."""
-    if hasattr(source, "convert"):
-        return source
-    if isinstance(source, ImageItem):
-        return open_image(source.path) if source.offset < 0 else open_image(source.read_bytes(), name=source.label)
-    return open_image(source)
-
-
-def _folder_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p))
+    """A decoded PIL image from a PIL image, an image path, encoded bytes, a shard member or an
+    ``ImageItem`` (``InputError`` names it); see ``clipforge.data.formats.images``."""
+    return images.read_image(source.image_source() if isinstance(source, ImageItem) else source)
 
 
 def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
@@ -102,7 +94,7 @@ def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths.extend(_folder_images(path))
+            paths.extend(image_files(path))
         elif path.is_file():
             paths.append(path)
         else:
@@ -119,13 +111,13 @@ def input_kind(path: Path) -> str:
     if not path.is_file():
         raise InputError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
-    if suffix in MANIFEST_SUFFIXES:
+    if suffix in TABLE_SUFFIXES:
         return "manifest"
     if suffix == ".tar":
         return "shard"
     if is_image_path(path):
         return "image"
-    raise InputError(f"{path}: not a folder, image, .tar shard or manifest ({', '.join(MANIFEST_SUFFIXES)})")
+    raise InputError(f"{path}: not a folder, image, .tar shard or manifest ({', '.join(TABLE_SUFFIXES)})")
 
 
 def input_root(path: Path) -> Path:
@@ -137,51 +129,41 @@ def input_root(path: Path) -> Path:
 def file_item(image: Path, captions: bool = False) -> ImageItem:
     """An image file, identified by its absolute path; with ``captions``, captioned by its ``.txt``."""
     path = str(image.absolute())
-    if not captions:
-        return ImageItem(path, path)
-    try:
-        raw = image.with_suffix(".txt").read_bytes()
-    except FileNotFoundError:
-        raw = None
-    except OSError as error:
-        raise InputError(f"{image.with_suffix('.txt')}: unreadable caption ({one_line(error)})") from None
-    return ImageItem(path, path, decode_caption(raw, str(image)))
+    return ImageItem(path, path, sidecar_caption(image, str(image)) if captions else None)
 
 
 def folder_items(folder: Path, captions: bool = False) -> list[ImageItem]:
     """The folder's images, sorted."""
-    return [file_item(image, captions) for image in _folder_images(folder)]
+    return [file_item(image, captions) for image in image_files(folder)]
 
 
 def manifest_items(path: Path, image_column: str | None = None, caption_column: str | None = None) -> list[ImageItem]:
     """One item per manifest row, with its caption; relative paths are relative to the manifest's folder."""
-    columns = read_manifest(path, image_column, caption_column)
-    if not pa.types.is_string(columns.images.type):
-        raise InputError(f"{path}: column {columns.image_column!r} holds image bytes; a store needs image files")
+    table = read_caption_table(path, image_column, caption_column)
+    if not table.holds_paths:
+        raise InputError(f"{path}: column {table.image_column!r} holds image bytes; a store needs image files")
     base = path.absolute().parent
     items = []
-    for number, (image, caption) in enumerate(zip(columns.images.to_pylist(), columns.captions.to_pylist())):
-        if not image or not image.strip():
-            raise InputError(f"{path}: row {number} has an empty {columns.image_column!r}")
+    for number in range(len(table)):
+        image = table.image_path(number)
+        if image is None:
+            raise InputError(f"{path}: row {number} has an empty {table.image_column!r}")
         location = str(base / image)
-        items.append(ImageItem(location, location, decode_caption(caption, f"{path} row {number}")))
+        items.append(ImageItem(location, location, table.caption(number, f"{path} row {number}")))
     return items
 
 
 def shard_items(path: Path, captions: bool = False) -> list[ImageItem]:
     """One item per sample of the shard that has an image, with its ``.txt`` caption under ``captions``."""
-    offsets = shard_offsets(path)
+    index = shard_index(path)
     shard = str(path.absolute())
     items = []
-    for row, key in enumerate(offsets.keys):
-        if offsets.image_offsets[row] == NO_MEMBER:
+    for row, key in enumerate(index.keys):
+        image = index.image(row)
+        if image is None:
             continue
-        caption = None
-        if captions:
-            has_caption = offsets.caption_offsets[row] != NO_MEMBER
-            raw = read_member(path, int(offsets.caption_offsets[row]), int(offsets.caption_sizes[row])) if has_caption else None
-            caption = decode_caption(raw, f"{path}:{key}")
-        items.append(ImageItem(key, shard, caption, key, int(offsets.image_offsets[row]), int(offsets.image_sizes[row])))
+        caption = index.caption(row) if captions else None
+        items.append(ImageItem(key, shard, caption, key, image.offset, image.size))
     return items
 
 

@@ -32,8 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from clipforge._util.progress import progress_bar
+from clipforge.data.formats.images import read_image
 from clipforge.errors import InputError
-from clipforge.retrieval.inputs import read_image
 
 TEXT_BATCH = 256
 
@@ -133,7 +133,7 @@ def encode_image_batches(
 ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
     """For each batch of source positions, in order: (kept positions, their embeddings, skipped positions).
 
-    Sources are PIL images, image paths, encoded bytes or store items (``clipforge.retrieval.inputs``).
+    Sources are PIL images, image paths, encoded bytes or shard members (``clipforge.data.formats.images``).
     Decoding and ``model.preprocess`` run in ``workers`` processes (none when 0) while the model encodes
     the previous batch. Under ``strict`` the first unreadable image raises its ``InputError``.
     """
@@ -163,7 +163,7 @@ def embed_images(
     progress: bool = True,
     description: str = "embedding images",
 ) -> EmbeddingResult:
-    """Embed PIL images, image paths, encoded bytes or store items; decoding runs in ``workers`` processes."""
+    """Embed PIL images, image paths, encoded bytes or shard members; decoding runs in ``workers`` processes."""
     workers = default_workers() if workers is None else workers
     batches = fixed_batches(len(images), batch_size)
     rows, kept, skipped = [], [], []

@@ -27,9 +27,11 @@ import torch
 
 from clipforge._util.fileio import atomic_path
 from clipforge._util.progress import progress_bar
+from clipforge.api import load
 from clipforge.data.formats.shards import expand_shards
 from clipforge.encode import encode_image_batches, encode_texts, fixed_batches
 from clipforge.errors import ConfigError, InputError
+from clipforge.models.clip import CLIP
 from clipforge.retrieval.inputs import (
     ImageItem,
     file_item,
@@ -87,16 +89,14 @@ def model_reference(source: str, config: str | None, pretrained: str | None, pre
     }
 
 
-def load_model(reference: dict[str, Any], device: str | torch.device = "cpu") -> Any:
+def load_model(reference: dict[str, Any], device: str | torch.device = "cpu") -> CLIP:
     """The model a ``model_reference`` describes; refuses random weights, which a store could never match."""
-    import clipforge
-
     if not Path(reference["source"]).exists() and not reference.get("pretrained"):
         raise ConfigError(
             f"--model {reference['source']}: no such file, and a config name without --pretrained has random "
             "weights that differ on every load; save the model (clipforge.save) and pass the checkpoint file"
         )
-    return clipforge.load(
+    return load(
         reference["source"], config=reference.get("config"), precision=reference.get("precision", "fp32"),
         pretrained=reference.get("pretrained"), device=device,
     )
@@ -285,7 +285,8 @@ def embed_to_store(
     buffer = _PartBuffer()
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task("embedding images", total=len(sources), unit="img")
-        results = encode_image_batches(model, sources, batches, workers if len(batches) > 1 else 0, strict)
+        images = [item.image_source() for item in sources]
+        results = encode_image_batches(model, images, batches, workers if len(batches) > 1 else 0, strict)
         for position, (positions, vectors, bad) in enumerate(results):
             items = [sources[i] for i in positions]
             buffer.items.extend(items)

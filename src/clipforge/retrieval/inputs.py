@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 
 from clipforge._util.fileio import atomic_path
 from clipforge._util.imageio import is_image_path
-from clipforge.data.formats import images
 from clipforge.data.formats.folders import image_files, sidecar_caption
 from clipforge.data.formats.shards import ShardMember, shard_index
 from clipforge.data.formats.tables import TABLE_SUFFIXES, read_caption_table
@@ -80,12 +79,6 @@ class ImageItem:
             return Path(source).read_bytes()
         except OSError as error:
             raise InputError(f"{self.label}: cannot read ({one_line(error)})") from None
-
-
-def read_image(source: Any) -> Any:
-    """A decoded PIL image from a PIL image, an image path, encoded bytes, a shard member or an
-    ``ImageItem`` (``InputError`` names it); see ``clipforge.data.formats.images``."""
-    return images.read_image(source.image_source() if isinstance(source, ImageItem) else source)
 
 
 def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:

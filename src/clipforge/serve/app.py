@@ -37,9 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipforge._util.imageio import open_image
+from clipforge.data.formats.images import read_rgb_image
 from clipforge.errors import ClipforgeError, InputError
 from clipforge.retrieval.embed import store_info
-from clipforge.retrieval.inputs import ImageItem, read_image
+from clipforge.retrieval.inputs import ImageItem
 from clipforge.retrieval.query import QueryTerm, parse_query, query_vector
 from clipforge.retrieval.search import SearchIndex
 
@@ -164,7 +165,7 @@ def create_app(
 
     @lru_cache(maxsize=cache_size)
     def thumbnail(row_id: int) -> bytes:
-        image = read_image(access.locate(row(row_id))).convert("RGB")
+        image = read_rgb_image(access.locate(row(row_id)).image_source())
         image.thumbnail((thumbnail_size, thumbnail_size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 import clipforge
@@ -278,6 +279,27 @@ def test_save_and_load_round_trip(tiny, pixels, classifier, tmp_path) -> None:
     ours = EarlyExitClassifier(tiny, heads, classifier, 0.2)(pixels)
     theirs = EarlyExitClassifier(tiny, loaded, classifier, 0.2)(pixels)
     assert torch.equal(ours.predictions, theirs.predictions) and torch.equal(ours.depths, theirs.depths)
+
+
+def test_a_heads_file_in_the_documented_format_loads(tiny, pixels, classifier, tmp_path) -> None:
+    """A file as the single-module version wrote it: written here with safetensors and the documented keys."""
+    heads = perturbed_heads(tiny, layers=[0, 2], kinds=["local", "global-s2"])
+    width, embed_dim = tiny.visual.proj.shape
+    metadata = {"format": "clipforge-exit-heads", "layers": "[0, 2]", "kinds": '["local", "global-s2"]',
+                "num_layers": "4", "width": str(width), "embed_dim": str(embed_dim), "threshold": "0.6"}
+    path = tmp_path / "old-exits.safetensors"
+    save_file({name: value.detach().contiguous() for name, value in heads.state_dict().items()}, str(path), metadata=metadata)
+    loaded, threshold = load_exit_heads(path, tiny)
+    assert threshold == 0.6 and loaded.layers == [0, 2] and loaded.kinds == ["local", "global-s2"]
+    tokens = torch.randn(3, 1 + 64, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in (0, 2):
+            assert all(torch.equal(ours, theirs) for ours, theirs in zip(heads(layer, tokens), loaded(layer, tokens)))
+    for level in (0.0, 0.3, 0.6, 1.1):
+        ours = EarlyExitClassifier(tiny, heads, classifier, level)(pixels)
+        theirs = EarlyExitClassifier(tiny, loaded, classifier, level)(pixels)
+        assert torch.equal(ours.predictions, theirs.predictions) and torch.equal(ours.depths, theirs.depths)
+        assert torch.equal(ours.confidences, theirs.confidences)
 
 
 def test_bad_exit_head_files_are_checkpoint_errors(tiny, tmp_path) -> None:

@@ -24,7 +24,9 @@ from clipforge.compress import apply_token_reduction, remove_token_reduction
 from clipforge.compress.early_exit import (
     EarlyExitClassifier,
     ExitHeads,
+    evaluate_early_exit,
     exit_distillation_loss,
+    fit_exit_heads,
     load_exit_heads,
     save_exit_heads,
     subsample_grid,
@@ -32,6 +34,7 @@ from clipforge.compress.early_exit import (
 )
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig
 from clipforge.errors import CheckpointError, ConfigError, InputError
+from clipforge.eval.datasets import load_dataset
 from clipforge.eval.zeroshot import build_zero_shot_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,6 +267,31 @@ def test_training_the_heads_reduces_the_distillation_loss(tiny, world, classifie
     assert mean_cosine_to_final() > cosine_before
     assert not heads.training and not tiny.training
     assert all(torch.equal(tiny.state_dict()[name], value) for name, value in frozen.items())
+
+
+def test_fit_and_evaluate_on_a_dataset_are_the_pieces_run_by_hand(tiny) -> None:
+    """``fit_exit_heads`` = fresh heads + ``train_exit_heads`` on the images cycled in order; ``evaluate_early_exit``'s
+    figures from the classifier's own predictions and the full model's ``encode_image``."""
+    task = load_dataset("synthetic:color", samples=12)
+    bank = build_zero_shot_classifier(tiny, task.classnames, task.templates).float()
+    torch.manual_seed(3)
+    fitted = fit_exit_heads(tiny, task, bank, steps=3, batch_size=5, lr=2e-3)
+    pixels = torch.stack([tiny.preprocess(image) for image in task.images])
+    torch.manual_seed(3)
+    heads = ExitHeads(tiny)
+    train_exit_heads(tiny, heads, [pixels[:5], pixels[5:10], pixels[10:]], 3, 2e-3, text_bank=bank)
+    assert all(torch.equal(value, heads.state_dict()[name]) for name, value in fitted.state_dict().items())
+    result = evaluate_early_exit(tiny, heads, task, bank, 0.2, batch_size=5)
+    runs = [EarlyExitClassifier(tiny, heads, bank, 0.2)(batch) for batch in pixels.split(5)]
+    early = torch.cat([run.predictions for run in runs])
+    with torch.inference_mode():
+        full = torch.cat([F.normalize(tiny.encode_image(batch), dim=-1) @ bank for batch in pixels.split(5)]).argmax(-1)
+    labels = torch.tensor(task.labels)
+    assert result.dataset == "synthetic/color" and result.exit_layers == [0, 1, 2] and result.blocks == 4 and result.threshold == 0.2
+    assert result.accuracy == pytest.approx((early == labels).float().mean().item())
+    assert result.full_accuracy == pytest.approx((full == labels).float().mean().item())
+    assert result.agreement == pytest.approx((early == full).float().mean().item())
+    assert result.average_depth == pytest.approx(torch.cat([run.depths for run in runs]).float().mean().item())
 
 
 # ---------------------------------------------------------------- saving

@@ -30,6 +30,13 @@ def test_help_lists_the_verbs() -> None:
         assert verb in result.stdout
 
 
+def test_the_command_line_loads_no_model_code_until_a_command_runs() -> None:
+    """``clipforge --help`` stays fast: the CLI modules and their shared options (cli/options.py) import no torch."""
+    code = "import sys, clipforge.cli; print([m for m in ('torch', 'clipforge.api', 'clipforge.compress') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_models_lists_configs_and_tags(capsys) -> None:
     code, out, _ = run(capsys, "models", "--pretrained")
     assert code == 0 and "ViT-bigG-14" in out and "laion2b_s34b_b79k" in out

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 import clipforge
@@ -23,7 +24,9 @@ from clipforge.compress import apply_token_reduction, remove_token_reduction
 from clipforge.compress.early_exit import (
     EarlyExitClassifier,
     ExitHeads,
+    evaluate_early_exit,
     exit_distillation_loss,
+    fit_exit_heads,
     load_exit_heads,
     save_exit_heads,
     subsample_grid,
@@ -31,6 +34,7 @@ from clipforge.compress.early_exit import (
 )
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig
 from clipforge.errors import CheckpointError, ConfigError, InputError
+from clipforge.eval.datasets import load_dataset
 from clipforge.eval.zeroshot import build_zero_shot_classifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,6 +269,31 @@ def test_training_the_heads_reduces_the_distillation_loss(tiny, world, classifie
     assert all(torch.equal(tiny.state_dict()[name], value) for name, value in frozen.items())
 
 
+def test_fit_and_evaluate_on_a_dataset_are_the_pieces_run_by_hand(tiny) -> None:
+    """``fit_exit_heads`` = fresh heads + ``train_exit_heads`` on the images cycled in order; ``evaluate_early_exit``'s
+    figures from the classifier's own predictions and the full model's ``encode_image``."""
+    task = load_dataset("synthetic:color", samples=12)
+    bank = build_zero_shot_classifier(tiny, task.classnames, task.templates).float()
+    torch.manual_seed(3)
+    fitted = fit_exit_heads(tiny, task, bank, steps=3, batch_size=5, lr=2e-3)
+    pixels = torch.stack([tiny.preprocess(image) for image in task.images])
+    torch.manual_seed(3)
+    heads = ExitHeads(tiny)
+    train_exit_heads(tiny, heads, [pixels[:5], pixels[5:10], pixels[10:]], 3, 2e-3, text_bank=bank)
+    assert all(torch.equal(value, heads.state_dict()[name]) for name, value in fitted.state_dict().items())
+    result = evaluate_early_exit(tiny, heads, task, bank, 0.2, batch_size=5)
+    runs = [EarlyExitClassifier(tiny, heads, bank, 0.2)(batch) for batch in pixels.split(5)]
+    early = torch.cat([run.predictions for run in runs])
+    with torch.inference_mode():
+        full = torch.cat([F.normalize(tiny.encode_image(batch), dim=-1) @ bank for batch in pixels.split(5)]).argmax(-1)
+    labels = torch.tensor(task.labels)
+    assert result.dataset == "synthetic/color" and result.exit_layers == [0, 1, 2] and result.blocks == 4 and result.threshold == 0.2
+    assert result.accuracy == pytest.approx((early == labels).float().mean().item())
+    assert result.full_accuracy == pytest.approx((full == labels).float().mean().item())
+    assert result.agreement == pytest.approx((early == full).float().mean().item())
+    assert result.average_depth == pytest.approx(torch.cat([run.depths for run in runs]).float().mean().item())
+
+
 # ---------------------------------------------------------------- saving
 
 
@@ -278,6 +307,27 @@ def test_save_and_load_round_trip(tiny, pixels, classifier, tmp_path) -> None:
     ours = EarlyExitClassifier(tiny, heads, classifier, 0.2)(pixels)
     theirs = EarlyExitClassifier(tiny, loaded, classifier, 0.2)(pixels)
     assert torch.equal(ours.predictions, theirs.predictions) and torch.equal(ours.depths, theirs.depths)
+
+
+def test_a_heads_file_in_the_documented_format_loads(tiny, pixels, classifier, tmp_path) -> None:
+    """A file as the single-module version wrote it: written here with safetensors and the documented keys."""
+    heads = perturbed_heads(tiny, layers=[0, 2], kinds=["local", "global-s2"])
+    width, embed_dim = tiny.visual.proj.shape
+    metadata = {"format": "clipforge-exit-heads", "layers": "[0, 2]", "kinds": '["local", "global-s2"]',
+                "num_layers": "4", "width": str(width), "embed_dim": str(embed_dim), "threshold": "0.6"}
+    path = tmp_path / "old-exits.safetensors"
+    save_file({name: value.detach().contiguous() for name, value in heads.state_dict().items()}, str(path), metadata=metadata)
+    loaded, threshold = load_exit_heads(path, tiny)
+    assert threshold == 0.6 and loaded.layers == [0, 2] and loaded.kinds == ["local", "global-s2"]
+    tokens = torch.randn(3, 1 + 64, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer in (0, 2):
+            assert all(torch.equal(ours, theirs) for ours, theirs in zip(heads(layer, tokens), loaded(layer, tokens)))
+    for level in (0.0, 0.3, 0.6, 1.1):
+        ours = EarlyExitClassifier(tiny, heads, classifier, level)(pixels)
+        theirs = EarlyExitClassifier(tiny, loaded, classifier, level)(pixels)
+        assert torch.equal(ours.predictions, theirs.predictions) and torch.equal(ours.depths, theirs.depths)
+        assert torch.equal(ours.confidences, theirs.confidences)
 
 
 def test_bad_exit_head_files_are_checkpoint_errors(tiny, tmp_path) -> None:

@@ -3,54 +3,36 @@
 ``compress tome|pitome|evit|bf16|int8`` records the method and its settings in the output checkpoint, so
 ``clipforge.load`` (and every command) restores it; applied to a compressed checkpoint they stack (one token
 reduction and one number format per model). ``embed`` and ``eval`` take the same methods as ``--tome R`` and
-``--compress METHOD:key=value`` (``compression_options``).
+``--compress METHOD:key=value`` (``clipforge.cli.options.compression_options``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from clipforge._util.progress import console
-
-if TYPE_CHECKING:
-    import torch
+from clipforge.cli.options import (
+    BatchSizeOption,
+    CheckpointOut,
+    ConfigOption,
+    ModelOption,
+    PretrainedOption,
+    SamplesOption,
+    SetOption,
+    load_model,
+)
 
 compress_app = typer.Typer(
     help="Make a model cheaper (token merging/pruning, bf16, int8, ONNX, early exit) and measure what it costs.",
     no_args_is_help=True,
 )
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")]
-CheckpointOut = Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors checkpoint (records the method).")]
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="Any setting of the method: --set key=value (JSON values; repeatable).")]
-ConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict.")]
-PretrainedOption = Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")]
-TomeOption = Annotated[int | None, typer.Option("--tome", min=0, help="ToMe token merging: merge R tokens per image block.")]
-CompressOption = Annotated[
-    list[str] | None,
-    typer.Option("--compress", help="A compression step, e.g. pitome:keep_ratio=0.9, bf16, int8 (repeatable; see clipforge compress)."),
-]
-
 
 def register(app: typer.Typer) -> None:
     app.add_typer(compress_app, name="compress")
-
-
-def compression_options(tome: int | None, compress: list[str] | None) -> list[dict[str, Any]]:
-    """The steps of ``--tome R`` and each ``--compress SPEC``, in that order."""
-    from clipforge.compress.records import make_step, parse_step
-
-    return ([make_step("tome", r=tome)] if tome else []) + [parse_step(spec) for spec in compress or []]
-
-
-def _load(model: str, config: str | None, pretrained: str | None) -> Any:
-    import clipforge
-
-    return clipforge.load(model, config=config, pretrained=pretrained)
 
 
 def _compress(method: str, options: dict[str, Any], set_: list[str] | None, model: str, out: Path, config: str | None, pretrained: str | None) -> None:
@@ -71,7 +53,7 @@ def _compress(method: str, options: dict[str, Any], set_: list[str] | None, mode
     extra = parse_settings(set_ or [], "--set")
     if twice := sorted(set(given) & set(extra)):
         raise ConfigError(f"--set {twice[0]}: also given as --{twice[0].replace('_', '-')}; give it once")
-    loaded = _load(model, config, pretrained)
+    loaded = load_model(model, config, pretrained)
     base_flops, base_counts = estimate_flops(loaded), token_counts(loaded)
     compressed = apply_compression(loaded, method, **given, **extra)
     flops = estimate_flops(compressed)
@@ -89,6 +71,17 @@ def _compress(method: str, options: dict[str, Any], set_: list[str] | None, mode
     if method in TOKEN_REDUCTIONS:
         counts = token_counts(compressed)
         console.print(f"tokens entering each image block: {counts[:-1]}; image-block FLOPs {flops / base_flops:.2f}x of the base model")
+
+
+def _load_uncompressed(model: str, config: str | None, pretrained: str | None, instead: str) -> Any:
+    """The model, refused (``instead`` says what to do) when it records compression steps."""
+    from clipforge.compress.records import compression_steps, describe_steps
+    from clipforge.errors import ConfigError
+
+    loaded = load_model(model, config, pretrained)
+    if steps := compression_steps(loaded):
+        raise ConfigError(f"--model {model}: records {describe_steps(steps)}; {instead}")
+    return loaded
 
 
 @compress_app.command("tome")
@@ -163,12 +156,8 @@ def onnx_command(
     import torch
 
     from clipforge.compress.export_onnx import OnnxCLIP, export_onnx
-    from clipforge.compress.records import compression_steps, describe_steps
-    from clipforge.errors import ConfigError
 
-    loaded = _load(model, config, pretrained)
-    if steps := compression_steps(loaded):
-        raise ConfigError(f"--model {model}: records {describe_steps(steps)}; export the uncompressed model (and --int8 for int8 ONNX)")
+    loaded = _load_uncompressed(model, config, pretrained, "export the uncompressed model (and --int8 for int8 ONNX)")
     export_onnx(loaded, out, opset, int8=int8)
     size = loaded.config.vision.image_size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -191,7 +180,7 @@ def early_exit_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file of exit heads (with the threshold).")],
     data: Annotated[str, typer.Option("--data", "-d", help="synthetic[:task] (heads trained on its train split) or any eval --data (split in halves).")] = "synthetic:shape",
     steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 200,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: BatchSizeOption = 32,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exit when the zero-shot max probability exceeds it.")] = 0.8,
     samples: Annotated[int, typer.Option(min=4, help="Images per synthetic split.")] = 1000,
@@ -199,61 +188,30 @@ def early_exit_command(
     pretrained: PretrainedOption = None,
 ) -> None:
     """LGViT-style exit heads, self-distilled on the frozen model; reports accuracy and the average depth used."""
-    import torch
     from rich.table import Table
 
-    from clipforge._util.progress import progress_bar
     from clipforge.compress.early_exit import (
-        EarlyExitClassifier,
-        ExitHeads,
+        evaluate_early_exit,
+        fit_exit_heads,
         save_exit_heads,
-        train_exit_heads,
     )
     from clipforge.eval.datasets import load_dataset
     from clipforge.eval.runner import Evaluator, split_in_two
 
-    loaded = _load(model, config, pretrained)
+    loaded = load_model(model, config, pretrained)
     dataset = load_dataset(data, samples=samples)
     fit, test = (dataset.synthetic.dataset("train", samples), dataset) if dataset.synthetic else split_in_two(dataset)
-    evaluator = Evaluator(loaded, batch_size=batch_size, workers=0)
-    bank = evaluator.classifier(test)
-    heads = ExitHeads(loaded)
-    with progress_bar() as bar:
-        task = bar.add_task("training exit heads", total=steps, unit="step")
-        batches = _pixel_batches(loaded, fit.images, batch_size, forever=True, advance=lambda: bar.advance(task))
-        train_exit_heads(loaded, heads, batches, steps, lr, text_bank=bank)
-    classify = EarlyExitClassifier(loaded, heads, bank, threshold)
-    results = [classify(pixels) for pixels in _pixel_batches(loaded, test.images, batch_size)]
-    early = torch.cat([result.predictions for result in results])
-    depth = torch.cat([result.depths for result in results]).float().mean().item()
-    full = evaluator.logits(test).argmax(dim=1)
-    labels = torch.as_tensor(test.labels)
+    bank = Evaluator(loaded, batch_size=batch_size, workers=0).classifier(test)
+    heads = fit_exit_heads(loaded, fit, bank, steps=steps, batch_size=batch_size, lr=lr, progress=True)
+    result = evaluate_early_exit(loaded, heads, test, bank, threshold, batch_size=batch_size)
     save_exit_heads(heads, out, threshold)
-    layers = loaded.config.vision.layers
-    table = Table("", "accuracy", "agreement with full model", "average blocks run", title=f"early exit on {test.name}")
-    table.add_row("full model", f"{100 * (full == labels).float().mean().item():.1f}%", "100.0%", f"{layers}")
-    table.add_row(f"exit heads {heads.layers}, threshold {threshold}", f"{100 * (early == labels).float().mean().item():.1f}%",
-                  f"{100 * (early == full).float().mean().item():.1f}%", f"{depth:.2f} ({depth / layers:.0%})")
+    depth, blocks = result.average_depth, result.blocks
+    table = Table("", "accuracy", "agreement with full model", "average blocks run", title=f"early exit on {result.dataset}")
+    table.add_row("full model", f"{100 * result.full_accuracy:.1f}%", "100.0%", f"{blocks}")
+    table.add_row(f"exit heads {result.exit_layers}, threshold {threshold}", f"{100 * result.accuracy:.1f}%",
+                  f"{100 * result.agreement:.1f}%", f"{depth:.2f} ({depth / blocks:.0%})")
     console.print(table)
     console.print(f"wrote {out}")
-
-
-def _pixel_batches(
-    model: Any, images: Sequence[Any], batch_size: int, forever: bool = False, advance: Callable[[], Any] | None = None
-) -> Iterator[torch.Tensor]:
-    """Preprocessed image batches in order (cycling when ``forever``), calling ``advance()`` as each is handed out."""
-    import itertools
-
-    import torch
-
-    from clipforge.eval.datasets import load_image
-
-    starts = range(0, len(images), batch_size)
-    for start in itertools.cycle(starts) if forever else starts:
-        batch = torch.stack([model.preprocess(load_image(image)) for image in images[start : start + batch_size]])
-        if advance is not None:
-            advance()
-        yield batch
 
 
 @compress_app.command("report")
@@ -262,7 +220,7 @@ def report_command(
     task: Annotated[str, typer.Option(help="Zero-shot task of the synthetic world (shape, color, count, position, ...).")] = "shape",
     data: Annotated[str | None, typer.Option("--data", "-d", help="Instead of --task: any eval --data (folder, table, shards).")] = None,
     variant: Annotated[list[str] | None, typer.Option("--variant", help="A variant instead of the default set, e.g. bf16+tome:r=8 (repeatable).")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="Images per synthetic split.")] = 1000,
+    samples: SamplesOption = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per timed encode_image call.")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Timed rounds (medians).")] = 5,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for report.json and speed_accuracy.png.")] = Path("compress_report"),
@@ -273,19 +231,15 @@ def report_command(
     import torch
     from rich.table import Table
 
-    from clipforge.compress.records import compression_steps, describe_steps
     from clipforge.compress.study import (
         Variant,
         compare_variants,
         default_variants,
         write_report,
     )
-    from clipforge.errors import ConfigError
     from clipforge.eval.datasets import load_dataset
 
-    loaded = _load(model, config, pretrained)
-    if steps := compression_steps(loaded):
-        raise ConfigError(f"--model {model}: records {describe_steps(steps)}; the report compares variants of the uncompressed model")
+    loaded = _load_uncompressed(model, config, pretrained, "the report compares variants of the uncompressed model")
     dataset = load_dataset(data or f"synthetic:{task}", samples=samples)
     variants = [Variant.parse(spec) for spec in variant] if variant else default_variants(loaded)
     results = compare_variants(loaded, dataset, variants, batch_size=batch_size, repeats=repeats)

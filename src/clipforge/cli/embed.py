@@ -13,7 +13,17 @@ from typing import Annotated, Any
 import typer
 
 from clipforge._util.progress import console, error_console
-from clipforge.cli.compress import CompressOption, TomeOption, compression_options
+from clipforge.cli.options import (
+    BatchSizeOption,
+    CompressOption,
+    ConfigOption,
+    ModelOption,
+    PretrainedOption,
+    TomeOption,
+    WorkersOption,
+    compression_options,
+    load_model,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -29,14 +39,14 @@ def default_device() -> str:
 
 def embed_command(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively), manifests (.csv/.tsv/.parquet/.jsonl), webdataset .tar shards (or a folder of them), or strings with --text.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")],
+    model: ModelOption,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet file, or a directory for an embedding store.")],
     text: Annotated[bool, typer.Option("--text", help="Treat the inputs as strings to embed (.parquet output).")] = False,
-    config: Annotated[str | None, typer.Option(help="Config for a bare state dict.")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")] = None,
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
     precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16. bf16 is several times faster on CPUs with AVX512-BF16/AMX and on GPUs.")] = "fp32",
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1, at most 4).")] = None,
+    batch_size: BatchSizeOption = 64,
+    workers: WorkersOption = None,
     strict: Annotated[bool, typer.Option(help="Fail on the first unreadable image instead of skipping it.")] = False,
     captions: Annotated[bool, typer.Option(help="Store: also embed each image's caption (.txt beside it, manifest column, shard .txt).")] = False,
     part_size: Annotated[int, typer.Option(min=1, help="Store: images per part of a folder or manifest (a shard is one part).")] = 10_000,
@@ -96,12 +106,10 @@ def _embed_to_parquet(
     inputs: list[str], model: str, out: Path, text: bool, config: str | None, pretrained: str | None,
     precision: str, batch_size: int, workers: int, strict: bool, device: str, steps: list[dict[str, Any]],
 ) -> None:
-    import clipforge
-    from clipforge.compress.records import apply_steps
     from clipforge.encode import embed_images, embed_texts
     from clipforge.retrieval.inputs import collect_image_paths, write_embeddings
 
-    loaded = apply_steps(clipforge.load(model, config=config, precision=precision, pretrained=pretrained, device=device), steps)
+    loaded = load_model(model, config, pretrained, precision, device, steps)
     if text:
         sources = list(inputs)
         vectors = embed_texts(loaded, sources, batch_size=batch_size)

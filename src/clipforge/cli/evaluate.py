@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from clipforge._util.progress import console
-from clipforge.cli.compress import CompressOption, TomeOption, compression_options
+from clipforge.cli.options import (
+    BatchSizeOption,
+    CompressOption,
+    ConfigOption,
+    ModelOption,
+    PrecisionOption,
+    PretrainedOption,
+    SamplesOption,
+    TomeOption,
+    compression_options,
+    load_model,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -16,23 +27,17 @@ def register(app: typer.Typer) -> None:
     app.command("explain")(explain_command)
 
 
-def _load_model(model: str, config: str | None, pretrained: str | None, precision: str) -> Any:
-    import clipforge
-
-    return clipforge.load(model, config=config, precision=precision, pretrained=pretrained)
-
-
 def eval_command(
     tasks: Annotated[list[str], typer.Argument(help="zeroshot, retrieval, linear-probe, robustness, ood, calibration (comma-separated or repeated), or all.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")],
+    model: ModelOption,
     data: Annotated[list[str], typer.Option("--data", "-d", help="synthetic[:task], a class-per-folder directory, a .csv/.tsv/.parquet table or .tar webdataset shards (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON results, plots and report.md/report.html.")] = Path("eval_results"),
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16.")] = "fp32",
-    config: Annotated[str | None, typer.Option(help="Config for a bare state dict.")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")] = None,
+    precision: PrecisionOption = "fp32",
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
     classnames: Annotated[str | None, typer.Option(help="Class names: .txt (one per line) or JSON list.")] = None,
     templates: Annotated[str | None, typer.Option(help="Prompt templates with {c}: .txt or JSON list; or CuPL JSON {class: \\[descriptions]}.")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="Images per synthetic split.")] = 1000,
+    samples: SamplesOption = 1000,
     robustness_samples: Annotated[int, typer.Option(min=1, help="Images corrupted by the robustness task.")] = 500,
     image_column: Annotated[str, typer.Option(help="Table column with image paths or bytes.")] = "image",
     label_column: Annotated[str, typer.Option(help="Table column with class ids or names.")] = "label",
@@ -42,7 +47,7 @@ def eval_command(
     ood_data: Annotated[str | None, typer.Option(help="Out-of-distribution images for ood (any --data form).")] = None,
     method: Annotated[str, typer.Option(help="Zero-shot method: ensemble | perceptionclip.")] = "ensemble",
     context: Annotated[str | None, typer.Option(help="PerceptionCLIP contexts: JSON {factor: {value: \\[descriptions]}}.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    batch_size: BatchSizeOption = 64,
     workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1).")] = None,
     language: Annotated[str, typer.Option(help="Language recorded in the results (CLIP_benchmark schema).")] = "en",
     tome: TomeOption = None,
@@ -51,7 +56,7 @@ def eval_command(
     """Evaluate a model; one CLIP_benchmark JSON per (dataset, task), a report and one summary table."""
     from rich.table import Table
 
-    from clipforge.compress.records import apply_steps, describe_steps
+    from clipforge.compress.records import describe_steps
     from clipforge.eval.report import headline_rows, write_report
     from clipforge.eval.results import TASKS, write_results
     from clipforge.eval.runner import DataOptions, Evaluator, run_tasks
@@ -59,7 +64,7 @@ def eval_command(
     names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
     names = list(TASKS) if names == ["all"] else names
     steps = compression_options(tome, compress)
-    loaded = apply_steps(_load_model(model, config, pretrained, precision), steps)
+    loaded = load_model(model, config, pretrained, precision, steps=steps)
     model_name = loaded.config.name + (f"+{describe_steps(steps)}" if steps else "")
     options = DataOptions(
         classnames_file=classnames, templates_file=templates, samples=samples, robustness_samples=robustness_samples,
@@ -80,20 +85,20 @@ def eval_command(
 
 def explain_command(
     image: Annotated[Path, typer.Argument(help="Image file to explain.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")],
+    model: ModelOption,
     text: Annotated[str, typer.Argument(help="Text to explain the image against (Score-CAM).")] = "",
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file for the overlay.")] = Path("map.png"),
     method: Annotated[str, typer.Option(help="scorecam (image-text) | rollout (attention rollout, no text).")] = "scorecam",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16.")] = "fp32",
-    config: Annotated[str | None, typer.Option(help="Config for a bare state dict.")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")] = None,
+    precision: PrecisionOption = "fp32",
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
 ) -> None:
     """Save a heat map of what the image tower looks at, over the image as the model sees it."""
     from clipforge._util.imageio import open_image
     from clipforge.explain import explain_image
     from clipforge.explain.overlay import save_overlay
 
-    loaded = _load_model(model, config, pretrained, precision)
+    loaded = load_model(model, config, pretrained, precision)
     view, heatmap = explain_image(loaded, open_image(image).convert("RGB"), text, method)
     save_overlay(view, heatmap, out)
     console.print(f"wrote {method} map of {image} to {out}")

@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from clipforge._util.progress import console
+from clipforge.cli.options import load_model
+
+BareConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict (e.g. ViT-B-32-quickgelu).")]
 
 
 def register(app: typer.Typer) -> None:
@@ -49,14 +52,12 @@ def list_models_command(
 
 def info_command(
     checkpoint: Annotated[str, typer.Argument(help="A checkpoint file, Hugging Face directory or config name.")],
-    config: Annotated[str | None, typer.Option(help="Config for a bare state dict (e.g. ViT-B-32-quickgelu).")] = None,
+    config: BareConfigOption = None,
 ) -> None:
     """Show what a checkpoint holds: architecture, activation, preprocessing, provenance and size."""
     import json
 
-    import clipforge
-
-    model = clipforge.load(checkpoint, config=config)
+    model = load_model(checkpoint, config)
     counts = {name: p.numel() for name, p in model.named_parameters()}
     visual = sum(n for name, n in counts.items() if name.startswith("visual."))
     head = sum(n for name, n in counts.items() if name.startswith("logit_"))
@@ -77,7 +78,7 @@ def convert_command(
     source: Annotated[str, typer.Argument(help="Any checkpoint clipforge loads.")],
     destination: Annotated[Path, typer.Argument(help="Output .safetensors file (clipforge) or directory (hf).")],
     to: Annotated[str, typer.Option(help="Output format: clipforge | hf.")] = "clipforge",
-    config: Annotated[str | None, typer.Option(help="Config for a bare state dict (e.g. ViT-B-32-quickgelu).")] = None,
+    config: BareConfigOption = None,
 ) -> None:
     """Convert between clipforge, open_clip, OpenAI and Hugging Face formats."""
     import clipforge
@@ -86,6 +87,6 @@ def convert_command(
 
     if to not in ("clipforge", "hf"):
         raise ConfigError(f"--to: {to!r} is not one of clipforge, hf")
-    model = clipforge.load(source, config=config)
+    model = load_model(source, config)
     written = clipforge.save(model, destination) if to == "clipforge" else save_hf(model, destination)
     console.print(f"wrote {written}")

@@ -17,15 +17,19 @@ from typing import Annotated, Any
 import typer
 
 from clipforge._util.progress import console, error_console
+from clipforge.cli.options import (
+    BatchSizeOption,
+    ConfigOption,
+    DeviceOption,
+    PretrainedOption,
+    WorkersOption,
+)
 from clipforge.errors import ConfigError
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint or Hugging Face directory (default: the model recorded in the store).")]
-ConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict.")]
-PretrainedOption = Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")]
-PrecisionOption = Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: the store's, or fp32 with --model).")]
-DeviceOption = Annotated[str, typer.Option(help="Device for the model.")]
+StoreModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint or Hugging Face directory (default: the model recorded in the store).")]
+StorePrecisionOption = Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: the store's, or fp32 with --model).")]
 KindOption = Annotated[str, typer.Option(help="Which embeddings to search: img, or text (captions).")]
 
 
@@ -62,6 +66,14 @@ def _model_reference(store: Path | None, model: str | None, config: str | None, 
     return recorded | ({"precision": precision} if precision else {})
 
 
+def _find_store(index: Path) -> Path:
+    """The store ``--index`` names (a store, or a photo folder's own), with OpenMP made passive first."""
+    _passive_openmp()
+    from clipforge.retrieval.photos import find_store
+
+    return find_store(index)
+
+
 def _load(store: Path | None, model: str | None, config: str | None, pretrained: str | None, precision: str | None, device: str) -> Any:
     from clipforge.retrieval.embed import load_model
 
@@ -70,16 +82,16 @@ def _load(store: Path | None, model: str | None, config: str | None, pretrained:
 
 def index_command(
     directory: Annotated[Path, typer.Argument(help="An embedding store, or a folder of photos to index incrementally.")],
-    model: ModelOption = None,
+    model: StoreModelOption = None,
     store: Annotated[Path | None, typer.Option(help="Photo folders: where their store lives (default DIR/.clipforge).")] = None,
     memory_budget: Annotated[str, typer.Option(help="Most memory the index may use, e.g. 4GB.")] = "4GB",
     target_recall: Annotated[float, typer.Option(min=0.0, max=1.0, help="Recall@10 the approximate index is tuned to reach.")] = 0.95,
     kind: KindOption = "img",
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
-    precision: PrecisionOption = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1, at most 4).")] = None,
+    precision: StorePrecisionOption = None,
+    batch_size: BatchSizeOption = 64,
+    workers: WorkersOption = None,
     device: DeviceOption = "cpu",
 ) -> None:
     """Build the search index of a store, or bring a photo folder's store and index up to date."""
@@ -119,22 +131,20 @@ def index_command(
 def search_command(
     query: Annotated[list[str], typer.Argument(help="Terms joined by + and -, each text or ./image.jpg, optionally weighted: 2:dog + ./pool.jpg - night")],
     index: Annotated[Path, typer.Option("--index", "-i", help="The store (or photo folder) to search.")],
-    model: ModelOption = None,
+    model: StoreModelOption = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Number of results.")] = 10,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     kind: KindOption = "img",
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
-    precision: PrecisionOption = None,
+    precision: StorePrecisionOption = None,
     device: DeviceOption = "cpu",
 ) -> None:
     """The k nearest images (or captions) to a query: paths and cosine scores."""
-    _passive_openmp()
+    root = _find_store(index)
     from clipforge.retrieval import SearchIndex
-    from clipforge.retrieval.photos import find_store
     from clipforge.retrieval.query import parse_query, query_vector
 
-    root = find_store(index)
     terms = parse_query(" ".join(query))
     searcher = SearchIndex(root, kind)
     vector = query_vector(_load(root, model, config, pretrained, precision, device), terms)
@@ -157,21 +167,19 @@ def serve_command(
     index: Annotated[Path, typer.Option("--index", "-i", help="The store (or photo folder) to serve.")],
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    model: ModelOption = None,
+    model: StoreModelOption = None,
     kind: KindOption = "img",
     max_k: Annotated[int, typer.Option(min=1, help="Most results one request may ask for.")] = 100,
     max_upload: Annotated[str, typer.Option(help="Largest request body (image upload), e.g. 10MB.")] = "10MB",
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
-    precision: PrecisionOption = None,
+    precision: StorePrecisionOption = None,
     device: DeviceOption = "cpu",
 ) -> None:
     """Serve the JSON API (OpenAPI at /openapi.json) and the search page at http://HOST:PORT/."""
-    _passive_openmp()
-    from clipforge.retrieval.photos import find_store
+    root = _find_store(index)
     from clipforge.serve import serve
 
-    root = find_store(index)
     loaded = _load(root, model, config, pretrained, precision, device)
     error_console.print(f"serving {root} on http://{host}:{port}/", soft_wrap=True)
     serve(root, loaded, host=host, port=port, kind=kind, max_k=max_k, max_upload_bytes=parse_size(max_upload, "--max-upload"))

@@ -1,0 +1,55 @@
+"""Options shared by the ``clipforge`` commands, and the one way a command loads a model.
+
+Each ``Annotated`` type is one option as users see it (flag, short flag, help); a command declares it as
+``config: ConfigOption = None`` and gives the default in its own signature. Options one command alone takes
+stay in that command. Nothing here imports torch or the model code at import time, so ``clipforge --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")]
+ConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict.")]
+PretrainedOption = Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")]
+PrecisionOption = Annotated[str, typer.Option(help="fp32 | bf16 | fp16.")]
+DeviceOption = Annotated[str, typer.Option(help="Device for the model.")]
+CheckpointOut = Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors checkpoint (records the method).")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Any setting of the method: --set key=value (JSON values; repeatable).")]
+BatchSizeOption = Annotated[int, typer.Option(min=1)]
+WorkersOption = Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1, at most 4).")]
+SamplesOption = Annotated[int, typer.Option(min=1, help="Images per synthetic split.")]
+TomeOption = Annotated[int | None, typer.Option("--tome", min=0, help="ToMe token merging: merge R tokens per image block.")]
+CompressOption = Annotated[
+    list[str] | None,
+    typer.Option("--compress", help="A compression step, e.g. pitome:keep_ratio=0.9, bf16, int8 (repeatable; see clipforge compress)."),
+]
+
+
+def compression_options(tome: int | None, compress: list[str] | None) -> list[dict[str, Any]]:
+    """The steps of ``--tome R`` and each ``--compress SPEC``, in that order."""
+    from clipforge.compress.records import make_step, parse_step
+
+    return ([make_step("tome", r=tome)] if tome else []) + [parse_step(spec) for spec in compress or []]
+
+
+def load_model(
+    model: str,
+    config: str | None = None,
+    pretrained: str | None = None,
+    precision: str = "fp32",
+    device: str = "cpu",
+    steps: Sequence[dict[str, Any]] = (),
+) -> Any:
+    """``clipforge.load`` of ``--model`` (with ``--config``, ``--pretrained``, ``--precision``), then the
+    compression ``steps`` (``compression_options``) on top of those the checkpoint records."""
+    import clipforge
+    from clipforge.compress.records import apply_steps
+
+    loaded = clipforge.load(model, config=config, precision=precision, pretrained=pretrained, device=device)
+    return apply_steps(loaded, steps)

@@ -272,14 +272,16 @@ def test_training_the_heads_reduces_the_distillation_loss(tiny, world, classifie
 def test_fit_and_evaluate_on_a_dataset_are_the_pieces_run_by_hand(tiny) -> None:
     """``fit_exit_heads`` = fresh heads + ``train_exit_heads`` on the images cycled in order; ``evaluate_early_exit``'s
     figures from the classifier's own predictions and the full model's ``encode_image``."""
-    task = load_dataset("synthetic:color", samples=12)
+    task = load_dataset("synthetic:color", samples=16)
     bank = build_zero_shot_classifier(tiny, task.classnames, task.templates).float()
-    torch.manual_seed(3)
-    fitted = fit_exit_heads(tiny, task, bank, steps=3, batch_size=5, lr=2e-3)
     pixels = torch.stack([tiny.preprocess(image) for image in task.images])
+    batches = list(pixels.split(5))
+    assert len(batches) >= 3
+    torch.manual_seed(3)
+    fitted = fit_exit_heads(tiny, task, bank, steps=len(batches), batch_size=5, lr=2e-3)
     torch.manual_seed(3)
     heads = ExitHeads(tiny)
-    train_exit_heads(tiny, heads, [pixels[:5], pixels[5:10], pixels[10:]], 3, 2e-3, text_bank=bank)
+    train_exit_heads(tiny, heads, batches, len(batches), 2e-3, text_bank=bank)
     assert all(torch.equal(value, heads.state_dict()[name]) for name, value in fitted.state_dict().items())
     result = evaluate_early_exit(tiny, heads, task, bank, 0.2, batch_size=5)
     runs = [EarlyExitClassifier(tiny, heads, bank, 0.2)(batch) for batch in pixels.split(5)]

@@ -194,6 +194,11 @@ def test_zeroshot_calibration_and_ood_figures(tiny, shapes, tmp_path) -> None:
 
     calibration = evaluator.calibration(val, test)
     temperature = calibration.metrics["temperature"]
+
+    def val_nll(scale: float) -> float:
+        return F.cross_entropy(val_logits.double() / scale, torch.tensor(val.labels)).item()
+
+    assert val_nll(temperature) <= min(val_nll(temperature * 1.05), val_nll(temperature / 1.05)) + 1e-8  # fitted on val
     for name, scale in (("before", 1.0), ("after", temperature)):
         expected_nll = F.cross_entropy(test_logits.double() / scale, torch.tensor(test.labels)).item()
         assert calibration.metrics[f"nll_{name}"] == pytest.approx(expected_nll, rel=1e-4)

@@ -153,24 +153,12 @@ def onnx_command(
     pretrained: PretrainedOption = None,
 ) -> None:
     """Export both towers to ONNX (dynamic batch and text length), then check them in onnxruntime against PyTorch."""
-    import torch
-
-    from clipforge.compress.export_onnx import OnnxCLIP, export_onnx
+    from clipforge.compress.export_onnx import check_export, export_onnx
 
     loaded = _load_uncompressed(model, config, pretrained, "export the uncompressed model (and --int8 for int8 ONNX)")
     export_onnx(loaded, out, opset, int8=int8)
-    size = loaded.config.vision.image_size
-    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    tokens = loaded.tokenize(["a photo of a dog", "two red circles on the left"])
-    with torch.inference_mode():
-        expected = torch.cat([loaded.encode_image(pixels, normalize=True), loaded.encode_text(tokens, normalize=True)])
-    for quantized in (False, True) if int8 else (False,):
-        onnx = OnnxCLIP(out, int8=quantized)
-        found = torch.cat([torch.from_numpy(onnx.encode_image(pixels.numpy(), normalize=True)),
-                           torch.from_numpy(onnx.encode_text(tokens.numpy(), normalize=True))])
-        cosine = torch.nn.functional.cosine_similarity(found, expected).min().item()
-        label = "int8" if quantized else "fp32"
-        console.print(f"{label}: max |onnx - torch| {(found - expected).abs().max().item():.2e}, min cosine {cosine:.5f}")
+    for check in check_export(loaded, out, int8=int8):
+        console.print(f"{check.label}: max |onnx - torch| {check.max_abs_difference:.2e}, min cosine {check.min_cosine:.5f}")
     console.print(f"wrote {out}")
 
 

@@ -19,6 +19,7 @@ import copy
 import json
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from clipforge.compress.quant.int8 import is_linear_form
+from clipforge.encode import encode_pixels, encode_texts
 from clipforge.errors import ConfigError, InputError
 from clipforge.models.clip import CLIP
 
@@ -211,3 +213,29 @@ def _maybe_normalize(features: np.ndarray, normalize: bool) -> np.ndarray:
     if not normalize:
         return features
     return features / np.linalg.norm(features, axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How far one exported pair of graphs is from the PyTorch model on the same inputs."""
+
+    label: str  # fp32 or int8
+    max_abs_difference: float
+    min_cosine: float
+
+
+def check_export(model: CLIP, out_dir: str | Path, *, int8: bool = False) -> list[ExportCheck]:
+    """Run the exported graphs (and their int8 copies) and the model on two random images and two captions."""
+    size = model.config.vision.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    captions = ["a photo of a dog", "two red circles on the left"]
+    expected = torch.cat([encode_pixels(model, pixels), encode_texts(model, captions)])
+    checks = []
+    for quantized in (False, True) if int8 else (False,):
+        onnx = OnnxCLIP(out_dir, int8=quantized)
+        found = torch.from_numpy(
+            np.concatenate([onnx.encode_image(pixels.numpy(), normalize=True), onnx.encode_text(onnx.tokenize(captions), normalize=True)])
+        )
+        cosine = torch.nn.functional.cosine_similarity(found, expected).min().item()
+        checks.append(ExportCheck("int8" if quantized else "fp32", (found - expected).abs().max().item(), cosine))
+    return checks

@@ -41,8 +41,9 @@ from clipforge.compress.records import (
     parse_steps,
 )
 from clipforge.compress.reduction.registry import build_token_reduction, estimate_flops
+from clipforge.data.formats.images import read_rgb_image
 from clipforge.errors import ConfigError
-from clipforge.eval.datasets import ClassificationDataset, load_image
+from clipforge.eval.datasets import ClassificationDataset
 from clipforge.eval.runner import Evaluator
 from clipforge.models.clip import CLIP
 from clipforge.models.vit import image_tower
@@ -178,7 +179,7 @@ def compare_variants(
                 evaluator = Evaluator(run, batch_size=batch_size, workers=0)
                 measured[variant.name] = (evaluator.image_features(dataset), evaluator.logits(dataset).argmax(dim=1))
             bar.advance(task)
-    pixels = torch.stack([model.preprocess(load_image(image)) for image in dataset.images[:batch_size]])
+    pixels = torch.stack([model.preprocess(read_rgb_image(image)) for image in dataset.images[:batch_size]])
     pixels = pixels.to(model.logit_scale.device)
     speed = _images_per_second(models, variants, pixels, repeats, progress)
     base_features, base_predictions = measured[BASE]

@@ -30,7 +30,7 @@ from PIL import Image
 
 from clipforge._util.imageio import IMAGE_EXTENSIONS
 from clipforge.data.formats.folders import class_folders, image_files, sidecar_caption
-from clipforge.data.formats.images import ImageSource, read_rgb_image
+from clipforge.data.formats.images import ImageSource
 from clipforge.data.formats.samples import decode_text
 from clipforge.data.formats.shards import (
     IMAGE_FIELDS,
@@ -313,4 +313,3 @@ def load_retrieval_dataset(
     return RetrievalDataset(path.stem, list(grouped), list(grouped.values()))
 
 
-load_image = read_rgb_image  # a dataset entry as an RGB PIL image (``clipforge.data.formats.images``)

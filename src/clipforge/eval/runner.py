@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipforge.data.formats.images import read_rgb_image
 from clipforge.encode import Encoder, embed_images, encode_texts, model_input_image
 from clipforge.errors import InputError
 from clipforge.eval.calibration import (
@@ -33,7 +34,6 @@ from clipforge.eval.datasets import (
     ClassificationDataset,
     RetrievalDataset,
     load_dataset,
-    load_image,
     load_retrieval_dataset,
 )
 from clipforge.eval.linear_probe import linear_probe
@@ -176,7 +176,7 @@ class Evaluator:
     def robustness(self, dataset: ClassificationDataset, samples: int = 500) -> TaskResult:
         """Corruptions × severities on up to ``samples`` images; shifted renderings for the synthetic world."""
         picked = np.unique(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int))
-        images = [model_input_image(self.model, load_image(dataset.images[i])) for i in picked]
+        images = [model_input_image(self.model, read_rgb_image(dataset.images[i])) for i in picked]
         labels = [dataset.labels[i] for i in picked]
         table = corruption_accuracy(self.model, images, labels, self.classifier(dataset), seed=self.seed,
                                     batch_size=self.batch_size, workers=self.workers)

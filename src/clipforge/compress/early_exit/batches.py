@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from clipforge.eval.datasets import load_image
+from clipforge.data.formats.images import read_rgb_image
 
 
 def pixel_batches(
@@ -18,7 +18,7 @@ def pixel_batches(
     ``advance()`` as each is handed out. ``images`` are dataset entries (PIL images, paths or bytes)."""
     starts = range(0, len(images), batch_size)
     for start in itertools.cycle(starts) if forever else starts:
-        batch = torch.stack([model.preprocess(load_image(image)) for image in images[start : start + batch_size]])
+        batch = torch.stack([model.preprocess(read_rgb_image(image)) for image in images[start : start + batch_size]])
         if advance is not None:
             advance()
         yield batch

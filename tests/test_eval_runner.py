@@ -230,6 +230,32 @@ def test_linear_probe_matches_scikit_learn_at_the_chosen_c(tiny, shapes) -> None
     assert result.metrics["lp_acc1"] == pytest.approx(probe.score(test_x, test.labels), abs=1e-6)
 
 
+def test_the_demo_figures_are_clipforge_eval_on_the_same_images(tiny, tmp_path, capsys) -> None:
+    """``SyntheticBenchmark`` (the demo's and training's figures) and ``clipforge eval --samples N`` pick the same
+    images (those among the first N the task labels) and report the same accuracy as a computation by hand."""
+    from clipforge.data.synthetic import SyntheticWorld
+    from clipforge.eval.synthetic import SyntheticBenchmark
+
+    samples, world = 64, SyntheticWorld()
+    figures = SyntheticBenchmark(world, samples=samples, tasks=("shape", "color"), heldout_samples=0, retrieval_samples=0)(tiny)
+    clipforge.save(tiny, tmp_path / "tiny.safetensors")
+    code, _, err = run(capsys, "eval", "zeroshot", "--model", str(tmp_path / "tiny.safetensors"), "--data", "synthetic:shape",
+                       "--data", "synthetic:color", "--samples", str(samples), "--out", str(tmp_path / "out"), "--workers", "0")
+    assert code == 0, err
+    for name in ("shape", "color"):
+        task = world.tasks()[name]
+        scenes = [world.sample("test", i) for i in range(samples)]
+        kept = [(scene.image, task.label_of(scene.metadata)) for scene in scenes if task.label_of(scene.metadata) is not None]
+        with torch.inference_mode():
+            features = F.normalize(tiny.encode_image(torch.stack([tiny.preprocess(image) for image, _ in kept])), dim=-1)
+        predictions = (features @ build_zero_shot_classifier(tiny, task.classnames, task.templates)).argmax(1)
+        by_hand = (predictions == torch.tensor([label for _, label in kept])).double().mean().item()
+        recorded = json.loads(next((tmp_path / "out").glob(f"synthetic_{name}_*_zeroshot_classification.json")).read_text())
+        assert recorded["metrics"]["acc1"] == pytest.approx(by_hand, abs=1e-9)
+        assert figures[f"acc_{name}"] == round(by_hand, 4)
+    assert 0 < len(kept) < samples  # some images are left out: the task cannot label every scene
+
+
 def test_perception_clip_matches_the_reference_formulas(tiny) -> None:
     """A transcription of perceptionclip_two_step.py (exp of raw logits, explicit sums) on the same embeddings."""
     factors = {"size": {"small": ["small", "tiny"], "large": ["large"]}, "place": {"any": [""], "left": ["on the left"]}}

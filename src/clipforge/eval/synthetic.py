@@ -47,7 +47,7 @@ class SyntheticBenchmark:
             self.tasks[name] = (SyntheticTask(world, task).labelled(test, f"synthetic/{name}"), rows) if rows else None
         self.heldout = (
             SyntheticTask(world, world.tasks()["shape_color"]).dataset("test_heldout", heldout_samples)
-            if world.config.heldout_combos
+            if heldout_samples and world.config.heldout_combos
             else None
         )
         found = world.retrieval_set("test", retrieval_samples) if retrieval_samples else None

@@ -42,6 +42,7 @@ from clipforge.compress.records import (
 )
 from clipforge.compress.reduction.registry import build_token_reduction, estimate_flops
 from clipforge.data.formats.images import read_rgb_image
+from clipforge.encode import model_device
 from clipforge.errors import ConfigError
 from clipforge.eval.datasets import ClassificationDataset
 from clipforge.eval.runner import Evaluator
@@ -180,7 +181,7 @@ def compare_variants(
                 measured[variant.name] = (evaluator.image_features(dataset), evaluator.logits(dataset).argmax(dim=1))
             bar.advance(task)
     pixels = torch.stack([model.preprocess(read_rgb_image(image)) for image in dataset.images[:batch_size]])
-    pixels = pixels.to(model.logit_scale.device)
+    pixels = pixels.to(model_device(model))
     speed = _images_per_second(models, variants, pixels, repeats, progress)
     base_features, base_predictions = measured[BASE]
     results = []

@@ -31,7 +31,7 @@ from PIL import Image
 from clipforge._util.fileio import atomic_path
 from clipforge.data.synthetic import CORRUPTIONS as SYNTHETIC_CORRUPTIONS
 from clipforge.data.synthetic import SHIFTS, corrupt
-from clipforge.encode import embed_images
+from clipforge.encode import Encoder, embed_images
 from clipforge.errors import InputError
 from clipforge.eval.metrics import topk_accuracy
 from clipforge.eval.zeroshot import zero_shot_logits
@@ -138,7 +138,7 @@ class CorruptionTable:
 
 
 def _accuracy(
-    model: Any, images: Sequence[Any], labels: torch.Tensor, classifier: torch.Tensor, batch_size: int, workers: int | None
+    model: Encoder, images: Sequence[Any], labels: torch.Tensor, classifier: torch.Tensor, batch_size: int, workers: int | None
 ) -> list[float]:
     """Top-1 accuracy of consecutive blocks of ``len(labels)`` images."""
     embedded = embed_images(model, images, batch_size=batch_size, workers=workers, strict=True, progress=False)
@@ -148,7 +148,7 @@ def _accuracy(
 
 
 def corruption_accuracy(
-    model: Any,
+    model: Encoder,
     images: Sequence[Image.Image],
     labels: Sequence[int],
     classifier: torch.Tensor,

@@ -29,7 +29,7 @@ from clipforge._util.fileio import atomic_path
 from clipforge._util.progress import progress_bar
 from clipforge.api import load
 from clipforge.data.formats.shards import expand_shards
-from clipforge.encode import encode_image_batches, encode_texts, fixed_batches
+from clipforge.encode import Encoder, encode_image_batches, encode_texts, fixed_batches
 from clipforge.errors import ConfigError, InputError
 from clipforge.models.clip import CLIP
 from clipforge.retrieval.inputs import (
@@ -233,7 +233,7 @@ def _batches(pending: list[tuple[int, list[ImageItem]]], batch_size: int) -> tup
 
 
 def embed_to_store(
-    model: Any,
+    model: Encoder,
     reference: dict[str, Any],
     inputs: Sequence[str | Path],
     out: str | Path,

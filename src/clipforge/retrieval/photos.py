@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipforge._util.imageio import is_image_path
-from clipforge.encode import embed_images
+from clipforge.encode import Encoder, embed_images
 from clipforge.errors import ConfigError, InputError, one_line
 from clipforge.retrieval.embed import (
     STORE_FORMAT,
@@ -116,7 +116,7 @@ def _catalogue(store: Path, reference: dict[str, Any]) -> tuple[list[dict], np.n
 
 def update_photo_store(
     folder: str | Path,
-    model: Any,
+    model: Encoder,
     reference: dict[str, Any],
     store: str | Path | None = None,
     *,

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from clipforge.encode import Encoder
 from clipforge.retrieval.query import parse_query, query_vector
 from clipforge.serve.app import create_app
 
 __all__ = ["create_app", "serve"]
 
 
-def serve(root: str | Path, model: Any, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+def serve(root: str | Path, model: Encoder, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
     """Run the app with uvicorn until interrupted; ``options`` go to ``create_app``.
 
     Requests are answered concurrently by a thread pool, so torch and faiss each use one thread per

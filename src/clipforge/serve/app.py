@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipforge._util.imageio import open_image
 from clipforge.data.formats.images import read_rgb_image
+from clipforge.encode import Encoder
 from clipforge.errors import ClipforgeError, InputError
 from clipforge.retrieval.embed import store_info
 from clipforge.retrieval.inputs import ImageItem
@@ -114,7 +115,7 @@ class ImageAccess:
 
 def create_app(
     root: str | Path,
-    model: Any,
+    model: Encoder,
     *,
     kind: str = "img",
     max_k: int = 100,

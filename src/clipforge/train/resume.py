@@ -24,6 +24,7 @@ import torch
 from clipforge._util.fileio import atomic_path
 from clipforge.errors import CheckpointError
 from clipforge.io.checkpoint import write_checkpoint
+from clipforge.models.clip import CLIP
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ResumeState:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, data_position: dict[str, Any], keep: int
+    run_dir: Path, step: int, model: CLIP, optimizer: torch.optim.Optimizer, data_position: dict[str, Any], keep: int
 ) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from clipforge.data.formats.images import read_rgb_image
+from clipforge.encode import Encoder
 
 
 def pixel_batches(
-    model: Any, images: Sequence[Any], batch_size: int, forever: bool = False, advance: Callable[[], Any] | None = None
+    model: Encoder, images: Sequence[Any], batch_size: int, forever: bool = False, advance: Callable[[], Any] | None = None
 ) -> Iterator[torch.Tensor]:
     """Batches [B, 3, H, W] of ``model.preprocess``ed images in order (cycling when ``forever``), calling
     ``advance()`` as each is handed out. ``images`` are dataset entries (PIL images, paths or bytes)."""

@@ -27,6 +27,7 @@ from clipforge.compress.quant.int8 import (
     quantized_towers,
     token_batches,
 )
+from clipforge.encode import model_device
 from clipforge.errors import ConfigError
 from clipforge.models.clip import CLIP
 
@@ -93,7 +94,7 @@ def block_relevance(
     towers = quantized_towers(text_batches)
     blocks = {tower: tower_blocks(model, tower) for tower in towers}
     scores = {name: 0.0 for tower in towers for name, _ in blocks[tower]}
-    device = model.logit_scale.device
+    device = model_device(model)
     branches: list[tuple[str, torch.Tensor]] = []
     hooks = [
         branch.register_forward_hook(lambda module, inputs, output, name=name: branches.append((name, output)))

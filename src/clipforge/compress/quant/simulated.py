@@ -46,6 +46,7 @@ from clipforge.compress.quant.mixed_precision import (
     block_relevance,
     tower_blocks,
 )
+from clipforge.encode import model_device
 from clipforge.errors import ConfigError
 from clipforge.layers.attention import AttentionOutput
 from clipforge.models.clip import CLIP
@@ -314,7 +315,7 @@ def simulate_quantization(
 
 
 def _calibrate(model: CLIP, calibration_batches: Iterable[torch.Tensor], text_batches: Iterable[torch.Tensor] | None) -> None:
-    device = model.logit_scale.device
+    device = model_device(model)
     generator = torch.Generator().manual_seed(0)
     quantizers = [m for m in model.modules() if isinstance(m, CalibratedQuantizer) and m.needs_calibration()]
     for quantizer in quantizers:

@@ -1,7 +1,7 @@
 """Shared helpers for the benchmark scripts: interleaved timing, medians, the table, the JSON line.
 
 Every benchmark prints a human-readable table and, as its very last line, one JSON object with its
-figures, so other tools can read the numbers (see DESIGN.md). Machines are noisy: variants are timed
+figures, so other tools can read the numbers (the convention of docs/architecture.md). Machines are noisy: variants are timed
 in turn (A, B, C, A, B, C, ...) and medians are reported.
 """
 

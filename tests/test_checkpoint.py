@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import clipforge
 from clipforge.errors import CheckpointError, ConfigError
-
-open_clip = pytest.importorskip("open_clip")
 
 NAME = "synthetic-tiny"
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import clipforge
 from clipforge.io.hf import save_hf
-
-transformers = pytest.importorskip("transformers")
 
 
 def small_hf_model(activation: str) -> "transformers.CLIPModel":

@@ -94,7 +94,7 @@ def test_imports_follow_the_table(module: str) -> None:
 
 
 def test_low_floors_never_reach_high_ones() -> None:
-    """The rule of DESIGN.md in its own words, independent of the table's details."""
+    """The rule of docs/architecture.md in its own words, independent of the table's details."""
     for module, names in MODULES.items():
         if unit(module) in LOW:
             reached = sorted(name for name in names if unit(name) in HIGH and name in MODULES)

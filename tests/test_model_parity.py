@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 
 import clipforge
-
-open_clip = pytest.importorskip("open_clip")
 
 CONFIGS = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-32-quickgelu"]
 CAPTIONS = ["a photo of a dog", "two red circles on the left", "", "an astronaut riding a horse on the moon at night"]

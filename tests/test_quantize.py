@@ -201,7 +201,7 @@ def test_shift_log2_calibration_matches_the_papers_search_loop() -> None:
         shift, low, high = calibrate_shift_log2(probabilities, bits)
         x = probabilities.double().numpy()
         errors = []
-        for eta in SHIFT_CANDIDATES:  # efficiency.md §7.5, transcribed to numpy
+        for eta in SHIFT_CANDIDATES:  # I&S-ViT's shift-uniform-log2 search (zysxmu/IaS-ViT), in numpy
             y = np.log2(x + eta)
             lo, hi = y.min(), y.max()
             delta = (hi - lo) / (2**bits - 1)

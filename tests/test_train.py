@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,8 +22,6 @@ from clipforge.train.config import OptimizerSection, ScheduleSection, load_confi
 from clipforge.train.losses import ClipLoss
 from clipforge.train.optim import build_optimizer, learning_rate
 from clipforge.train.step import ContrastiveStep
-
-open_clip = pytest.importorskip("open_clip")
 
 MICRO = str(Path(__file__).parent / "data" / "micro-clip.json")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -161,6 +160,38 @@ def test_feature_cache_accumulation_gives_the_full_batch_gradient() -> None:
     for name, parameter in model.named_parameters():
         scale = expected[name].abs().max()
         assert (parameter.grad - expected[name]).abs().max() <= 1e-5 * scale + 1e-9, name
+
+
+def test_non_finite_numbers_are_config_errors(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("[optimizer]\nlr = inf\n")
+    with pytest.raises(ConfigError, match=r"^optimizer.lr: expected a finite number, got inf$"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match=r"^schedule.cooldown_power: expected a finite number, got nan$"):
+        load_config(None, ["schedule.cooldown_power=nan"])
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_checkpoints(tmp_path: Path, capsys) -> None:
+    """A loss that becomes non-finite stops training at that step (exit 2, one line naming it); the checkpoint
+    already written stays as it was, and no final model is written."""
+    from clipforge.cli import main
+
+    run_dir = tmp_path / "run"
+    argv = ["train"]
+    for override in micro_overrides(run_dir, 12, **{"optimizer.lr": "1e30", "optimizer.grad_clip": "1e30", "schedule.warmup": "0",
+                                                    "checkpoint.every": "1"}):
+        argv += ["--set", override]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    step = int(err.split("step ")[1].split(":")[0])
+    assert "the loss is nan" in err or "the loss is inf" in err
+    assert not (run_dir / "model.safetensors").exists()
+    saved = sorted(path.name for path in (run_dir / "checkpoints").glob("step_*"))
+    assert saved and int(saved[-1].removeprefix("step_")) == step - 1
+    weights = load_file(run_dir / "checkpoints" / saved[-1] / "model.safetensors")
+    assert all(torch.isfinite(value).all() for value in weights.values())
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path) -> None:

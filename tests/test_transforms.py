@@ -42,7 +42,8 @@ def _palette_with_transparency(rgba: Image.Image) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, Image.Image]:
-    """scikit-image's sample photos (various sizes and aspect ratios) plus palette/CMYK/16-bit/1-bit variants."""
+    """scikit-image's sample photos (various sizes and aspect ratios) plus palette/CMYK/1-bit variants (16-bit
+    grayscale is the one documented deviation from open_clip: see ``test_sixteen_bit_grayscale_is_its_8_bit_twin``)."""
     rgb = {name: Image.fromarray(getattr(data, name)()) for name in
            ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel")}
     gray = {name: Image.fromarray(getattr(data, name)()) for name in ("camera", "page", "text")}
@@ -57,7 +58,6 @@ def photos() -> dict[str, Image.Image]:
         "coffee_palette": rgb["coffee"].convert("P", palette=Image.Palette.ADAPTIVE, colors=200),
         "chelsea_palette_web": rgb["chelsea"].convert("P"),
         "rocket_cmyk": rgb["rocket"].convert("CMYK"),
-        "camera_uint16": Image.fromarray(data.camera().astype(np.uint16) * 257),
         "horse_1bit": Image.fromarray(data.horse()),
         "coffee_portrait": rgb["coffee"].transpose(Image.Transpose.ROTATE_90),
         "astronaut_225x224": rgb["astronaut"].crop((0, 0, 225, 224)),  # center-crop offset 0.5: half-to-even
@@ -65,7 +65,7 @@ def photos() -> dict[str, Image.Image]:
         "chelsea_strip_7x300": rgb["chelsea"].crop((100, 0, 107, 300)),  # extreme ratio: odd letterbox padding
     }
     modes = {image.mode for image in images.values()}
-    assert {"RGB", "L", "RGBA", "LA", "P", "CMYK", "I;16", "1"} <= modes
+    assert {"RGB", "L", "RGBA", "LA", "P", "CMYK", "1"} <= modes
     return images
 
 
@@ -119,6 +119,26 @@ def test_eval_matches_open_clip_image_transform(photos, resize_mode, size, inter
         expected = reference(image)
         assert expected.shape == (3, size, size)
         _assert_same(expected, ours(image), f"{name} {cfg}")
+
+
+def test_sixteen_bit_grayscale_is_its_8_bit_twin(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) gives exactly the tensors of the same picture saved at 8 bits, where
+    open_clip clips every value above 255 to white; an ``I`` image of 8-bit values is its ``L`` twin."""
+    from clipforge._util.imageio import open_image
+
+    camera = data.camera()
+    Image.fromarray(camera.astype(np.uint16) * 257).save(tmp_path / "camera16.png")
+    sixteen = open_image(tmp_path / "camera16.png")
+    assert sixteen.mode.startswith("I")
+    twin = Image.fromarray(camera)
+    cfg = PreprocessConfig(size=64)
+    assert torch.equal(EvalTransform(cfg)(sixteen), EvalTransform(cfg)(twin))
+    train = image_transform(cfg, train=True)
+    assert torch.equal(train(sixteen, torch.Generator().manual_seed(1)), train(twin, torch.Generator().manual_seed(1)))
+    clipped = open_clip_image_transform(64, is_train=False)(sixteen)
+    assert (clipped - EvalTransform(cfg)(twin)).abs().max() > 0.5  # what open_clip gives instead: mostly white
+    as_int = Image.fromarray(camera.astype(np.int32))
+    assert as_int.mode == "I" and torch.equal(EvalTransform(cfg)(as_int), EvalTransform(cfg)(twin))
 
 
 def test_letterbox_fill_reaches_the_border():

@@ -13,6 +13,10 @@ class CheckpointError(ClipforgeError):
     """A checkpoint file cannot be read, has the wrong layout, or does not fit the model."""
 
 
+class TrainingError(ClipforgeError):
+    """Training cannot go on (the loss became non-finite); nothing already saved is touched."""
+
+
 class InputError(ClipforgeError):
     """An image, caption or data file is unreadable, empty or corrupt."""
 

@@ -1,8 +1,14 @@
-"""Shared rich consoles and the progress bar every long clipforge job shows."""
+"""Shared rich consoles, the progress bar every long clipforge job shows, and plain-text printing.
+
+Everything a user wrote (paths, captions, queries, error messages that quote them) is printed as plain text:
+rich would read ``album[summer]/x.jpg`` or ``[optimizer]`` as markup and eat the brackets. ``say``, ``warn`` and
+``fail`` print such text; rich markup is only ever used in clipforge's own fixed labels.
+"""
 
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -17,6 +23,21 @@ from rich.text import Text
 
 console = Console()
 error_console = Console(stderr=True)
+
+
+def say(text: str) -> None:
+    """One line (or more) of plain text on stdout: no markup, no highlighting, no wrapping inside words."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def warn(label: str, text: str) -> None:
+    """``label:`` in yellow, then ``text`` as plain text, on stderr (e.g. a skipped file)."""
+    error_console.print(f"[yellow]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def fail(text: str) -> None:
+    """``error:`` in red, then ``text`` as plain text, on stderr: the one line of a failed command."""
+    error_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):

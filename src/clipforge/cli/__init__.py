@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from clipforge._util.progress import error_console
+from clipforge._util.progress import error_console, fail
 from clipforge.cli import compress as compress_cli
 from clipforge.cli import data as data_cli
 from clipforge.cli import embed as embed_cli
@@ -18,7 +18,7 @@ from clipforge.cli import evaluate as evaluate_cli
 from clipforge.cli import models as models_cli
 from clipforge.cli import retrieval as retrieval_cli
 from clipforge.cli import train as train_cli
-from clipforge.errors import ClipforgeError
+from clipforge.errors import ClipforgeError, one_line
 
 app = typer.Typer(
     name="clipforge",
@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, prog_name="clipforge", standalone_mode=False)
     except ClipforgeError as error:
-        error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        fail(str(error))
+        sys.exit(2)
+    except OSError as error:  # a file system failure the checks could not foresee (disk full, a file removed meanwhile)
+        fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else one_line(error))
         sys.exit(2)
     except typer.TyperException as error:  # usage errors (typer's own click): a usage line, not a traceback
         error.show()  # type: ignore[attr-defined]

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from clipforge._util.progress import console
+from clipforge._util.progress import console, say
 from clipforge.cli.options import (
     BatchSizeOption,
     CheckpointOut,
@@ -22,6 +23,7 @@ from clipforge.cli.options import (
     PretrainedOption,
     SamplesOption,
     SetOption,
+    checked_output,
     load_model,
 )
 
@@ -53,6 +55,7 @@ def _compress(method: str, options: dict[str, Any], set_: list[str] | None, mode
     extra = parse_settings(set_ or [], "--set")
     if twice := sorted(set(given) & set(extra)):
         raise ConfigError(f"--set {twice[0]}: also given as --{twice[0].replace('_', '-')}; give it once")
+    note = checked_output(out, inputs=[model])
     loaded = load_model(model, config, pretrained)
     base_flops, base_counts = estimate_flops(loaded), token_counts(loaded)
     compressed = apply_compression(loaded, method, **given, **extra)
@@ -67,10 +70,10 @@ def _compress(method: str, options: dict[str, Any], set_: list[str] | None, mode
                 "evit --set layers=[...])"
             )
     clipforge.save(compressed, out, provenance={"compressed_from": str(model)})
-    console.print(f"wrote {out}: {describe_steps(compression_steps(compressed))}", soft_wrap=True)
+    say(f"wrote {out}{note}: {describe_steps(compression_steps(compressed))}")
     if method in TOKEN_REDUCTIONS:
         counts = token_counts(compressed)
-        console.print(f"tokens entering each image block: {counts[:-1]}; image-block FLOPs {flops / base_flops:.2f}x of the base model")
+        say(f"tokens entering each image block: {counts[:-1]}; image-block FLOPs {flops / base_flops:.2f}x of the base model")
 
 
 def _load_uncompressed(model: str, config: str | None, pretrained: str | None, instead: str) -> Any:
@@ -155,11 +158,12 @@ def onnx_command(
     """Export both towers to ONNX (dynamic batch and text length), then check them in onnxruntime against PyTorch."""
     from clipforge.compress.export_onnx import check_export, export_onnx
 
+    checked_output(out, directory=True, inputs=[model])
     loaded = _load_uncompressed(model, config, pretrained, "export the uncompressed model (and --int8 for int8 ONNX)")
     export_onnx(loaded, out, opset, int8=int8)
     for check in check_export(loaded, out, int8=int8):
-        console.print(f"{check.label}: max |onnx - torch| {check.max_abs_difference:.2e}, min cosine {check.min_cosine:.5f}")
-    console.print(f"wrote {out}")
+        say(f"{check.label}: max |onnx - torch| {check.max_abs_difference:.2e}, min cosine {check.min_cosine:.5f}")
+    say(f"wrote {out}")
 
 
 @compress_app.command("early-exit")
@@ -186,6 +190,7 @@ def early_exit_command(
     from clipforge.eval.datasets import load_dataset
     from clipforge.eval.runner import Evaluator, split_in_two
 
+    note = checked_output(out, inputs=[model])
     loaded = load_model(model, config, pretrained)
     dataset = load_dataset(data, samples=samples)
     fit, test = (dataset.synthetic.dataset("train", samples), dataset) if dataset.synthetic else split_in_two(dataset)
@@ -194,12 +199,12 @@ def early_exit_command(
     result = evaluate_early_exit(loaded, heads, test, bank, threshold, batch_size=batch_size)
     save_exit_heads(heads, out, threshold)
     depth, blocks = result.average_depth, result.blocks
-    table = Table("", "accuracy", "agreement with full model", "average blocks run", title=f"early exit on {result.dataset}")
+    table = Table("", "accuracy", "agreement with full model", "average blocks run", title=escape(f"early exit on {result.dataset}"))
     table.add_row("full model", f"{100 * result.full_accuracy:.1f}%", "100.0%", f"{blocks}")
     table.add_row(f"exit heads {result.exit_layers}, threshold {threshold}", f"{100 * result.accuracy:.1f}%",
                   f"{100 * result.agreement:.1f}%", f"{depth:.2f} ({depth / blocks:.0%})")
     console.print(table)
-    console.print(f"wrote {out}")
+    say(f"wrote {out}{note}")
 
 
 @compress_app.command("report")
@@ -227,6 +232,7 @@ def report_command(
     )
     from clipforge.eval.datasets import load_dataset
 
+    checked_output(out, directory=True, inputs=[model])
     loaded = _load_uncompressed(model, config, pretrained, "the report compares variants of the uncompressed model")
     dataset = load_dataset(data or f"synthetic:{task}", samples=samples)
     variants = [Variant.parse(spec) for spec in variant] if variant else default_variants(loaded)
@@ -235,14 +241,14 @@ def report_command(
     details = {"model": str(model), "dataset": dataset.name, "images": len(dataset), "batch_size": batch_size,
                "repeats": repeats, "torch_threads": torch.get_num_threads()}
     json_path, plot_path = write_report(results, out, title=title, details=details)
-    table = Table(title=title, show_edge=False, collapse_padding=True, pad_edge=False)
+    table = Table(title=escape(title), show_edge=False, collapse_padding=True, pad_edge=False)
     table.add_column("variant", no_wrap=True)
     for column in ("img/s", "speed", "FLOPs", "acc", "Δacc", "agree", "cosine"):
         table.add_column(column, justify="right", no_wrap=True)
     base = results[0]
     for row in results:
-        table.add_row(row.name, f"{row.images_per_s:.0f}", f"{row.speedup:.2f}x", f"{row.relative_flops:.2f}x",
+        table.add_row(escape(row.name), f"{row.images_per_s:.0f}", f"{row.speedup:.2f}x", f"{row.relative_flops:.2f}x",
                       f"{100 * row.accuracy:.1f}%", f"{100 * (row.accuracy - base.accuracy):+.1f}", f"{100 * row.agreement:.1f}%",
                       f"{row.cosine:.4f}")
     console.print(table)
-    console.print(f"report: {json_path}, plot: {plot_path}")
+    say(f"report: {json_path}, plot: {plot_path}")

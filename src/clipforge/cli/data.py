@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from clipforge._util.progress import console
+from clipforge._util.progress import say
+from clipforge.cli.options import checked_output
 
 data_app = typer.Typer(help="Data: write the synthetic world as webdataset shards.", no_args_is_help=True)
 
@@ -36,11 +37,12 @@ def synth_command(
     """
     from clipforge.data.synthetic import SyntheticWorld, WorldConfig, write_shards
 
+    checked_output(out, directory=True)
     world = SyntheticWorld(
         WorldConfig(seed=seed, image_size=image_size, caption_noise_rate=caption_noise, duplicate_rate=duplicates, zipf_exponent=zipf)
     )
     summary = write_shards(world, split, n, out, shard_size, image_format=image_format, shift=shift, progress=True)
-    console.print(
+    say(
         f"{split}: {n} samples in {len(summary['written']) + len(summary['skipped'])} shards under {out} "
         f"({len(summary['written'])} written, {len(summary['skipped'])} already complete)"
     )

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from clipforge._util.progress import console, error_console
+from clipforge._util.progress import say, warn
 from clipforge.cli.options import (
     BatchSizeOption,
     CompressOption,
@@ -21,6 +21,7 @@ from clipforge.cli.options import (
     PretrainedOption,
     TomeOption,
     WorkersOption,
+    checked_output,
     compression_options,
     load_model,
 )
@@ -68,7 +69,9 @@ def embed_command(
     device = device or default_device()
     steps = compression_options(tome, compress)
     if out.suffix.lower() == ".parquet":
-        _embed_to_parquet(inputs, model, out, text, config, pretrained, precision, batch_size, workers, strict, device, steps)
+        note = checked_output(out, inputs=[model] if text else [model, *inputs])
+        count, dim = _embed_to_parquet(inputs, model, out, text, config, pretrained, precision, batch_size, workers, strict, device, steps)
+        say(f"wrote {count} embeddings of dimension {dim} to {out}{note}")
         return
     if text:
         raise ConfigError(f"--out {out}: --text writes a .parquet file; for a store of captions use a manifest with --captions")
@@ -84,6 +87,7 @@ def embed_command(
         model_reference,
     )
 
+    checked_output(out, directory=True)
     reference = model_reference(model, config, pretrained, precision)
     loaded = load_model(reference, device=device)
     rank, world_size = distributed_rank()
@@ -92,20 +96,20 @@ def embed_command(
         captions=captions, image_column=image_column, caption_column=caption_column, rank=rank, world_size=world_size,
     )
     for _, reason in report.skipped:
-        error_console.print(f"[yellow]skipped:[/] {reason}", highlight=False, soft_wrap=True)
+        warn("skipped", reason)
     share = f" (rank {rank} of {world_size})" if world_size > 1 else ""
-    console.print(
+    say(
         f"wrote {report.rows} embeddings in {len(report.written)} parts to {out}{share}; "
         f"{len(report.already_done)} parts were already done, {len(report.skipped)} images skipped; "
-        f"the job has {report.num_parts} parts",
-        soft_wrap=True,
+        f"the job has {report.num_parts} parts"
     )
 
 
 def _embed_to_parquet(
     inputs: list[str], model: str, out: Path, text: bool, config: str | None, pretrained: str | None,
     precision: str, batch_size: int, workers: int, strict: bool, device: str, steps: list[dict[str, Any]],
-) -> None:
+) -> tuple[int, int]:
+    """Embed and write the parquet file; the number of rows and their dimension."""
     from clipforge.encode import embed_images, embed_texts
     from clipforge.retrieval.inputs import collect_image_paths, write_embeddings
 
@@ -117,7 +121,7 @@ def _embed_to_parquet(
         sources = [str(p) for p in collect_image_paths(inputs)]
         result = embed_images(loaded, sources, batch_size=batch_size, workers=workers, strict=strict)
         for _, reason in result.skipped:
-            error_console.print(f"[yellow]skipped:[/] {reason}", highlight=False, soft_wrap=True)
+            warn("skipped", reason)
         sources, vectors = [sources[i] for i in result.kept], result.embeddings
     write_embeddings(out, sources, vectors, model=str(model), kind="text" if text else "image")
-    console.print(f"wrote {len(sources)} embeddings of dimension {vectors.shape[1]} to {out}", soft_wrap=True)
+    return len(sources), vectors.shape[1]

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from clipforge._util.progress import console
+from clipforge._util.progress import console, say
 from clipforge.cli.options import (
     BatchSizeOption,
     CompressOption,
@@ -17,6 +18,7 @@ from clipforge.cli.options import (
     PretrainedOption,
     SamplesOption,
     TomeOption,
+    checked_output,
     compression_options,
     load_model,
 )
@@ -64,6 +66,7 @@ def eval_command(
     names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
     names = list(TASKS) if names == ["all"] else names
     steps = compression_options(tome, compress)
+    checked_output(out, directory=True)
     loaded = load_model(model, config, pretrained, precision, steps=steps)
     model_name = loaded.config.name + (f"+{describe_steps(steps)}" if steps else "")
     options = DataOptions(
@@ -78,9 +81,9 @@ def eval_command(
     markdown, _ = write_report(results, out, f"clipforge eval: {model_name} ({pretrained_label})")
     table = Table("dataset", "task", "metric", "value", title=f"clipforge eval ({precision})")
     for row in headline_rows(results):
-        table.add_row(*row)
+        table.add_row(*map(escape, row))
     console.print(table)
-    console.print(f"results: {out}/*.json, report: {markdown}")
+    say(f"results: {out}/*.json, report: {markdown}")
 
 
 def explain_command(
@@ -98,7 +101,8 @@ def explain_command(
     from clipforge.explain import explain_image
     from clipforge.explain.overlay import save_overlay
 
+    note = checked_output(out, inputs=[image, model])
     loaded = load_model(model, config, pretrained, precision)
     view, heatmap = explain_image(loaded, open_image(image).convert("RGB"), text, method)
     save_overlay(view, heatmap, out)
-    console.print(f"wrote {method} map of {image} to {out}")
+    say(f"wrote {method} map of {image} to {out}{note}")

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from clipforge._util.progress import console
-from clipforge.cli.options import load_model
+from clipforge._util.progress import console, say
+from clipforge.cli.options import checked_output, load_model
 
 BareConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict (e.g. ViT-B-32-quickgelu).")]
 
@@ -47,7 +47,7 @@ def list_models_command(
     if pretrained:
         console.print("\n[bold]pretrained tags[/] (clipforge.load(config, pretrained=tag)):")
         for name, known in tags.items():
-            console.print(f"{name}: {', '.join(known)}", soft_wrap=True, highlight=False)
+            say(f"{name}: {', '.join(known)}")
 
 
 def info_command(
@@ -56,6 +56,8 @@ def info_command(
 ) -> None:
     """Show what a checkpoint holds: architecture, activation, preprocessing, provenance and size."""
     import json
+
+    from clipforge.compress.records import compression_steps, describe_steps
 
     model = load_model(checkpoint, config)
     counts = {name: p.numel() for name, p in model.named_parameters()}
@@ -68,6 +70,7 @@ def info_command(
                 "config": model.config.to_dict(),
                 "preprocess": model.preprocess_cfg.to_dict(),
                 "provenance": model.provenance,
+                "compression": describe_steps(compression_steps(model)) or None,
                 "parameters": {"total": sum(counts.values()), "image": visual, "text": sum(counts.values()) - visual - head},
             }
         )
@@ -87,6 +90,7 @@ def convert_command(
 
     if to not in ("clipforge", "hf"):
         raise ConfigError(f"--to: {to!r} is not one of clipforge, hf")
+    note = checked_output(destination, directory=to == "hf", option="DESTINATION", inputs=[source])
     model = load_model(source, config)
     written = clipforge.save(model, destination) if to == "clipforge" else save_hf(model, destination)
-    console.print(f"wrote {written}")
+    say(f"wrote {written}{note}")

@@ -8,6 +8,8 @@ stays fast.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,3 +55,35 @@ def load_model(
 
     loaded = clipforge.load(model, config=config, precision=precision, pretrained=pretrained, device=device)
     return apply_steps(loaded, steps)
+
+
+def checked_output(
+    path: Path, *, directory: bool = False, option: str = "--out", inputs: Sequence[str | os.PathLike[str] | None] = ()
+) -> str:
+    """Check, before any work starts, that the command can write ``path``; return a note for its summary line.
+
+    Refused with a ``ConfigError`` naming ``option``: the path of one of the ``inputs`` (the result would replace
+    its own source), a directory where a file goes or a file where a directory goes, and a place this process
+    cannot write (tried with a temporary file, so a read-only mount is caught too). An existing file is replaced
+    (atomically, when the work is done): the note says so, for the command to print.
+    """
+    from clipforge.errors import ConfigError
+
+    target = path.expanduser()
+    for given in inputs:
+        if given is not None and Path(given).exists() and Path(given).resolve() == target.resolve():
+            raise ConfigError(f"{option} {path}: is also the input {given}; write the result to another path")
+    if directory and target.exists() and not target.is_dir():
+        raise ConfigError(f"{option} {path}: is a file; give a directory")
+    if not directory and target.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory; give a file name")
+    ancestor = next(p for p in (target if directory else target.parent, *target.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{option} {path}: {ancestor} is a file, so nothing can be written under it")
+    try:
+        handle, probe = tempfile.mkstemp(dir=ancestor, prefix=".clipforge-write-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"{option} {path}: cannot write in {ancestor} ({error.strerror or error})") from None
+    return " (replaced the existing file)" if not directory and target.is_file() else ""

@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from clipforge._util.progress import console, error_console
+from clipforge._util.progress import console, error_console, say, warn
 from clipforge.cli.options import (
     BatchSizeOption,
     ConfigOption,
     DeviceOption,
     PretrainedOption,
     WorkersOption,
+    checked_output,
 )
 from clipforge.errors import ConfigError
 
@@ -107,25 +109,25 @@ def index_command(
         from clipforge.retrieval.photos import update_photo_store
 
         root = (store or default_store(directory)).absolute()
+        checked_output(root, directory=True, option="--store")
         reference = _model_reference(root if is_store(root) else None, model, config, pretrained, precision)
         update = update_photo_store(
             directory, load_model(reference, device=device), reference, root, batch_size=batch_size,
             workers=default_workers() if workers is None else workers,
         )
         for _, reason in update.skipped:
-            error_console.print(f"[yellow]skipped:[/] {reason}", highlight=False, soft_wrap=True)
-        console.print(
+            warn("skipped", reason)
+        say(
             f"{directory}: {update.embedded} new, {update.unchanged} unchanged, {update.moved} moved or renamed, "
-            f"{update.removed} removed, {len(update.skipped)} unreadable",
-            soft_wrap=True,
+            f"{update.removed} removed, {len(update.skipped)} unreadable"
         )
         if not update.changed and (index_dir(root, kind) / "index.json").is_file():
-            console.print(f"the index in {root} is up to date", soft_wrap=True)
+            say(f"the index in {root} is up to date")
             return
     built = SearchIndex.build(root, kind, memory_budget=budget, target_recall=target_recall)
     spec = built.spec
-    console.print(f"{spec.factory} index over {spec.num_vectors:,} vectors in {index_dir(root, kind)}: {spec.reason}", soft_wrap=True)
-    console.print(f"recall@{spec.recall_k} = {spec.recall:.3f} (target {spec.target_recall}); search parameters {spec.params}", soft_wrap=True)
+    say(f"{spec.factory} index over {spec.num_vectors:,} vectors in {index_dir(root, kind)}: {spec.reason}")
+    say(f"recall@{spec.recall_k} = {spec.recall:.3f} (target {spec.target_recall}); search parameters {spec.params}")
 
 
 def search_command(
@@ -154,12 +156,12 @@ def search_command(
         return
     from rich.table import Table
 
-    table = Table("#", "score", title=" ".join(query), show_edge=False)
+    table = Table("#", "score", title=escape(" ".join(query)), show_edge=False)
     table.add_column("path", overflow="fold")  # whole paths, to copy
     table.add_column("caption")
     for rank, hit in enumerate(hits, 1):
         where = f"{hit.get('path', '')}:{hit['sample']}" if hit.get("sample") else hit.get("path", "")
-        table.add_row(str(rank), f"{hit['score']:.4f}", where, hit.get("caption") or "")
+        table.add_row(str(rank), f"{hit['score']:.4f}", escape(where), escape(hit.get("caption") or ""))
     console.print(table)
 
 
@@ -181,5 +183,5 @@ def serve_command(
     from clipforge.serve import serve
 
     loaded = _load(root, model, config, pretrained, precision, device)
-    error_console.print(f"serving {root} on http://{host}:{port}/", soft_wrap=True)
+    error_console.print(f"serving {escape(str(root))} on http://{host}:{port}/", highlight=False, soft_wrap=True)
     serve(root, loaded, host=host, port=port, kind=kind, max_k=max_k, max_upload_bytes=parse_size(max_upload, "--max-upload"))

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from clipforge._util.progress import console
+from clipforge._util.progress import console, say, warn
+from clipforge.cli.options import checked_output
 
 
 def register(app: typer.Typer) -> None:
@@ -28,10 +30,11 @@ def train_command(
 
     overrides = list(set_ or []) + ([f"run.dir={json.dumps(run_dir)}"] if run_dir else [])
     experiment = load_config(config, overrides)
+    checked_output(Path(experiment.run.dir), directory=True, option="run.dir")
     result = train(experiment, resume=resume, evaluator=_synthetic_evaluator(experiment))
     if result.skips:
-        console.print(f"[yellow]skipped samples:[/]\n{result.skips}", highlight=False)
-    console.print(
+        warn("skipped samples", "\n" + result.skips)
+    say(
         f"trained {result.steps} steps in {result.wall_s:.0f} s ({result.samples_per_s:.0f} samples/s), "
         f"final loss {result.final_loss:.4f}; model: {result.run_dir / 'model.safetensors'}"
     )
@@ -56,10 +59,11 @@ def demo_command(
 
     from clipforge.demo import run_demo
 
+    checked_output(out, directory=True)
     summary = run_demo(out, list(set_ or []), resume=resume)
     table = Table("metric", "value", title="clipforge demo")
     for key, value in summary.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) and key != "wall_s" else str(value))
+        table.add_row(key, escape(f"{value:.4f}" if isinstance(value, float) and key != "wall_s" else str(value)))
     console.print(table)
-    console.print(f"report: {Path(summary['run_dir']) / 'report.md'}")
+    say(f"report: {Path(summary['run_dir']) / 'report.md'}")
     print(json.dumps(summary), flush=True)

@@ -91,7 +91,7 @@ class VariantResult:
 def tome_rates(model: CLIP, count: int = 3) -> list[int]:
     """``count`` constant ToMe rates r evenly spaced up to patches / blocks, the rate that merges nearly every patch.
 
-    ViT-B/16 at 224 px: 5, 11, 16 (ToMe's r=16 is about 2x, efficiency.md §1.6); ViT-B/32: 1, 3, 4.
+    ViT-B/16 at 224 px: 5, 11, 16 (ToMe's r=16 is about 2x; Bolya et al., ICLR 2023); ViT-B/32: 1, 3, 4.
     """
     tower = image_tower(model)
     most = tower.grid_size**2 / tower.cfg.layers

@@ -14,7 +14,7 @@ number of workers, the order they finish in, or where a run was interrupted:
   by workers), so resuming from a saved position yields exactly the batches an uninterrupted run would.
 
 Unlike open_clip's webdataset pipeline (shard shuffling plus an in-memory shuffle buffer, sequential
-reads; research/anchors-core.md §1.9), every source here is map-style with random access, which is
+reads; mlfoundations/open_clip ``open_clip_train/data.py``), every source here is map-style with random access, which is
 what makes the shuffle global and the resume exact.
 """
 

@@ -5,8 +5,13 @@ not a runtime dependency here, so this module replays the same PIL calls in the 
 same integer arithmetic (torchvision 0.2x ``Resize``/``CenterCrop``/``RandomResizedCrop``/``ToTensor``/
 ``Normalize``, timm's ``ResizeKeepRatio`` and open_clip's ``CenterCropOrPad``). Because the resize, crop
 and pad happen *before* the RGB conversion, exactly as in open_clip, grayscale, palette, RGBA, CMYK,
-16-bit and 1-bit inputs give bit-identical results (tests/test_transforms.py checks this). Where
+16-bit RGB and 1-bit inputs give bit-identical results (tests/test_transforms.py checks this). Where
 torchvision skips a resize whose size already matches, ``Image.resize`` returns an identical copy.
+
+One deliberate deviation: 16-bit grayscale (PIL modes ``I;16*``, and ``I`` holding values above 255) is
+scaled by its value range to 8 bits first (``as_8bit``: 65535 → 255). open_clip, like PIL's
+``convert("RGB")``, clips every value above 255 to white, so a 16-bit scan or medical image is embedded as a
+different picture (cosine 0.79 to its 8-bit twin on a random model); here it gives its 8-bit twin's tensor.
 
 Train-time randomness comes from an explicit ``torch.Generator`` (or the global torch RNG when none
 is given), so an augmented batch is a pure function of the generator's seed.
@@ -158,6 +163,23 @@ def _center_crop_or_pad(image: Image.Image, size: int, fill: int) -> Image.Image
     return image.crop((left, top, left + size, top + size))
 
 
+SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def as_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale scaled by its value range to 8-bit ``L`` (rounded ``v / 257``); other images unchanged.
+
+    ``I;16*`` images always hold 16-bit values. An ``I`` (32-bit integer) image is read as 16-bit when a value
+    exceeds 255 (PIL decodes some 16-bit files so), and as 8-bit otherwise; values outside the range clip.
+    """
+    if image.mode not in SIXTEEN_BIT_GRAY and image.mode != "I":
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "I" and values.size and values.max() <= 255:
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), "L")
+
+
 class EvalTransform:
     """open_clip's eval ``image_transform(..., is_train=False)``: PIL image → FloatTensor [3, size, size]."""
 
@@ -168,6 +190,7 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """``generator`` is accepted and ignored, so this transform can stand in for ``TrainTransform``."""
+        image = as_8bit(image)
         size, mode = self.cfg.size, self.cfg.resize_mode
         if mode == "squash":
             return self._normalize(image.resize((size, size), self._resample))
@@ -300,6 +323,7 @@ class TrainTransform:
         return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = as_8bit(image)
         top, left, crop_height, crop_width = self.sample_crop(image.width, image.height, generator)
         image = image.crop((left, top, left + crop_width, top + crop_height))
         size = self.cfg.size

@@ -1,6 +1,6 @@
 """Embedding a large collection into clip-retrieval's store layout as idempotent, resumable parts.
 
-The scale-out pattern of research/data-retrieval.md §7: a deterministic task list (parts), workers
+The scale-out pattern of img2dataset and clip-retrieval's ``clip_inference`` distributors: a deterministic task list (parts), workers
 that skip finished tasks, no collective communication. Each folder or manifest is cut into parts of
 ``part_size`` images in sorted order; each webdataset shard is one part (clip-retrieval maps input
 files to output partitions the same way, §4.3). Part ``p`` is done by rank ``p % world_size``

@@ -1,4 +1,4 @@
-"""Incremental indexing of a photo folder, like rclip (research/data-retrieval.md §5).
+"""Incremental indexing of a photo folder, like rclip (yurijmikhalevich/rclip, ``rclip/main.py``).
 
 The folder's embedding store (default ``FOLDER/.clipforge``) is a one-part clip-retrieval store whose
 metadata is also the catalogue: per photo its path relative to the folder (``uid``), absolute

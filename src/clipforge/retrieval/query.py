@@ -1,6 +1,6 @@
 """Weighted multi-term queries: ``"2:golden retriever + ./pool.jpg - night"``.
 
-The query syntax of rclip (research/data-retrieval.md §5): terms joined by ``+`` or ``-`` (as separate
+The query syntax of rclip (yurijmikhalevich/rclip, ``rclip/main.py``): terms joined by ``+`` or ``-`` (as separate
 words, so "t-shirt" stays one term), each a text or a local image path (starting with ``./``, ``../``,
 ``/`` or ``~/``), each with an optional weight prefix ``2:`` or ``0.5:``. The query vector is
 Σ wᵢ·eᵢ over positive terms minus the same over negative terms, of L2-normalised embeddings eᵢ. rclip

@@ -1,7 +1,7 @@
 """Search over an embedding store through its saved faiss index: what the CLI and the server call.
 
 ``SearchIndex.build`` follows clip-retrieval's ``clip index`` (an index per modality, built with
-autofaiss-style rules next to the embeddings; research/data-retrieval.md §4.3); results carry the
+autofaiss-style rules next to the embeddings, as clip-retrieval's ``clip_index`` does); results carry the
 store's metadata, like clip-back's ``/knn-service`` answers.
 """
 

@@ -1,10 +1,10 @@
 """Choosing a faiss index for N vectors of dimension d under a memory budget.
 
-A port of autofaiss's selection rules (criteo/autofaiss ``get_optimal_index_keys_v2``,
-research/data-retrieval.md §6.2), re-tuned for CPU serving of L2-normalised CLIP embeddings with
+A port of autofaiss's selection rules (criteo/autofaiss ``autofaiss/indices/index_factory.py``,
+``get_optimal_index_keys_v2``), re-tuned for CPU serving of L2-normalised CLIP embeddings with
 the inner-product metric. The first rule that fits the budget wins:
 
-1. ``Flat``: exact search, when N ≤ ``flat_max_vectors`` (default 2M, §6.5; one exact query over
+1. ``Flat``: exact search, when N ≤ ``flat_max_vectors`` (default 2M; one exact query over
    1M × 512 takes about 65 ms on one core, so lower it when latency matters more than exactness)
    and N·4d bytes fit.
 2. ``HNSW32,Flat`` (Malkov & Yashunin, arXiv 1603.09320), when its N·(4d + 8·32 + 24) bytes fit.

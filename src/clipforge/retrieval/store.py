@@ -5,7 +5,7 @@
     DIR/metadata/metadata_{i}.parquet  one row per vector, same order; columns ``uid`` and ``path`` or ``caption``
 
 This is the layout written by rom1504/clip-retrieval's ``clip inference`` and read by autofaiss, so
-stores are interchangeable with those tools (research/data-retrieval.md §4.3, §6.5). Global row ``r``
+stores are interchangeable with those tools (rom1504/clip-retrieval's ``clip_inference`` output, criteo/autofaiss's input). Global row ``r``
 is row ``r - offset`` of the part that holds it, parts taken in numeric order (1 < 2 < 10).
 """
 

@@ -1,6 +1,6 @@
 """Choosing search parameters that reach a target recall@k, measured against exact search.
 
-Follows autofaiss's ``tune_index`` idea (research/data-retrieval.md §6.2): the cheapest setting of
+Follows autofaiss's ``tune_index`` idea (criteo/autofaiss ``autofaiss/external/optimize.py``): the cheapest setting of
 ``efSearch`` (HNSW) or ``nprobe`` (IVF) whose recall@k on held-out queries reaches the target,
 found by doubling then bisection. Two changes: the target must be met by the recall's lower
 confidence bound (mean − 2 standard errors over queries), so the setting holds on new queries too,

@@ -12,7 +12,7 @@ Routes (OpenAPI spec at ``/openapi.json``):
   made on first request and kept in an LRU cache;
 - ``GET /``: the page (``static/``).
 
-Results look like clip-back's ``/knn-service`` answers (research/data-retrieval.md §4.3): the
+Results look like clip-back's ``/knn-service`` answers (rom1504/clip-retrieval, ``clip_retrieval/clip_back.py``): the
 metadata columns plus ``id`` and ``score``, and here the ``thumbnail`` and ``image`` URLs. Images are
 served only from files under the store's roots (symlinks resolved, ``..`` refused); request bodies,
 result counts and query lengths are limited; every error is JSON ``{"error": message}``.

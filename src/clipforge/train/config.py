@@ -7,6 +7,7 @@ Every field has a default, every unknown or ill-typed field is an error that nam
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -193,6 +194,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
             return float(value)
         if option is str and isinstance(value, str):
             return value

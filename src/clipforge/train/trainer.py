@@ -23,7 +23,7 @@ from clipforge._util.fileio import atomic_path
 from clipforge._util.progress import progress_bar
 from clipforge.data.loader import build_train_loader
 from clipforge.data.sources import open_source
-from clipforge.errors import ConfigError
+from clipforge.errors import ConfigError, TrainingError
 from clipforge.io.checkpoint import read_checkpoint, write_checkpoint
 from clipforge.layers.patch_dropout import PatchDropout
 from clipforge.models.clip import CLIP
@@ -108,6 +108,11 @@ def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | No
             model.train()
             images, texts = next(batches)
             loss = _global_mean(step_fn(images, texts), world)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"step {step + 1}: the loss is {loss.item()} (training diverged); nothing was saved after step "
+                    f"{_last_saved(step, config)}; lower optimizer.lr or raise schedule.warmup and rerun"
+                )
             with torch.no_grad():
                 model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             window_samples += config.schedule.batch_size
@@ -170,6 +175,12 @@ def build_model(config: TrainConfig) -> CLIP:
         model.lock_text_tower(section.lock_text_unlocked_layers)
     model.set_grad_checkpointing(section.grad_checkpointing)
     return model
+
+
+def _last_saved(step: int, config: TrainConfig) -> int:
+    """The last step at or before ``step`` whose checkpoint the run wrote (0: none)."""
+    every = config.checkpoint.every
+    return step - step % every if every else 0
 
 
 def _device(world: WorldInfo) -> torch.device:

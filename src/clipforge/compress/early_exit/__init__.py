@@ -18,7 +18,7 @@ stops at the first exit whose maximum softmax probability exceeds a threshold. F
   last exit of its kind; Gram matrices for the global heads). AdamW with linearly decaying lr (Hugging Face
   ``Trainer`` defaults used by ``run_distillation_deit.py``).
 
-Adaptation to CLIP (research note efficiency.md §4.3): a head ends in ``LayerNorm`` and a projection to the shared
+Adaptation to CLIP (ours): a head ends in ``LayerNorm`` and a projection to the shared
 embedding space, initialised from the tower's ``ln_post`` and ``proj`` (LGViT copies the backbone's pooler into its
 heads), so an exit emits an *image embedding*. The hard target becomes the final embedding itself (``1 − cosine``),
 and the KL compares zero-shot distributions over a text bank (class embeddings) at the model's logit scale;

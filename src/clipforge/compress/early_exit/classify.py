@@ -2,8 +2,8 @@
 
 LGViT (Xu et al., "LGViT: Dynamic Early Exiting for Accelerating Vision Transformer", ACM MM 2023; official code
 falcon-xu/LGViT 3147fb8, ``DeiTEncoder.forward`` and ``confidence`` in ``models/deit_highway/modeling_highway_deit.py``):
-after each exit block, exit if the prediction's ``max softmax > threshold``. Adaptation to CLIP (research note
-efficiency.md §4.3): the exit's image embedding is classified zero-shot against the class text embeddings at the
+after each exit block, exit if the prediction's ``max softmax > threshold``. Adaptation to CLIP (ours, see the
+package docstring): the exit's image embedding is classified zero-shot against the class text embeddings at the
 model's logit scale. This serves classification against a fixed prompt bank, not retrieval.
 """
 

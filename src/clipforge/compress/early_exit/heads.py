@@ -8,7 +8,7 @@ every s-th patch in each direction (``AvgPool2d(1, s)``) and run multi-head atte
 ``mean(head tokens) + class token``. Placement: after blocks 4..11 (1-based) of 12; the first half of the exits
 local, the second half global.
 
-Adaptation to CLIP (research note efficiency.md §4.3): a head ends in ``LayerNorm`` and a projection to the shared
+Adaptation to CLIP (ours): a head ends in ``LayerNorm`` and a projection to the shared
 embedding space, initialised from the tower's ``ln_post`` and ``proj`` (LGViT copies the backbone's pooler into its
 heads), so an exit emits an *image embedding*. Deviations: global heads use the tower's head count (LGViT: 8), and
 the layer placement and head kinds generalise LGViT's 12-block tables (they match them for 2, 4 and 8 exits).

@@ -8,7 +8,7 @@ first and last exit of each kind to the last block's patch tokens, subsampled to
 homogeneous distillation (MSE of each exit's tokens to the last exit of its kind; Gram matrices for the global
 heads). AdamW with linearly decaying lr (Hugging Face ``Trainer`` defaults used by ``run_distillation_deit.py``).
 
-Adaptation to CLIP (research note efficiency.md §4.3): an exit emits an image embedding, so the hard target becomes
+Adaptation to CLIP (ours): an exit emits an image embedding, so the hard target becomes
 the final embedding itself (``1 − cosine``), and the KL compares zero-shot distributions over a text bank (class
 embeddings) at the model's logit scale; without a text bank only the cosine term is used.
 """

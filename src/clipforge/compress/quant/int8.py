@@ -6,7 +6,7 @@
 
 Every GEMM of both towers becomes int8: the fused q/k/v projection, ``out_proj``, the MLP ``c_fc`` and
 ``c_proj``, and the two projection matrices ``visual.proj`` / ``text_projection``. ``nn.MultiheadAttention``
-keeps its q/k/v weight as a bare parameter that ``quantize_dynamic`` never sees (efficiency.md §7.7), so
+keeps its q/k/v weight as a bare parameter that ``quantize_dynamic`` never sees (it swaps ``nn.Linear`` modules only), so
 ``to_linear_form`` first turns the model into one where every GEMM is an ``nn.Linear`` module: attention
 becomes ``LinearQkvAttention`` (q/k/v as ``qkv``), the projection matrices become the towers' ``proj_linear``
 and ``text_projection_linear`` modules.
@@ -132,7 +132,7 @@ def _checked(
 
 @contextmanager
 def _torch_ao(engine: str) -> Iterator[None]:
-    """Select the int8 engine; hide torch.ao's deprecation notice (torchao supersedes it, efficiency.md §7.7)."""
+    """Select the int8 engine; hide torch.ao's deprecation notice (pytorch/ao supersedes it)."""
     if engine not in torch.backends.quantized.supported_engines:
         raise ConfigError(f"engine: {engine!r} is not one of {torch.backends.quantized.supported_engines}")
     torch.backends.quantized.engine = engine

@@ -2,8 +2,8 @@
 
 LRP-QViT (Ranjan & Savakis 2024) runs Layer-wise Relevance Propagation from the target-class logit, turns
 each layer's total relevance into a contribution score, and gives more bits to higher-contribution layers
-under an average-bit budget. Its exact LRP rules and score-to-bit formula are not public (efficiency.md
-§7.6), so here:
+under an average-bit budget. Its exact LRP rules and score-to-bit formula are not public (no official
+code has been released), so here:
 
 - relevance of a block is ``Σ |a ⊙ ∂f/∂a|`` over the outputs ``a`` of its attention and MLP residual
   branches (gradient × activation, which equals LRP-0 relevance for piecewise-linear networks; Ancona et

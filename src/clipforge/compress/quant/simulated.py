@@ -7,7 +7,7 @@
                                 mixed_precision=block_relevance(model, batches))
     rows = quantization_study(model, eval_fn, batches, bits=(8, 6, 4))
 
-What is quantized, as the ViT PTQ papers simulate it (efficiency.md §7): the weights of every linear layer
+What is quantized, as the ViT PTQ papers simulate it (FQ-ViT, Lin et al., IJCAI 2022; I&S-ViT, Zhong et al. 2023): the weights of every linear layer
 (uniform, per output channel), the input of every linear layer (uniform, one range per tensor) and the
 post-softmax attention probabilities (``uniform``, FQ-ViT's ``log2`` or I&S-ViT's ``shift_log2``). LayerNorm,
 GELU, the patch embedding and the attention logits stay in float. Uniform ranges come from I&S-ViT's

@@ -3,7 +3,7 @@
 - Image files are found recursively (``IMAGE_EXTENSIONS``, case-insensitive) and sorted by path.
 - A caption is the ``.txt`` file with the image's path minus its extension (``a/b.x.jpg`` →
   ``a/b.x.txt``), decoded by ``decode_caption``. Pairing by path-without-extension avoids
-  clip-retrieval's ``files`` reader bug, where keys with extensions never pair (research/data-retrieval.md §4.3).
+  clip-retrieval's ``files`` reader bug, where keys with extensions never pair (rom1504/clip-retrieval ``clip_retrieval/clip_inference/reader.py``).
 - Class-per-folder follows torchvision's ``ImageFolder``: ``root/<class>/**/<image>``, one class per
   (non-hidden) sub-folder in sorted order.
 """

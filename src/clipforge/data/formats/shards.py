@@ -1,7 +1,7 @@
 """THE webdataset shard reader: tar shards made randomly accessible by an index of their members.
 
 A shard holds samples in webdataset's layout (what img2dataset writes: ``{key}.jpg``, ``{key}.txt``,
-``{key}.json``; CLIP_benchmark's ``wds/`` sets add ``{key}.cls``; research/data-retrieval.md §4).
+``{key}.json``; CLIP_benchmark's ``wds/`` sets add ``{key}.cls``; rom1504/img2dataset's webdataset writer).
 Members are grouped into samples by webdataset's key rule (``webdataset.tariterators.base_plus_ext``):
 the key is the path up to the first dot of the member's basename, the field is the rest, lowercased
 here (``dir.v2/a.syn.json`` is field ``syn.json`` of sample ``dir.v2/a``). Members without a dot are

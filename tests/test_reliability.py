@@ -162,3 +162,50 @@ def test_the_project_cites_papers_and_code_not_notes() -> None:
              ROOT / "README.md"]
     offenders = [str(path.relative_to(ROOT)) for path in files if path != Path(__file__) and pattern.search(path.read_text(encoding="utf-8"))]
     assert not offenders
+
+
+# -- 5, 8b, 8d: damaged checkpoint metadata and pickles
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"config": "{not json"}, "the metadata's 'config' is not JSON"),
+        ({"preprocess": "[1, 2"}, "the metadata's 'preprocess' is not JSON"),
+        ({"provenance": "nope"}, "the metadata's 'provenance' is not JSON"),
+        ({"compression": "{"}, "the metadata's 'compression' is not JSON"),
+        ({"config": None}, "the metadata lacks 'config'"),
+        ({"config": '{"embed_dim": 32}'}, "missing field 'activation'"),
+    ],
+)
+def test_damaged_checkpoint_metadata_is_one_line_in_every_verb(micro, image, tmp_path, capsys, metadata, message) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(micro), "pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        kept = dict(handle.metadata())
+    for key, value in metadata.items():
+        kept.pop(key) if value is None else kept.__setitem__(key, value)
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(tensors, str(damaged), metadata=kept)
+    for argv in (["info", str(damaged)],
+                 ["eval", "zeroshot", "--model", str(damaged), "--data", "synthetic:shape", "--samples", "4", "--out", str(tmp_path / "r")],
+                 ["compress", "bf16", "--model", str(damaged), "--out", str(tmp_path / "c.safetensors")],
+                 ["embed", str(image), "--model", str(damaged), "--out", str(tmp_path / "e.parquet")]):
+        code, _, err = run(capsys, *argv)
+        line = one_error_line(err)
+        assert code == 2 and str(damaged) in line and message in line, (argv[0], line)
+
+
+class Trainer:
+    """Something a training script pickles next to its weights."""
+
+
+def test_a_pickle_is_refused_with_the_way_to_convert_a_trusted_one(tmp_path, capsys) -> None:
+    path = tmp_path / "pickled.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "trainer": Trainer()}, path)
+    code, _, err = run(capsys, "info", str(path))
+    line = one_error_line(err)
+    assert code == 2 and "refused" in line and "pickled" in line and "safetensors.torch.save_file" in line
+    assert "two options" not in line

@@ -30,6 +30,8 @@ from clipforge.io.state_dict import (
     check_state_dict,
     infer_architecture,
     is_openai_layout,
+    metadata_json,
+    read_json,
     read_tensors,
     to_open_clip_layout,
     write_safetensors,
@@ -120,8 +122,8 @@ def _load_pretrained(name: str, tag: str, explicit: ModelConfig | None, image_si
 
 def _load_directory(path: Path, explicit: ModelConfig | None, image_size: int | None) -> CLIP:
     if (path / "open_clip_config.json").is_file():
-        hub = json.loads((path / "open_clip_config.json").read_text())
-        model_cfg = explicit or ModelConfig.from_dict(hub.get("model_cfg", {}), name=path.name)
+        hub = read_json(path / "open_clip_config.json")
+        model_cfg = explicit or _config_from(hub.get("model_cfg", {}) if isinstance(hub, dict) else hub, path.name, path)
         preprocess = _preprocess_from_open_clip(hub.get("preprocess_cfg", {}), model_cfg)
         weights = next((path / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") if (path / n).is_file()), None)
         if weights is None:
@@ -143,11 +145,14 @@ def _load_file(path: Path, explicit: ModelConfig | None, image_size: int | None)
     """The model in the file, and the compression record (replayed by ``load``) of a clipforge checkpoint."""
     tensors, metadata = read_tensors(path)
     if metadata.get("format") == FORMAT:
-        model_cfg = explicit or ModelConfig.from_dict(json.loads(metadata["config"]))
-        preprocess = PreprocessConfig.from_dict(json.loads(metadata["preprocess"]))
+        model_cfg = explicit or _config_from(metadata_json(metadata, "config", path), None, path)
+        try:
+            preprocess = PreprocessConfig.from_dict(metadata_json(metadata, "preprocess", path))
+        except ConfigError as error:
+            raise CheckpointError(f"{path}: {error}") from None
         model = _build(model_cfg, tensors, preprocess, str(path), image_size)
-        model.provenance = json.loads(metadata.get("provenance", "{}"))
-        return model, _compression_record(metadata, path)
+        model.provenance = metadata_json(metadata, "provenance", path, default={})
+        return model, metadata_json(metadata, "compression", path, default=None)
     if any(key.startswith(("vision_model.", "text_model.")) for key in tensors):
         state = from_hf_state_dict(tensors)
         layout = "huggingface"
@@ -160,14 +165,14 @@ def _load_file(path: Path, explicit: ModelConfig | None, image_size: int | None)
     return model, None
 
 
-def _compression_record(metadata: dict[str, str], path: Path) -> Any:
-    """The checkpoint's compression steps (``clipforge.compress.records``) as saved, or None."""
-    if "compression" not in metadata:
-        return None
+def _config_from(values: Any, name: str | None, source: Path) -> ModelConfig:
+    """A model config from a checkpoint's JSON; its errors name the checkpoint."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{source}: the model config is not a JSON object")
     try:
-        return json.loads(metadata["compression"])
-    except ValueError as error:
-        raise CheckpointError(f"{path}: unreadable compression record in the metadata ({error})") from None
+        return ModelConfig.from_dict(values, name=name)
+    except ConfigError as error:
+        raise CheckpointError(f"{source}: {error}") from None
 
 
 def _config_for_bare_state(state: dict[str, torch.Tensor], layout: str, path: Path) -> ModelConfig:

@@ -19,7 +19,7 @@ import torch
 from clipforge._util.fileio import atomic_path
 from clipforge.config import ModelConfig, TextConfig, VisionConfig
 from clipforge.errors import CheckpointError
-from clipforge.io.state_dict import read_tensors, write_safetensors
+from clipforge.io.state_dict import read_json, read_tensors, write_safetensors
 from clipforge.models.clip import CLIP
 
 _BLOCK_RENAMES = (
@@ -164,6 +164,8 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
 
 def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
     """A clipforge config from a ``CLIPModel`` ``config.json``; errors name the field."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: config.json holds {type(hf).__name__}, not a JSON object")
     if hf.get("model_type") != "clip":
         raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}, not 'clip'")
     text, vision = hf.get("text_config") or {}, hf.get("vision_config") or {}
@@ -199,13 +201,13 @@ def config_from_hf(hf: dict[str, Any], source: str) -> ModelConfig:
 
 def read_hf_directory(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any] | None]:
     """Config, open_clip-layout tensors and the image-processor settings of a ``CLIPModel`` directory."""
-    config = config_from_hf(json.loads((directory / "config.json").read_text()), str(directory))
+    config = config_from_hf(read_json(directory / "config.json"), str(directory))
     weights = [directory / name for name in ("model.safetensors", "pytorch_model.bin") if (directory / name).is_file()]
     if not weights:
         raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin (sharded checkpoints are not supported)")
     hf_state, _ = read_tensors(weights[0])
     processor_file = directory / "preprocessor_config.json"
-    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else None
+    processor = read_json(processor_file) if processor_file.is_file() else None
     return config, from_hf_state_dict(hf_state), processor
 
 

@@ -6,6 +6,7 @@ with ``torch.load(weights_only=True)``, which refuses pickled code.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -39,8 +40,9 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path}: refused to unpickle ({one_line(error)[:200]}); TorchScript/JIT archives and pickled objects can run code, "
-            "export a plain state dict or a .safetensors file instead"
+            f"{path}: refused: it holds pickled Python objects besides tensors, and unpickling can run code; if you trust "
+            "the file, convert it once (torch.load(path, weights_only=False), then safetensors.torch.save_file of its "
+            "state dict; docs/models.md shows how)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         if "TorchScript" in str(error) or "constants.pkl" in str(error):
@@ -49,6 +51,31 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(error)[:200]})") from None
     return _unwrap(loaded, path), {}
+
+
+REQUIRED = object()
+
+
+def metadata_json(metadata: dict[str, str], key: str, source: str | Path, default: Any = REQUIRED) -> Any:
+    """The JSON value stored under ``key`` in a tensor file's metadata (``default`` when absent, if given); a
+    one-line ``CheckpointError`` naming the file and the key when it is missing or not JSON."""
+    if key not in metadata:
+        if default is REQUIRED:
+            raise CheckpointError(f"{source}: the metadata lacks {key!r}; the file was not written by clipforge.save")
+        return default
+    try:
+        return json.loads(metadata[key])
+    except ValueError as error:
+        raise CheckpointError(f"{source}: the metadata's {key!r} is not JSON ({one_line(error)})") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a checkpoint directory (``config.json``, ``open_clip_config.json``, ...); one-line
+    ``CheckpointError`` naming it when it is unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable JSON file ({one_line(error)})") from None
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

@@ -209,3 +209,50 @@ def test_a_pickle_is_refused_with_the_way_to_convert_a_trusted_one(tmp_path, cap
     line = one_error_line(err)
     assert code == 2 and "refused" in line and "pickled" in line and "safetensors.torch.save_file" in line
     assert "two options" not in line
+
+
+# -- 4b: queries that cannot make a finite vector
+
+
+def test_huge_or_cancelling_query_weights(micro, capsys) -> None:
+    from clipforge.retrieval.query import parse_query, query_vector
+
+    model = clipforge.load(micro)
+    huge = query_vector(model, parse_query("1" + "0" * 60 + ":red square"))
+    plain = query_vector(model, parse_query("red square"))
+    assert torch.allclose(torch.from_numpy(huge), torch.from_numpy(plain), atol=1e-6)
+    mixed = query_vector(model, parse_query("1" + "0" * 30 + ":red square + 1:blue circle"))
+    assert torch.allclose(torch.from_numpy(mixed), torch.from_numpy(plain), atol=1e-6)  # the small term is 1e-30 of it
+    for query, message in (("1" + "0" * 400 + ":red", "not a finite number"), ("yellow - yellow", "cancel out"),
+                           ("0:red", "cancel out")):
+        with pytest.raises(clipforge.ClipforgeError, match=message):
+            query_vector(model, parse_query(query))
+
+
+# -- 4: a sub-folder that cannot be read is reported, never skipped silently
+
+
+def test_an_unreadable_sub_folder_is_counted_and_listed(monkeypatch, micro, tmp_path, capsys) -> None:
+    """Root reads every folder, so the permission error is raised where ``os.walk`` lists the folder."""
+    import os
+
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    (photos / "locked").mkdir(parents=True)
+    Image.new("RGB", (20, 20), "red").save(photos / "a.png")
+    Image.new("RGB", (20, 20), "blue").save(photos / "locked" / "b.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for out in (tmp_path / "e.parquet", tmp_path / "store"):
+        code, text, err = run(capsys, "embed", str(photos), "--model", str(micro), "--out", str(out), "--workers", "0")
+        assert code == 0 and f"{photos / 'locked'}: cannot read folder (Permission denied)" in err, err
+        assert "wrote 1 embeddings" in text and ("1 unreadable folders" in text or out.suffix == ".parquet")
+    code, _, err = run(capsys, "embed", str(photos), "--model", str(micro), "--out", str(tmp_path / "s.parquet"), "--strict")
+    assert code == 2 and "cannot read folder" in one_error_line(err)

@@ -95,12 +95,13 @@ def embed_command(
         loaded, reference, inputs, out, part_size=part_size, batch_size=batch_size, workers=workers, strict=strict,
         captions=captions, image_column=image_column, caption_column=caption_column, rank=rank, world_size=world_size,
     )
-    for _, reason in report.skipped:
+    for _, reason in [*report.unreadable_folders, *report.skipped]:
         warn("skipped", reason)
     share = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    folders = f", {len(report.unreadable_folders)} unreadable folders" if report.unreadable_folders else ""
     say(
         f"wrote {report.rows} embeddings in {len(report.written)} parts to {out}{share}; "
-        f"{len(report.already_done)} parts were already done, {len(report.skipped)} images skipped; "
+        f"{len(report.already_done)} parts were already done, {len(report.skipped)} images skipped{folders}; "
         f"the job has {report.num_parts} parts"
     )
 
@@ -118,9 +119,10 @@ def _embed_to_parquet(
         sources = list(inputs)
         vectors = embed_texts(loaded, sources, batch_size=batch_size)
     else:
-        sources = [str(p) for p in collect_image_paths(inputs)]
+        unreadable: list[tuple[str, str]] = []
+        sources = [str(p) for p in collect_image_paths(inputs, None if strict else unreadable)]
         result = embed_images(loaded, sources, batch_size=batch_size, workers=workers, strict=strict)
-        for _, reason in result.skipped:
+        for _, reason in [*unreadable, *result.skipped]:
             warn("skipped", reason)
         sources, vectors = [sources[i] for i in result.kept], result.embeddings
     write_embeddings(out, sources, vectors, model=str(model), kind="text" if text else "image")

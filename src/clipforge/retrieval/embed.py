@@ -73,6 +73,7 @@ class JobReport:
     already_done: list[int] = field(default_factory=list)  # parts of this rank finished by an earlier run
     rows: int = 0  # embeddings this run wrote
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image, one-line reason)
+    unreadable_folders: list[tuple[str, str]] = field(default_factory=list)  # (folder, one-line reason)
 
 
 # --- the model and inputs a store was made from --------------------------------------------------------
@@ -145,12 +146,14 @@ def plan_parts(
     captions: bool = False,
     image_column: str | None = None,
     caption_column: str | None = None,
+    unreadable: list[tuple[str, str]] | None = None,
 ) -> list[Part]:
     """The job's parts, numbered in input order (image files given one by one come last, together).
 
     Inputs may be brace patterns of shards (``"shards/{00000..00099}.tar"``); a folder holding no images
     but ``.tar`` shards stands for its shards, in name order. A manifest's captions are kept in the
-    metadata and embedded under ``captions``; folders and shards read captions only then.
+    metadata and embedded under ``captions``; folders and shards read captions only then. Sub-folders that
+    cannot be read go to ``unreadable`` (an error without it).
     """
     if part_size < 1:
         raise ConfigError(f"part_size must be at least 1, got {part_size}")
@@ -163,7 +166,7 @@ def plan_parts(
         elif kind == "image":
             single_images.append(file_item(path, captions))
         else:
-            items = folder_items(path, captions) if kind == "folder" else manifest_items(path, image_column, caption_column)
+            items = folder_items(path, captions, unreadable) if kind == "folder" else manifest_items(path, image_column, caption_column)
             shards = sorted(path.glob("*.tar")) if kind == "folder" and not items else []
             if not items and not shards:
                 raise InputError(f"{path}: no images found" + (" (nor .tar shards)" if kind == "folder" else ""))
@@ -256,7 +259,8 @@ def embed_to_store(
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
     root = Path(out)
-    parts = plan_parts(inputs, part_size, captions, image_column, caption_column)
+    unreadable: list[tuple[str, str]] = []
+    parts = plan_parts(inputs, part_size, captions, image_column, caption_column, unreadable)
     info = {
         "format": STORE_FORMAT,
         "model": reference,
@@ -268,7 +272,7 @@ def embed_to_store(
         "num_parts": len(parts),
     }
     _claim_store(root, info)
-    report = JobReport(len(parts))
+    report = JobReport(len(parts), unreadable_folders=unreadable)
     mine = parts[rank::world_size]
     _remove_temporaries(root, {part.number for part in mine})
     pending: list[tuple[int, list[ImageItem]]] = []

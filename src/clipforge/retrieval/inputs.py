@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from clipforge._util.fileio import atomic_path
 from clipforge._util.imageio import is_image_path
-from clipforge.data.formats.folders import image_files, sidecar_caption
+from clipforge.data.formats.folders import Problems, image_files, sidecar_caption
 from clipforge.data.formats.shards import ShardMember, shard_index
 from clipforge.data.formats.tables import TABLE_SUFFIXES, read_caption_table
 from clipforge.errors import InputError, one_line
@@ -81,13 +81,14 @@ class ImageItem:
             raise InputError(f"{self.label}: cannot read ({one_line(error)})") from None
 
 
-def collect_image_paths(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given and image files under folders (sorted); a missing input is an error naming it."""
+def collect_image_paths(inputs: Sequence[str | Path], unreadable: Problems | None = None) -> list[Path]:
+    """Files as given and image files under folders (sorted); a missing input is an error naming it.
+    Sub-folders that cannot be read go to ``unreadable`` (see ``data.formats.folders.image_files``)."""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths.extend(image_files(path))
+            paths.extend(image_files(path, unreadable))
         elif path.is_file():
             paths.append(path)
         else:
@@ -125,9 +126,9 @@ def file_item(image: Path, captions: bool = False) -> ImageItem:
     return ImageItem(path, path, sidecar_caption(image, str(image)) if captions else None)
 
 
-def folder_items(folder: Path, captions: bool = False) -> list[ImageItem]:
-    """The folder's images, sorted."""
-    return [file_item(image, captions) for image in image_files(folder)]
+def folder_items(folder: Path, captions: bool = False, unreadable: Problems | None = None) -> list[ImageItem]:
+    """The folder's images, sorted (unreadable sub-folders as in ``collect_image_paths``)."""
+    return [file_item(image, captions) for image in image_files(folder, unreadable)]
 
 
 def manifest_items(path: Path, image_column: str | None = None, caption_column: str | None = None) -> list[ImageItem]:

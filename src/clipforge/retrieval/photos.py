@@ -67,10 +67,15 @@ def fingerprint(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def photo_files(folder: Path) -> list[Path]:
-    """Image files under ``folder``, sorted, without hidden entries or excluded folders."""
+def photo_files(folder: Path, unreadable: list[tuple[str, str]]) -> list[Path]:
+    """Image files under ``folder``, sorted, without hidden entries or excluded folders; sub-folders that
+    cannot be read are added to ``unreadable`` as (folder, reason)."""
+
+    def note(error: OSError) -> None:
+        unreadable.append((str(error.filename), f"{error.filename}: cannot read folder ({error.strerror or one_line(error)})"))
+
     found = []
-    for directory, subdirs, files in os.walk(folder):
+    for directory, subdirs, files in os.walk(folder, onerror=note):
         subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in EXCLUDED_DIRS]
         found.extend(Path(directory) / name for name in files if not name.startswith(".") and is_image_path(name))
     return sorted(found)
@@ -136,7 +141,8 @@ def update_photo_store(
     update = PhotoUpdate(store)
     rows: list[dict[str, Any]] = []
     sources: list[int | None] = []  # old row of each new row, or None to embed
-    for photo in photo_files(folder):
+    unreadable: list[tuple[str, str]] = []
+    for photo in photo_files(folder, unreadable):
         try:
             stat = photo.stat()
         except OSError as error:  # e.g. a link to a file that is gone
@@ -153,6 +159,16 @@ def update_photo_store(
             update.moved += old is not None
         rows.append({"uid": uid, "path": str(photo), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hash": content})
         sources.append(old)
+    update.skipped += unreadable
+    # Photos inside a folder that could not be read this time are not gone: they keep their rows and vectors.
+    hidden = tuple(Path(name).relative_to(folder).as_posix() + "/" for name, _ in unreadable if Path(name) != folder)
+    seen = {row["uid"] for row in rows}
+    kept_hidden = [index for index, row in enumerate(old_rows) if row["uid"].startswith(hidden) and row["uid"] not in seen]
+    if kept_hidden:
+        rows += [dict(old_rows[index]) for index in kept_hidden]
+        sources += kept_hidden
+        order = sorted(range(len(rows)), key=lambda i: Path(rows[i]["uid"]).parts)  # photo_files' order
+        rows, sources = [rows[i] for i in order], [sources[i] for i in order]
     to_embed = [i for i, old in enumerate(sources) if old is None]
     result = embed_images(model, [rows[i]["path"] for i in to_embed], batch_size=batch_size, workers=workers, progress=progress)
     update.skipped += [(rows[to_embed[position]]["path"], reason) for position, reason in result.skipped]

@@ -10,6 +10,7 @@ cosine similarity, comparable between queries.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,15 +66,22 @@ def query_vector(model: Encoder, terms: list[QueryTerm]) -> np.ndarray:
     """The normalised weighted sum of the terms' embeddings, float32 [embed_dim]."""
     if not terms:
         raise InputError("empty query")
+    if bad := next((t.weight for t in terms if not math.isfinite(t.weight)), None):
+        raise InputError(f"query weight {bad}: not a finite number")
+    largest = max(abs(t.weight) for t in terms)
+    if largest == 0:
+        raise InputError("the query's terms cancel out (every weight is zero)")
     texts = [term for term in terms if term.text is not None]
     images = [term for term in terms if term.text is None]
-    total = torch.zeros(model.config.embed_dim)
+    total = torch.zeros(model.config.embed_dim, dtype=torch.float64)
+    # Only the direction of the sum matters (it is normalised), so weights are scaled to at most 1: a huge
+    # weight cannot overflow float32, and the others keep their proportions.
     if texts:
-        total += torch.tensor([t.weight for t in texts]) @ encode_texts(model, [t.text for t in texts])
+        total += torch.tensor([t.weight / largest for t in texts], dtype=torch.float64) @ encode_texts(model, [t.text for t in texts]).double()
     if images:
         embedded = embed_images(model, [t.image for t in images], workers=0, strict=True, progress=False)
-        total += torch.tensor([t.weight for t in images]) @ torch.from_numpy(embedded.embeddings)
+        total += torch.tensor([t.weight / largest for t in images], dtype=torch.float64) @ torch.from_numpy(embedded.embeddings).double()
     norm = float(total.norm())
     if norm < MIN_QUERY_NORM:
         raise InputError("the query's terms cancel out (their weighted sum is zero)")
-    return (total / norm).numpy()
+    return (total / norm).float().numpy()

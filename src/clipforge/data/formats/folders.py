@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from clipforge._util.imageio import IMAGE_EXTENSIONS, is_image_path
@@ -21,9 +22,33 @@ from clipforge.data.formats.samples import (
 from clipforge.errors import InputError, one_line
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The image files under ``folder``, recursively, sorted by path."""
-    return sorted(path for path in folder.rglob("*") if is_image_path(path) and path.is_file())
+Problems = list[tuple[str, str]]
+"""(folder, one-line reason) of sub-folders a walk could not read."""
+
+
+def image_files(folder: Path, unreadable: Problems | None = None) -> list[Path]:
+    """The image files under ``folder``, recursively, sorted by path.
+
+    A sub-folder that cannot be listed (no permission, removed meanwhile) is appended to ``unreadable`` as
+    ``(folder, reason)`` when that list is given, so the caller can count and report it as it does unreadable
+    files; without it, the first one is an ``InputError`` naming it. It is never skipped silently.
+    """
+    problems: Problems = []
+
+    def note(error: OSError) -> None:
+        problems.append((str(error.filename), f"{error.filename}: cannot read folder ({error.strerror or one_line(error)})"))
+
+    found = [
+        Path(directory) / name
+        for directory, _, names in os.walk(folder, onerror=note)
+        for name in names
+        if is_image_path(name) and (Path(directory) / name).is_file()
+    ]
+    if problems and unreadable is None:
+        raise InputError(problems[0][1])
+    if unreadable is not None:
+        unreadable.extend(problems)
+    return sorted(found)
 
 
 def sidecar_caption(image: Path, key: str) -> str:

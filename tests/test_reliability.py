@@ -256,3 +256,42 @@ def test_an_unreadable_sub_folder_is_counted_and_listed(monkeypatch, micro, tmp_
         assert "wrote 1 embeddings" in text and ("1 unreadable folders" in text or out.suffix == ".parquet")
     code, _, err = run(capsys, "embed", str(photos), "--model", str(micro), "--out", str(tmp_path / "s.parquet"), "--strict")
     assert code == 2 and "cannot read folder" in one_error_line(err)
+
+
+# -- 6: file names that are not UTF-8
+
+
+def test_non_utf8_file_names_are_kept_exactly(micro, tmp_path, capsys) -> None:
+    import os
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from clipforge.retrieval import SearchIndex
+    from clipforge.retrieval.inputs import ImageItem, read_embeddings
+    from clipforge.serve import create_app
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    odd = os.fsdecode(os.fsencode(str(folder)) + b"/caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    Image.new("RGB", (20, 20), "red").save(odd)
+    Image.new("RGB", (20, 20), "blue").save(folder / "plain.png")
+    assert run(capsys, "embed", str(folder), "--model", str(micro), "--out", str(tmp_path / "e.parquet"), "--workers", "0")[0] == 0
+    sources, vectors = read_embeddings(tmp_path / "e.parquet")
+    assert sorted(os.fsencode(source) for source in sources) == sorted([os.fsencode(odd), os.fsencode(str(folder / "plain.png"))])
+    for store in (tmp_path / "store", folder / ".clipforge"):
+        argv = ["embed", str(folder), "--out", str(store)] if store.name == "store" else ["index", str(folder)]
+        assert run(capsys, *argv, "--model", str(micro), "--workers", "0")[0] == 0
+        if store.name == "store":
+            assert run(capsys, "index", str(store))[0] == 0
+        searcher = SearchIndex(store)
+        hits = searcher.results(vectors[0], 2)
+        assert {hit["path"] for hit in hits} == {str(folder / "caf\\xe9.png"), str(folder / "plain.png")}
+        rows = searcher.store.metadata([hit["id"] for hit in hits])
+        assert {ImageItem.from_metadata(row).path for row in rows} == {odd, str(folder / "plain.png")}
+        client = TestClient(create_app(store, clipforge.load(micro)))
+        assert all(client.get(f"/api/thumbnail/{hit['id']}").status_code == 200 for hit in hits)
+    code, text, _ = run(capsys, "index", str(folder), "--model", str(micro), "--workers", "0")
+    assert code == 0 and "0 new, 2 unchanged" in text and "up to date" in text
+    code, _, err = run(capsys, "embed", "--text", os.fsdecode(b"caf\xe9"), "--model", str(micro), "--out", str(tmp_path / "t.parquet"))
+    assert code == 2 and "text #0: not valid UTF-8 (caf\\xe9)" in one_error_line(err)

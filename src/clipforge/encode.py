@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from clipforge._util.fileio import printable
 from clipforge._util.progress import progress_bar
 from clipforge.data.formats.images import read_image
 from clipforge.errors import InputError
@@ -182,10 +183,13 @@ def embed_images(
 
 
 def check_texts(texts: Sequence[Any]) -> None:
-    """``InputError`` naming the position of the first empty or non-string text."""
+    """``InputError`` naming the position of the first empty, non-string or non-UTF-8 text (bytes a shell passed
+    from another encoding reach Python as surrogate escapes, which no tokenizer can read)."""
     for position, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"text #{position}: empty or not a string ({text!r})")
+        if printable(text) != text:
+            raise InputError(f"text #{position}: not valid UTF-8 ({printable(text)}); convert it to UTF-8 first")
 
 
 @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""Atomic file writes: a long job killed at any moment never leaves a half-written file behind."""
+"""Atomic file writes (a long job killed at any moment never leaves a half-written file behind), and file names
+as printable text."""
 
 from __future__ import annotations
 
@@ -34,3 +35,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a non-UTF-8 file name (Python's surrogate escapes) written ``\\xNN``,
+    so it can be printed or stored as UTF-8; any other text is returned unchanged."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -21,23 +21,25 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from clipforge._util.fileio import printable
+
 console = Console()
 error_console = Console(stderr=True)
 
 
 def say(text: str) -> None:
     """One line (or more) of plain text on stdout: no markup, no highlighting, no wrapping inside words."""
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
 def warn(label: str, text: str) -> None:
     """``label:`` in yellow, then ``text`` as plain text, on stderr (e.g. a skipped file)."""
-    error_console.print(f"[yellow]{label}:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    error_console.print(f"[yellow]{label}:[/] {escape(printable(text))}", highlight=False, soft_wrap=True)
 
 
 def fail(text: str) -> None:
     """``error:`` in red, then ``text`` as plain text, on stderr: the one line of a failed command."""
-    error_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {escape(printable(text))}", highlight=False, soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):

@@ -22,17 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 
 from clipforge._util.fileio import atomic_path
 from clipforge._util.progress import progress_bar
 from clipforge.api import load
+from clipforge.data.formats.names import table_from_rows
 from clipforge.data.formats.shards import expand_shards
 from clipforge.encode import Encoder, encode_image_batches, encode_texts, fixed_batches
 from clipforge.errors import ConfigError, InputError
 from clipforge.models.clip import CLIP
 from clipforge.retrieval.inputs import (
+    STORE_NAMES,
     ImageItem,
     file_item,
     folder_items,
@@ -214,7 +215,7 @@ def _remove_temporaries(root: Path, parts: set[int]) -> None:
 def _write(root: Path, part: int, buffer: _PartBuffer) -> None:
     """The part's embeddings and metadata (if any image was readable), then its completion record."""
     if buffer.items:
-        metadata = pa.Table.from_pylist([item.metadata() for item in buffer.items])
+        metadata = table_from_rows([item.metadata() for item in buffer.items], names=STORE_NAMES)
         write_part(root, "img", part, torch.cat(buffer.image_rows).numpy(), metadata)
         if buffer.text_rows:
             write_part(root, "text", part, torch.cat(buffer.text_rows).numpy(), None)

@@ -27,9 +27,13 @@ import pyarrow.parquet as pq
 from clipforge._util.fileio import atomic_path
 from clipforge._util.imageio import is_image_path
 from clipforge.data.formats.folders import Problems, image_files, sidecar_caption
+from clipforge.data.formats.names import restore_names, table_from_rows
 from clipforge.data.formats.shards import ShardMember, shard_index
 from clipforge.data.formats.tables import TABLE_SUFFIXES, read_caption_table
 from clipforge.errors import InputError, one_line
+
+STORE_NAMES = ("uid", "path", "sample")
+"""Metadata columns holding file names (kept exactly, see ``clipforge.data.formats.names``)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class ImageItem:
     @classmethod
     def from_metadata(cls, row: dict[str, Any]) -> ImageItem:
         """The item a metadata row describes (rows of photo stores hold a file ``size`` but no ``offset``)."""
+        row = restore_names(row, STORE_NAMES)
         in_shard = row.get("offset") is not None
         return cls(
             str(row["uid"]), str(row["path"]), row.get("caption"), row.get("sample"),
@@ -165,15 +170,17 @@ def write_embeddings(path: str | Path, sources: Sequence[str], vectors: np.ndarr
     """A parquet table ``source | embedding`` (fixed-size float32 lists), written atomically."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-    table = pa.table({"source": pa.array(list(sources), pa.string()), "embedding": column})
+    table = table_from_rows([{"source": source} for source in sources], names=("source",)).append_column("embedding", column)
     table = table.replace_schema_metadata({"clipforge": json.dumps({"model": model, "kind": kind, "dim": vectors.shape[1]})})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
 
 def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Sources and an [N, D] float32 array from a file written by ``write_embeddings``."""
+    """Sources (file names exactly as on disk, see ``clipforge.data.formats.names``) and an [N, D] float32 array
+    from a file written by ``write_embeddings``."""
     table = pq.read_table(path)
     dim = table.schema.field("embedding").type.list_size
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return table.column("source").to_pylist(), vectors
+    rows = table.drop_columns(["embedding"]).to_pylist()
+    return [restore_names(row, ("source",))["source"] for row in rows], vectors

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from clipforge._util.imageio import is_image_path
+from clipforge.data.formats.names import restore_names, table_from_rows
 from clipforge.encode import Encoder, embed_images
 from clipforge.errors import ConfigError, InputError, one_line
 from clipforge.retrieval.embed import (
@@ -37,6 +37,7 @@ from clipforge.retrieval.embed import (
     store_info,
     write_store_info,
 )
+from clipforge.retrieval.inputs import STORE_NAMES
 from clipforge.retrieval.store import EmbeddingStore, write_part
 
 STORE_NAME = ".clipforge"
@@ -115,7 +116,7 @@ def _catalogue(store: Path, reference: dict[str, Any]) -> tuple[list[dict], np.n
     if info.get("model") != reference:
         return [], np.zeros((0, 0), np.float32)
     existing = EmbeddingStore(store)
-    rows = existing.metadata(np.arange(existing.num_vectors))
+    rows = [restore_names(row, STORE_NAMES) for row in existing.metadata(np.arange(existing.num_vectors))]
     return rows, existing.load_embeddings("img", mmap=False)
 
 
@@ -189,7 +190,7 @@ def update_photo_store(
 
 def _swap_in(store: Path, rows: list[dict], vectors: np.ndarray, reference: dict[str, Any], folder: Path) -> None:
     new, old = _siblings(store)
-    write_part(new, "img", 0, vectors, pa.Table.from_pylist(rows))
+    write_part(new, "img", 0, vectors, table_from_rows(rows, names=STORE_NAMES))
     info = {"format": STORE_FORMAT, "kind": "photos", "model": reference, "dim": int(vectors.shape[1]), "roots": [str(folder)]}
     write_store_info(new, info)
     if store.exists():

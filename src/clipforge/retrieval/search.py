@@ -86,11 +86,15 @@ class SearchIndex:
         return self.index.search(as_float32(queries), k)
 
     def results(self, query_vector: np.ndarray, k: int = 10) -> list[dict]:
-        """The top-k rows for one query vector: their metadata plus ``id`` (store row) and ``score``."""
+        """The top-k rows for one query vector: their metadata plus ``id`` (store row) and ``score``.
+
+        Names are text; the exact bytes of a name that is not valid UTF-8 (``*_bytes``, see
+        ``clipforge.data.formats.names``) stay in the store, so results are plain JSON.
+        """
         scores, ids = self.search(np.asarray(query_vector).reshape(1, -1), k)
         found = ids[0] >= 0
         records = self.store.metadata(ids[0][found])
         return [
-            {**record, "id": int(row), "score": float(score)}
+            {**{key: value for key, value in record.items() if not key.endswith("_bytes")}, "id": int(row), "score": float(score)}
             for record, row, score in zip(records, ids[0][found], scores[0][found])
         ]

@@ -21,7 +21,6 @@ from clipforge.data.formats.samples import (
 )
 from clipforge.errors import InputError, one_line
 
-
 Problems = list[tuple[str, str]]
 """(folder, one-line reason) of sub-folders a walk could not read."""
 

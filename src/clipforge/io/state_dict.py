@@ -38,7 +38,7 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path}: refused: it holds pickled Python objects besides tensors, and unpickling can run code; if you trust "
             "the file, convert it once (torch.load(path, weights_only=False), then safetensors.torch.save_file of its "

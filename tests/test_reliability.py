@@ -295,3 +295,55 @@ def test_non_utf8_file_names_are_kept_exactly(micro, tmp_path, capsys) -> None:
     assert code == 0 and "0 new, 2 unchanged" in text and "up to date" in text
     code, _, err = run(capsys, "embed", "--text", os.fsdecode(b"caf\xe9"), "--model", str(micro), "--out", str(tmp_path / "t.parquet"))
     assert code == 2 and "text #0: not valid UTF-8 (caf\\xe9)" in one_error_line(err)
+
+
+# -- 8c: what an upload may cost the server
+
+
+def test_uploads_are_bounded_in_pixels_and_decoded_two_at_a_time(tmp_path, monkeypatch) -> None:
+    import io
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+    from test_serve import served_store
+
+    import clipforge.serve.app as app_module
+    from clipforge.serve import create_app
+
+    store, model_path = served_store(tmp_path, count=4)
+    client = TestClient(create_app(store, clipforge.load(model_path), max_upload_pixels=100 * 100, decode_slots=2))
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 2000), "white").save(buffer, format="PNG")  # a few KiB that decode to 4 million pixels
+    response = client.post("/api/search/image", files={"image": ("big.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 415 and "max_pixels=10000" in response.json()["error"]
+
+    running, most, lock = [0], [0], threading.Lock()
+    real_open = app_module.open_image
+
+    def slow_open(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        try:
+            return real_open(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(app_module, "open_image", slow_open)
+    small = io.BytesIO()
+    Image.new("RGB", (50, 40), "red").save(small, format="PNG")
+    codes = []
+
+    def upload() -> None:
+        codes.append(client.post("/api/search/image", files={"image": ("s.png", small.getvalue(), "image/png")}).status_code)
+
+    threads = [threading.Thread(target=upload) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [200] * 6 and most[0] == 2

@@ -173,6 +173,7 @@ def serve_command(
     kind: KindOption = "img",
     max_k: Annotated[int, typer.Option(min=1, help="Most results one request may ask for.")] = 100,
     max_upload: Annotated[str, typer.Option(help="Largest request body (image upload), e.g. 10MB.")] = "10MB",
+    max_upload_pixels: Annotated[int, typer.Option(min=1, help="Most pixels an uploaded image may decode to.")] = 24_000_000,
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
     precision: StorePrecisionOption = None,
@@ -184,4 +185,5 @@ def serve_command(
 
     loaded = _load(root, model, config, pretrained, precision, device)
     error_console.print(f"serving {escape(str(root))} on http://{host}:{port}/", highlight=False, soft_wrap=True)
-    serve(root, loaded, host=host, port=port, kind=kind, max_k=max_k, max_upload_bytes=parse_size(max_upload, "--max-upload"))
+    serve(root, loaded, host=host, port=port, kind=kind, max_k=max_k, max_upload_bytes=parse_size(max_upload, "--max-upload"),
+          max_upload_pixels=max_upload_pixels)

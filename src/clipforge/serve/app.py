@@ -22,6 +22,7 @@ result counts and query lengths are limited; every error is JSON ``{"error": mes
 # ``create_app``'s arguments (such as ``max_k``), so they must be evaluated where the routes are defined.
 import io
 import mimetypes
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -47,7 +48,8 @@ from clipforge.retrieval.search import SearchIndex
 
 STATIC = Path(__file__).parent / "static"
 MAX_QUERY_CHARS = 1000
-MAX_UPLOAD_PIXELS = 50_000_000
+MAX_UPLOAD_PIXELS = 24_000_000  # 6000 x 4000: a 24-megapixel photo; a query image is shrunk to the model's size anyway
+DECODE_SLOTS = 2  # uploads decoded at once: memory stays below DECODE_SLOTS x MAX_UPLOAD_PIXELS x 4 bytes
 THUMBNAIL_QUALITY = 85
 
 
@@ -120,11 +122,19 @@ def create_app(
     kind: str = "img",
     max_k: int = 100,
     max_upload_bytes: int = 10 << 20,
+    max_upload_pixels: int = MAX_UPLOAD_PIXELS,
+    decode_slots: int = DECODE_SLOTS,
     thumbnail_size: int = 256,
     cache_size: int = 2048,
 ) -> FastAPI:
-    """The app serving the store at ``root`` (its ``kind`` index) with ``model`` encoding the queries."""
+    """The app serving the store at ``root`` (its ``kind`` index) with ``model`` encoding the queries.
+
+    An upload is bounded three ways: its bytes (``max_upload_bytes``), its decoded pixels (``max_upload_pixels``,
+    checked from the header before decoding), and how many are decoded and encoded at once (``decode_slots``;
+    the others wait), so a burst of small files that decode to huge images cannot exhaust memory.
+    """
     index = SearchIndex(root, kind)
+    decoding = threading.BoundedSemaphore(decode_slots)
     info = store_info(root)
     access = ImageAccess(info.get("roots", []))
     app = FastAPI(
@@ -198,16 +208,18 @@ def create_app(
         k: Annotated[int, Form(ge=1, le=max_k)] = 10,
         q: Annotated[str, Form(max_length=MAX_QUERY_CHARS, description="text terms to add, e.g. '+ night'")] = "",
     ) -> dict[str, Any]:
-        try:
-            picture = open_image(image.file.read(), name=image.filename or "upload", max_pixels=MAX_UPLOAD_PIXELS)
-        except InputError as error:
-            raise HTTPException(415, str(error)) from None
-        terms = [QueryTerm(1.0, image=picture)] + (parse_query(q, allow_images=False) if q.strip() else [])
-        return {"query": q, "results": results(query_vector(model, terms), k)}
+        text_terms = parse_query(q, allow_images=False) if q.strip() else []
+        with decoding:
+            try:
+                picture = open_image(image.file.read(), name=image.filename or "upload", max_pixels=max_upload_pixels)
+            except InputError as error:
+                raise HTTPException(415, str(error)) from None
+            vector = query_vector(model, [QueryTerm(1.0, image=picture), *text_terms])
+        return {"query": q, "results": results(vector, k)}
 
     @app.get("/api/metadata/{row_id}")
     def metadata(row_id: int) -> dict[str, Any]:
-        return row(row_id)
+        return {key: value for key, value in row(row_id).items() if not key.endswith("_bytes")}
 
     @app.get("/api/image/{row_id}")
     def original(row_id: int) -> Response:

@@ -31,9 +31,9 @@ from clipforge.adapt.adapter_file import (
 )
 from clipforge.adapt.features import FeatureCache
 from clipforge.adapt.fewshot import FewShotSet, sample_few_shot
-from clipforge.adapt.method import FitInputs, Head, settings_dict, settings_from
+from clipforge.adapt.method import FitInputs, Head, Saved, settings_dict, settings_from
 from clipforge.adapt.registry import get_method
-from clipforge.adapt.selection import clip_logits
+from clipforge.adapt.selection import ZeroShotHead
 from clipforge.api import load, save
 from clipforge.encode import EmbeddingResult, embed_images
 from clipforge.errors import CheckpointError, InputError
@@ -43,17 +43,6 @@ from clipforge.io.state_dict import read_tensors
 
 CHECKPOINT_KEY = "adaptation"
 DEFAULT_VAL_SHOTS = 4  # CoOp's few-shot validation: min(K, 4) images per class
-
-
-class ZeroShotHead(Head):
-    """``100 · f Tᵀ``: the head of weight methods (the tuned model's own zero-shot head) and of prompt learners."""
-
-    def __init__(self, text: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("text", text.float())
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return clip_logits(features, self.text)
 
 
 def class_embeddings(model: Any, classnames: Sequence[str], templates: Any) -> torch.Tensor:
@@ -126,7 +115,7 @@ class Adapter:
         settings = settings_from(method.settings, self.record.settings, method.name)
         text = class_embeddings(model, self.classnames, self.record.templates)
         try:
-            head = method.rebuild(self.record.tensors, self.record.extra, settings, model, text)
+            head = method.rebuild(Saved(self.record.tensors, self.record.extra, settings, model, text, self.classnames))
         except (KeyError, RuntimeError, ValueError) as error:
             raise CheckpointError(f"{self.source}: the {method.name} tensors do not fit ({error})") from None
         return AdaptedClassifier(head.image_model(model), head, self.classnames, self.method)
@@ -186,7 +175,9 @@ def fit(
     if cache is None or cache.model is not model:
         cache = FeatureCache(model)
     text = class_embeddings(model, drawn.classnames, drawn.templates)
-    fitted = spec.fit(FitInputs(model, drawn, cache, text, progress), method_settings)
+    with torch.random.fork_rng(devices=[]):  # initialisations, dropout and shuffles follow the seed, not the caller's RNG
+        torch.manual_seed(drawn.seed)
+        fitted = spec.fit(FitInputs(model, drawn, cache, text, progress), method_settings)
     record = AdapterRecord(
         method=spec.name,
         tensors=fitted.tensors,

@@ -21,15 +21,13 @@ anyway); the batch drawn per step is a shuffled slice of the views, as in the of
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from clipforge.adapt.features import Augmentation
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method
+from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
 from clipforge.errors import ConfigError
 
@@ -103,8 +101,8 @@ def fit_clap(inputs: FitInputs, settings: ClapSettings) -> Fitted:
     return Fitted({"prototypes": prototypes.detach()}, {"scale": scale})
 
 
-def rebuild(tensors: Mapping[str, torch.Tensor], extra: Mapping[str, Any], settings: Any, model: Any, text: torch.Tensor) -> Head:
-    return PrototypeHead(tensors["prototypes"], extra["scale"])
+def rebuild(saved: Saved) -> Head:
+    return PrototypeHead(saved.tensors["prototypes"], saved.extra["scale"])
 
 
 CLAP = Method("clap", "head", ClapSettings, fit_clap, rebuild,

@@ -17,14 +17,12 @@ validation split; with no validation shots α = 1. Differences: the views are th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from clipforge.adapt.features import Augmentation
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method
+from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
 from clipforge.adapt.selection import best_on_validation, clip_logits, validation
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
@@ -83,8 +81,8 @@ def fit_gda(inputs: FitInputs, settings: GdaSettings) -> Fitted:
     return Fitted({"weight": weight, "bias": bias}, extra)
 
 
-def rebuild(tensors: Mapping[str, torch.Tensor], extra: Mapping[str, Any], settings: Any, model: Any, text: torch.Tensor) -> Head:
-    return GdaHead(tensors["weight"], tensors["bias"], text, extra["alpha"])
+def rebuild(saved: Saved) -> Head:
+    return GdaHead(saved.tensors["weight"], saved.tensors["bias"], saved.text, saved.extra["alpha"])
 
 
 GDA = Method("gda", "training-free", GdaSettings, fit_gda, rebuild,

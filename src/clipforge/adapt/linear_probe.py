@@ -12,13 +12,11 @@ other method here, validation images choose hyper-parameters and never train; wi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method
+from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
 from clipforge.adapt.selection import validation
 from clipforge.errors import InputError
 from clipforge.eval.linear_probe import choose_c, fit_logistic
@@ -59,8 +57,8 @@ def fit_linear_probe(inputs: FitInputs, settings: LinearProbeSettings) -> Fitted
     return Fitted({"weight": weight, "bias": bias}, {"C": c, "val_acc": tried.get(c, float("nan"))})
 
 
-def rebuild(tensors: Mapping[str, torch.Tensor], extra: Mapping[str, Any], settings: Any, model: Any, text: torch.Tensor) -> Head:
-    return LinearHead(tensors["weight"], tensors["bias"])
+def rebuild(saved: Saved) -> Head:
+    return LinearHead(saved.tensors["weight"], saved.tensors["bias"])
 
 
 LINEAR_PROBE = Method("linear-probe", "head", LinearProbeSettings, fit_linear_probe, rebuild,

@@ -47,6 +47,19 @@ class FitInputs:
 
 
 @dataclass
+class Saved:
+    """What ``rebuild`` receives: a file's tensors, fitted scalars and settings, the model it is applied to, that
+    model's zero-shot head ``text`` [C, D] and the class names."""
+
+    tensors: Mapping[str, torch.Tensor]
+    extra: Mapping[str, Any]
+    settings: Any
+    model: Any
+    text: torch.Tensor
+    classnames: list[str]
+
+
+@dataclass
 class Fitted:
     """A fitted head: the tensors and fitted scalars a file stores (``extra``), or a new model for weight methods."""
 
@@ -57,15 +70,15 @@ class Fitted:
 
 @dataclass(frozen=True)
 class Method:
-    """``fit(inputs, settings) -> Fitted``; ``rebuild(tensors, extra, settings, model, text) -> Head`` makes the
-    head again from a file (``text``: the zero-shot head [C, D] of the model); ``None`` for weight methods, whose
-    result is a checkpoint. ``uses_validation``: the fit selects hyper-parameters on validation shots."""
+    """``fit(inputs, settings) -> Fitted``; ``rebuild(saved) -> Head`` makes the head again from a file; ``None``
+    for weight methods, whose result is a checkpoint. ``uses_validation``: the fit selects hyper-parameters on
+    validation shots."""
 
     name: str
     kind: Kind
     settings: type
     fit: Callable[[FitInputs, Any], Fitted]
-    rebuild: Callable[[Mapping[str, torch.Tensor], Mapping[str, Any], Any, Any, torch.Tensor], Head] | None
+    rebuild: Callable[[Saved], Head] | None
     summary: str
     uses_validation: bool = False
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from clipforge.adapt.clap import CLAP
+from clipforge.adapt.coop import COOP
 from clipforge.adapt.gda import GDA
 from clipforge.adapt.linear_probe import LINEAR_PROBE
+from clipforge.adapt.lora import LORA
+from clipforge.adapt.maple import MAPLE
 from clipforge.adapt.method import Method
+from clipforge.adapt.svd import SVD
 from clipforge.adapt.tip_adapter import TIP_ADAPTER, TIP_ADAPTER_F
+from clipforge.adapt.wise_ft import WISE_FT
 from clipforge.errors import ConfigError
 
 METHODS: dict[str, Method] = {}
@@ -26,5 +31,5 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-for _method in (TIP_ADAPTER, GDA, TIP_ADAPTER_F, LINEAR_PROBE, CLAP):
+for _method in (TIP_ADAPTER, GDA, TIP_ADAPTER_F, LINEAR_PROBE, CLAP, COOP, MAPLE, LORA, SVD, WISE_FT):
     register(_method)

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import torch
 
-from clipforge.adapt.method import FitInputs
+from clipforge.adapt.method import FitInputs, Head
 
 CLIP_SCALE = 100.0  # exp(logit_scale) of OpenAI's CLIP, the scale Tip-Adapter, GDA and CLIP_benchmark use
 Choice = TypeVar("Choice")
@@ -16,6 +16,18 @@ Choice = TypeVar("Choice")
 def clip_logits(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Zero-shot logits ``100 · f Tᵀ`` of normalised features [N, D] against the class embeddings [C, D]."""
     return CLIP_SCALE * features @ text.T
+
+
+class ZeroShotHead(Head):
+    """``100 · f Tᵀ``: the head of weight methods (the tuned model's own zero-shot head) and of prompt learners
+    (T from the learned prompts)."""
+
+    def __init__(self, text: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("text", text.float().cpu())
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return clip_logits(features, self.text)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

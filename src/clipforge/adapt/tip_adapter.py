@@ -23,15 +23,13 @@ official script keeps the epoch with the best *test* accuracy); the validation s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from clipforge.adapt.features import Augmentation
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method
+from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
 from clipforge.adapt.selection import clip_logits, linear_grid, validation
 
@@ -131,8 +129,8 @@ def fit_tip_adapter_f(inputs: FitInputs, settings: TipAdapterSettings) -> Fitted
     return Fitted({"keys": head.keys, "labels": labels}, extra)
 
 
-def rebuild(tensors: Mapping[str, torch.Tensor], extra: Mapping[str, Any], settings: Any, model: Any, text: torch.Tensor) -> Head:
-    return TipAdapterHead(tensors["keys"], tensors["labels"], text, extra["alpha"], extra["beta"])
+def rebuild(saved: Saved) -> Head:
+    return TipAdapterHead(saved.tensors["keys"], saved.tensors["labels"], saved.text, saved.extra["alpha"], saved.extra["beta"])
 
 
 TIP_ADAPTER = Method("tip-adapter", "training-free", TipAdapterSettings, fit_tip_adapter, rebuild,

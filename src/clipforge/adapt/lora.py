@@ -22,10 +22,8 @@ from torch import nn
 
 from clipforge.adapt.linear_form import fuse_attention, split_attention
 from clipforge.adapt.method import FitInputs, Fitted, Method
-from clipforge.adapt.optim import Schedule
-from clipforge.adapt.tuning import train_classifier
 from clipforge.adapt.weights import (
-    iterations_loop,
+    train_weights,
     trainable_copy,
     tuned_model,
     tuned_text,
@@ -84,13 +82,9 @@ def merged_linear(module: nn.Module) -> nn.Linear:
 def fit_lora(inputs: FitInputs, settings: LoraSettings) -> Fitted:
     tuned = add_lora(trainable_copy(inputs.model, "clip-lora"), settings)
     parameters = [parameter for name, parameter in tuned.named_parameters() if "lora_" in name]
-    loop = iterations_loop(inputs, settings.iterations_per_shot, settings.batch_size, settings.crop_scale, settings.flip,
-                           settings.amp)
-    schedule = Schedule("adamw", settings.lr, loop.steps, weight_decay=settings.weight_decay, eta_min=1e-6)
-    loss = train_classifier(tuned, parameters, inputs.shots.train, loop, schedule, tuned_text(tuned, inputs),
-                            progress=inputs.progress, description="CLIP-LoRA")
+    loss, steps = train_weights(inputs, tuned, parameters, settings, tuned_text(tuned, inputs), "CLIP-LoRA", eta_min=1e-6)
     fuse_attention(tuned, merged_linear)
-    return Fitted({}, {"final_loss": loss, "steps": loop.steps}, model=tuned_model(tuned, "clip-lora"))
+    return Fitted({}, {"final_loss": loss, "steps": steps}, model=tuned_model(tuned, "clip-lora"))
 
 
 LORA = Method("clip-lora", "weights", LoraSettings, fit_lora, None,

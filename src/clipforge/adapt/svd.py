@@ -24,10 +24,8 @@ from torch import nn
 
 from clipforge.adapt.linear_form import fuse_attention, split_attention
 from clipforge.adapt.method import FitInputs, Fitted, Method
-from clipforge.adapt.optim import Schedule
-from clipforge.adapt.tuning import train_classifier
 from clipforge.adapt.weights import (
-    iterations_loop,
+    train_weights,
     trainable_copy,
     tuned_model,
     tuned_text,
@@ -87,13 +85,9 @@ def _as_linear(module: nn.Module) -> nn.Linear:
 def fit_svd(inputs: FitInputs, settings: SvdSettings) -> Fitted:
     tuned = add_singular_values(trainable_copy(inputs.model, "clip-svd"))
     parameters = [module.s for module in tuned.modules() if isinstance(module, SingularValueLinear)]
-    loop = iterations_loop(inputs, settings.iterations_per_shot, settings.batch_size, settings.crop_scale, settings.flip,
-                           settings.amp)
-    schedule = Schedule("adamw", settings.lr, loop.steps, weight_decay=settings.weight_decay, eta_min=1e-6)
-    loss = train_classifier(tuned, parameters, inputs.shots.train, loop, schedule, tuned_text(tuned, inputs),
-                            progress=inputs.progress, description="CLIP-SVD")
+    loss, steps = train_weights(inputs, tuned, parameters, settings, tuned_text(tuned, inputs), "CLIP-SVD", eta_min=1e-6)
     fuse_attention(tuned, _as_linear)
-    extra = {"final_loss": loss, "steps": loop.steps, "trained_values": sum(p.numel() for p in parameters)}
+    extra = {"final_loss": loss, "steps": steps, "trained_values": sum(p.numel() for p in parameters)}
     return Fitted({}, extra, model=tuned_model(tuned, "clip-svd"))
 
 

@@ -1,16 +1,19 @@
 """What the weight-changing methods (CLIP-LoRA, CLIP-SVD, WiSE-FT) share: a trainable copy of the model, the
-step budget of CLIP-LoRA's protocol, and the tuned checkpoint's provenance."""
+training protocol of CLIP-LoRA, and the tuned checkpoint's provenance."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from clipforge.adapt.features import Augmentation
 from clipforge.adapt.method import FitInputs
-from clipforge.adapt.tuning import Loop, class_tokens, text_embeddings
+from clipforge.adapt.optim import Schedule
+from clipforge.adapt.tuning import Loop, class_tokens, text_embeddings, train_classifier
 from clipforge.compress.records import compression_steps
 from clipforge.errors import ConfigError
 
@@ -25,13 +28,18 @@ def trainable_copy(model: nn.Module, method: str) -> nn.Module:
     return tuned
 
 
-def iterations_loop(inputs: FitInputs, iterations_per_shot: int, batch_size: int, crop_scale: tuple[float, float],
-                    flip: bool, amp: bool) -> Loop:
-    """CLIP-LoRA's and CLIP-SVD's budget: ``iterations_per_shot × K`` steps of ``batch_size`` images."""
-    if iterations_per_shot < 1:
-        raise ConfigError(f"iterations_per_shot: {iterations_per_shot} is below 1")
-    steps = iterations_per_shot * inputs.shots.shots
-    return Loop(steps, batch_size, Augmentation(crop_scale, flip), inputs.shots.seed, amp)
+def train_weights(inputs: FitInputs, tuned: nn.Module, parameters: list[nn.Parameter], settings: Any,
+                  classes: Callable[[], torch.Tensor], description: str, eta_min: float = 0.0) -> tuple[float, int]:
+    """CLIP-LoRA's protocol: AdamW with cosine decay to ``eta_min`` over ``iterations_per_shot × K`` steps of
+    ``batch_size`` augmented images; the last loss and the number of steps."""
+    if settings.iterations_per_shot < 1:
+        raise ConfigError(f"iterations_per_shot: {settings.iterations_per_shot} is below 1")
+    loop = Loop(settings.iterations_per_shot * inputs.shots.shots, settings.batch_size,
+                Augmentation(settings.crop_scale, settings.flip), inputs.shots.seed, settings.amp)
+    schedule = Schedule("adamw", settings.lr, loop.steps, weight_decay=settings.weight_decay, eta_min=eta_min)
+    loss = train_classifier(tuned, parameters, inputs.shots.train, loop, schedule, classes, progress=inputs.progress,
+                            description=description)
+    return loss, loop.steps
 
 
 def tuned_text(tuned: nn.Module, inputs: FitInputs) -> Any:

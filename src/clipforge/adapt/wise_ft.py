@@ -23,10 +23,8 @@ import torch
 from torch import nn
 
 from clipforge.adapt.method import FitInputs, Fitted, Method
-from clipforge.adapt.optim import Schedule
-from clipforge.adapt.tuning import train_classifier
 from clipforge.adapt.weights import (
-    iterations_loop,
+    train_weights,
     trainable_copy,
     tuned_model,
     tuned_text,
@@ -68,11 +66,7 @@ def fine_tune_image_tower(inputs: FitInputs, settings: WiseFtSettings) -> nn.Mod
         parameter.requires_grad_(True)
     with torch.no_grad():
         head = tuned_text(tuned, inputs)()
-    loop = iterations_loop(inputs, settings.iterations_per_shot, settings.batch_size, settings.crop_scale, settings.flip,
-                           settings.amp)
-    schedule = Schedule("adamw", settings.lr, loop.steps, weight_decay=settings.weight_decay)
-    train_classifier(tuned, parameters, inputs.shots.train, loop, schedule, lambda: head,
-                     progress=inputs.progress, description="WiSE-FT fine-tuning")
+    train_weights(inputs, tuned, parameters, settings, lambda: head, "WiSE-FT fine-tuning")
     return tuned
 
 

@@ -167,8 +167,9 @@ def plot(results: dict, shots: tuple[int, ...], path: Path) -> Path:
         axes.set_xlabel("shots per class")
         axes.set_ylabel("top-1 accuracy" if index == 0 else "")
         axes.grid(alpha=0.3)
-    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(METHODS), fontsize=7)
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    columns = min(len(METHODS), 4 * len(results))
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="lower center", ncol=columns, fontsize=7)
+    figure.tight_layout(rect=(0, 0.04 * -(-len(METHODS) // columns) + 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     return path

@@ -23,6 +23,7 @@ from clipforge.adapt.features import Augmentation, augmented_batch
 from clipforge.adapt.fewshot import Shots
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
 from clipforge.encode import model_device
+from clipforge.errors import ConfigError
 from clipforge.eval.zeroshot import fill_template
 
 
@@ -40,7 +41,7 @@ class Loop:
 def class_tokens(model: Any, classnames: list[str], templates: Any) -> tuple[torch.Tensor, int]:
     """Token ids of every (class, template) prompt, class-major, and the number of templates per class."""
     if isinstance(templates, dict):
-        raise ValueError("per-class descriptions (CuPL) cannot be tuned; give {c} templates")
+        raise ConfigError("--templates: per-class descriptions (CuPL) cannot be tuned through; give {c} templates")
     prompts = [fill_template(template, name) for name in classnames for template in templates]
     return model.tokenize(prompts), len(templates)
 
@@ -137,6 +138,6 @@ def context_init(model: Any, prefix: str, count: int) -> torch.Tensor:
     tokens = model.tokenize([prefix])[0]
     found = int(tokens.argmax()) - 1
     if found < count:
-        raise ValueError(f"context {prefix!r} has {found} tokens, fewer than the {count} asked")
+        raise ConfigError(f"ctx_init: {prefix!r} has {found} tokens, fewer than the {count} context vectors asked")
     with torch.no_grad():
         return model.token_embedding(tokens[1 : 1 + count].to(model_device(model))).float().clone()

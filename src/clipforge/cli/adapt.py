@@ -68,4 +68,5 @@ def adapt_command(
         + (f"; {chosen}" if chosen else "")
         + f"\nwrote {kind} {path}",
         highlight=False,
+        soft_wrap=True,
     )

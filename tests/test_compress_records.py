@@ -151,7 +151,7 @@ def rewrite_compression(path: Path, record: str) -> None:
 
 TOME = {"method": "tome", "settings": {"r": 2}}
 BAD_RECORDS = {
-    "{not json": "unreadable compression record",
+    "{not json": "the metadata's 'compression' is not JSON",
     json.dumps([1, 2]): "malformed compression step",
     json.dumps({"steps": []}): "expected a compression step",
     json.dumps({"method": "zip", "settings": {}}): "unknown compression method 'zip'",

@@ -34,6 +34,8 @@ ALLOWED: dict[str, set[str]] = {
                         "encode", "eval"},
     "api": BASE | {"config", "io", "models", "compress"},
     "explain": BASE | {"_util", "layers", "models", "encode"},
+    "adapt": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
+                     "encode", "eval", "compress", "api"},
     "retrieval": BASE | {"_util", "config", "models", "data", "data.formats", "encode", "api"},
     "serve": BASE | {"_util", "data.formats", "encode", "retrieval", "api"},
     "demo": BASE | {"_util", "config", "data.synthetic", "encode", "eval", "io", "train", "api"},
@@ -42,7 +44,7 @@ ALLOWED: dict[str, set[str]] = {
     "": {"api", "config", "errors", "models"},  # the package's lazy face (clipforge/__init__.py)
 }
 LOW = ("io", "models", "layers", "data", "data.formats", "data.synthetic", "train")
-HIGH = {"compress", "eval", "retrieval", "serve", "cli", "api", "explain", "demo", ""}
+HIGH = {"compress", "eval", "retrieval", "serve", "cli", "api", "explain", "demo", "adapt", ""}
 SUBPACKAGES = ("data.synthetic", "data.formats", "data.curate")
 
 

@@ -11,6 +11,7 @@ import sys
 import typer
 
 from clipforge._util.progress import error_console, fail
+from clipforge.cli import adapt as adapt_cli
 from clipforge.cli import compress as compress_cli
 from clipforge.cli import data as data_cli
 from clipforge.cli import embed as embed_cli
@@ -35,6 +36,7 @@ train_cli.register(app)
 retrieval_cli.register(app)
 evaluate_cli.register(app)
 compress_cli.register(app)
+adapt_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,7 +63,8 @@ def _split_arrays(features: ArrayLike, labels: ArrayLike, split: str) -> tuple[n
     return feature_tensor.detach().cpu().numpy(), label_tensor.cpu().numpy()
 
 
-def _fit(features: np.ndarray, labels: np.ndarray, c: float, max_iter: int) -> LogisticRegression:
+def fit_logistic(features: np.ndarray, labels: np.ndarray, c: float, max_iter: int = 1000) -> LogisticRegression:
+    """L-BFGS multinomial logistic regression with L2 strength 1 / ``c`` (scikit-learn)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # large C on separable data stops at max_iter
         return LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter).fit(features, labels)
@@ -95,6 +96,19 @@ def _search_c(val_accuracy: Callable[[float], float], c_values: Sequence[float] 
             peak = best([max(peak - span, 0), peak, min(peak + span, len(grid) - 1)])
             span //= 2
     return float(grid[peak]), {float(grid[index]): accuracy for index, accuracy in tried.items()}
+
+
+def choose_c(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    c_values: Sequence[float] | None = None,
+    max_iter: int = 1000,
+) -> tuple[float, dict[float, float]]:
+    """The C whose probe fitted on train scores best on validation (CLIP's search, or among ``c_values``), and
+    the validation accuracy of every C tried."""
+    return _search_c(lambda c: fit_logistic(train_x, train_y, c, max_iter).score(val_x, val_y), c_values)
 
 
 def linear_probe(
@@ -135,8 +149,8 @@ def linear_probe(
                 f"{split}_features: dimension {features.shape[1]} differs from train_features {train_x.shape[1]}"
             )
 
-    best_c, val_accuracy_by_c = _search_c(lambda c: _fit(train_x, train_y, c, max_iter).score(val_x, val_y), c_values)
-    probe = _fit(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), best_c, max_iter)
+    best_c, val_accuracy_by_c = choose_c(train_x, train_y, val_x, val_y, c_values, max_iter)
+    probe = fit_logistic(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), best_c, max_iter)
 
     num_classes = int(max(train_y.max(), val_y.max(), test_y.max())) + 1
     test_scores = torch.full((len(test_x), num_classes), float("-inf"), dtype=torch.float64)

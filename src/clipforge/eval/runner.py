@@ -13,10 +13,10 @@ classifies with ``clipforge.eval.perception`` instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -47,16 +47,26 @@ from clipforge.eval.ood import auroc, fpr_at_tpr, mcm_score, roc_curve_plot
 from clipforge.eval.perception import (
     ContextFactors,
     build_perception_classifier,
-    ensemble_text_embeddings,
     perception_clip,
     read_context_factors,
 )
 from clipforge.eval.report import confusion_matrix_plot
 from clipforge.eval.results import TASKS, Table, TaskResult, slug
 from clipforge.eval.robustness import SHIFT_NAMES, corruption_accuracy, corruption_plot
-from clipforge.eval.zeroshot import build_zero_shot_classifier, zero_shot_logits
+from clipforge.eval.zeroshot import zero_shot_head, zero_shot_logits
 
 MAX_CONFUSION_CLASSES = 100
+ADAPTER_TASKS = ("zeroshot", "calibration")
+"""Tasks that classify with an adapter's head when the ``Evaluator`` has one (``clipforge eval --adapter``)."""
+
+
+class AdaptedHead(Protocol):
+    """A fitted classification head (``clipforge.adapt.AdaptedClassifier``): class logits of image features."""
+
+    classnames: list[str]
+    method: str
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor: ...
 
 
 class Evaluator:
@@ -71,8 +81,12 @@ class Evaluator:
         out_dir: str | Path | None = None,
         seed: int = 0,
         progress: bool = False,
+        adapter: AdaptedHead | None = None,
     ) -> None:
+        """``adapter``: classify with this head instead of the zero-shot one (``ADAPTER_TASKS``); ``model``
+        must then be the model whose image features it reads."""
         self.model = model
+        self.adapter = adapter
         self.batch_size = batch_size
         self.workers = workers
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -107,15 +121,24 @@ class Evaluator:
         """Zero-shot head [D, C]: template ensemble, or CuPL descriptions per class (computed once per prompt set)."""
         key = json.dumps([dataset.classnames, dataset.templates])
         if key not in self._classifiers:
-            if isinstance(dataset.templates, Mapping):
-                head = ensemble_text_embeddings(self.model, [dataset.templates[c] for c in dataset.classnames]).T
-            else:
-                head = build_zero_shot_classifier(self.model, dataset.classnames, dataset.templates)
-            self._classifiers[key] = head.float().cpu()
+            self._classifiers[key] = zero_shot_head(self.model, dataset.classnames, dataset.templates)
         return self._classifiers[key]
 
     def logits(self, dataset: ClassificationDataset) -> torch.Tensor:
+        if self.adapter is not None:
+            return self._adapted_logits(dataset)
         return zero_shot_logits(self.image_features(dataset), self.classifier(dataset))
+
+    def _adapted_logits(self, dataset: ClassificationDataset) -> torch.Tensor:
+        """The adapter's logits, columns in the dataset's class order (matched by class name)."""
+        assert self.adapter is not None
+        known = {name: i for i, name in enumerate(self.adapter.classnames)}
+        missing = [name for name in dataset.classnames if name not in known]
+        if missing or len(known) != len(dataset.classnames):
+            example = f"e.g. {missing[0]!r} is not one of them" if missing else f"it has {len(dataset.classnames)}"
+            raise InputError(f"{dataset.name}: the adapter was fitted on {len(known)} other classes ({example})")
+        logits = self.adapter.logits(self.image_features(dataset))
+        return logits[:, [known[name] for name in dataset.classnames]]
 
     def _plot_path(self, dataset: str, name: str) -> Path | None:
         return self.out_dir / f"{slug(dataset)}_{name}.png" if self.out_dir is not None else None
@@ -145,6 +168,10 @@ class Evaluator:
         else:
             raise InputError(f"zero-shot method: {method!r} is not 'ensemble' or 'perceptionclip'")
         extra = {"method": method} if method != "ensemble" else {}
+        if self.adapter is not None:
+            if method != "ensemble":
+                raise InputError(f"zero-shot method {method!r} does not use an adapter; run it without --adapter")
+            extra = {"adapter": self.adapter.method}
         result = TaskResult(dataset.name, TASKS["zeroshot"], classification_metrics(scores, labels), extra=extra)
         path = self._plot_path(dataset.name, "confusion")
         if path is not None and len(dataset.classnames) <= MAX_CONFUSION_CLASSES:
@@ -314,6 +341,9 @@ def run_tasks(
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise InputError(f"task: {unknown[0]!r} is not one of {', '.join(TASKS)}")
+    unadapted = [task for task in tasks if task not in ADAPTER_TASKS]
+    if evaluator.adapter is not None and unadapted:
+        raise InputError(f"--adapter: {unadapted[0]} does not classify with it (only {', '.join(ADAPTER_TASKS)} do)")
     if not tasks or not data:
         raise InputError("eval: give at least one task and one dataset (--data)")
     results = []

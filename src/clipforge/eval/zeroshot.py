@@ -6,13 +6,14 @@ Each class is the mean of its normalised prompt embeddings, renormalised — exa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from clipforge.encode import Encoder, encode_texts
 from clipforge.errors import InputError
+from clipforge.eval.perception import ensemble_text_embeddings
 
 Template = str | Callable[[str], str]
 
@@ -41,6 +42,16 @@ def build_zero_shot_classifier(
         embeddings = embeddings.reshape(len(batch), len(templates), -1).mean(dim=1)
         columns.append(F.normalize(embeddings, dim=-1))
     return torch.cat(columns).T
+
+
+def zero_shot_head(
+    model: Encoder, classnames: Sequence[str], templates: Sequence[Template] | Mapping[str, Sequence[str]]
+) -> torch.Tensor:
+    """Class weights [embed_dim, num_classes] (float32, CPU): the template ensemble, or the renormalised mean of
+    per-class descriptions (CuPL) when ``templates`` maps class names to descriptions."""
+    if isinstance(templates, Mapping):
+        return ensemble_text_embeddings(model, [templates[c] for c in classnames]).T.float().cpu()
+    return build_zero_shot_classifier(model, classnames, templates).float().cpu()
 
 
 def zero_shot_logits(image_features: torch.Tensor, classifier: torch.Tensor, scale: float = 100.0) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from clipforge.layers.attention import Attention
 from clipforge.layers.mlp import Mlp
+from clipforge.layers.prompts import PromptTokens
 from clipforge.layers.token_reduction import TokenReduction, TokenState
 
 
@@ -102,17 +103,21 @@ class Transformer(nn.Module):
         is_causal: bool = False,
         reduction: TokenReduction | None = None,
         first_token_out: bool = False,
+        prompts: PromptTokens | None = None,
     ) -> Iterator[tuple[int, torch.Tensor, TokenState | None]]:
         """Run the blocks one by one, yielding ``(index, tokens, state)`` after each.
 
         Callers that need intermediate tokens or want to stop early (early exit) consume this
         generator; ``forward`` simply runs it to the end. ``first_token_out``: the caller reads only the
         first token of the output (class-token pooling), so the last block computes only that token.
+        ``prompts`` (``clipforge.layers.prompts``) may replace tokens before each block.
         """
         state = reduction.start(x) if reduction is not None else None
         last = len(self.resblocks) - 1
         for index, block in enumerate(self.resblocks):
             only_first = first_token_out and index == last
+            if prompts is not None:
+                x = prompts.before_block(index, x)
             if self.grad_checkpointing and reduction is None and torch.is_grad_enabled():
                 x, _ = checkpoint(block, x, is_causal=is_causal, first_token_only=only_first, use_reentrant=False)
             else:
@@ -128,8 +133,11 @@ class Transformer(nn.Module):
         is_causal: bool = False,
         reduction: TokenReduction | None = None,
         first_token_out: bool = False,
+        prompts: PromptTokens | None = None,
     ) -> tuple[torch.Tensor, TokenState | None]:
         state = None
-        for _, x, state in self.iterate(x, is_causal=is_causal, reduction=reduction, first_token_out=first_token_out):
+        for _, x, state in self.iterate(
+            x, is_causal=is_causal, reduction=reduction, first_token_out=first_token_out, prompts=prompts
+        ):
             pass
         return x, state

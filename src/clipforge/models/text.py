@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.config import TextConfig
+from clipforge.layers.prompts import PromptTokens
 from clipforge.layers.transformer import Transformer
 
 
@@ -25,6 +26,7 @@ class TextTower(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, output_dim))
         self.text_projection_linear: nn.Module | None = None
+        self.text_prompts: PromptTokens | None = None  # learned prompt tokens (CoOp, MaPLe); None: plain text
         self.text_output_dim = output_dim
         self._init_text_parameters()
 
@@ -61,8 +63,11 @@ class TextTower(nn.Module):
         """Token ids [B, L] → unnormalised embeddings, computing all L positions (the end token has the
         largest id, so ``argmax`` finds it). ONNX export traces this: its graph keeps the length dynamic."""
         eot = tokens.argmax(dim=-1)
-        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
-        x, _ = self.transformer(x, is_causal=True)
+        x = self.token_embedding(tokens)
+        if self.text_prompts is not None:
+            x = self.text_prompts.embed(x)
+        x = x + self.positional_embedding[: tokens.shape[1]]
+        x, _ = self.transformer(x, is_causal=True, prompts=self.text_prompts)
         return self.project_text(self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot]))
 
     def project_text(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from clipforge.config import VisionConfig
 from clipforge.errors import ConfigError
 from clipforge.layers.patch_dropout import PatchDropout
 from clipforge.layers.pos_embed import sincos_2d_pos_embed
+from clipforge.layers.prompts import PromptTokens
 from clipforge.layers.token_reduction import TokenReduction, TokenState
 from clipforge.layers.transformer import Transformer
 
@@ -18,6 +19,7 @@ class VisionTransformer(nn.Module):
 
     ``token_reduction`` (None by default) is the hook every block calls between attention and MLP.
     ``proj_linear`` (None by default) replaces ``x @ proj`` by a module, for quantizers that swap ``nn.Linear``s.
+    ``prompts`` (None by default) puts learned tokens into the sequence (``clipforge.layers.prompts``).
     """
 
     def __init__(self, cfg: VisionConfig, output_dim: int, activation: str) -> None:
@@ -40,24 +42,30 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, output_dim))
         self.proj_linear: nn.Module | None = None
         self.token_reduction: TokenReduction | None = None
+        self.prompts: PromptTokens | None = None
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, H, W] → tokens [B, 1 + grid², width] entering the first block."""
         x = self.conv1(pixels.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
         cls_token = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls_token, x], dim=1) + self.positional_embedding.to(x.dtype)
-        return self.ln_pre(self.patch_dropout(x))
+        x = self.patch_dropout(torch.cat([cls_token, x], dim=1) + self.positional_embedding.to(x.dtype))
+        if self.prompts is not None:
+            x = self.prompts.embed(x)
+        return self.ln_pre(x)
 
     def pool(self, x: torch.Tensor, state: TokenState | None = None) -> torch.Tensor:
         """``ln_post`` then the class token (``tok``) or the mean of patch tokens (``avg``, size-weighted after merging)."""
         x = self.ln_post(x)
         if self.cfg.pool_type == "tok":
             return x[:, 0]
-        patches = x[:, 1:]
+        patches = x[:, 1 : x.shape[1] - self._appended_prompts()]
         if state is not None and state.size is not None:
             size = state.size[:, 1:].to(patches.dtype)
             return (patches * size).sum(1) / size.sum(1)
         return patches.mean(1)
+
+    def _appended_prompts(self) -> int:
+        return self.prompts.appended if self.prompts is not None else 0
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, width] → the shared embedding space: ``pooled @ proj``, or ``proj_linear(pooled)``."""
@@ -72,7 +80,9 @@ class VisionTransformer(nn.Module):
         alone (the other tokens' outputs are never read), saving most of that block; exact."""
         reduction = self.token_reduction
         first_token_out = self.cfg.pool_type == "tok" and not (reduction is not None and reduction.observes_every_block)
-        x, state = self.transformer(self.embed(pixels), reduction=reduction, first_token_out=first_token_out)
+        x, state = self.transformer(
+            self.embed(pixels), reduction=reduction, first_token_out=first_token_out, prompts=self.prompts
+        )
         return self.head(x, state)
 
     def forward_intermediates(
@@ -97,7 +107,8 @@ class VisionTransformer(nn.Module):
         take = _take_indices(self.cfg.layers, indices)
         batch, _, height, width = pixels.shape
         intermediates, x, state = [], None, None
-        for index, x, state in self.transformer.iterate(self.embed(pixels), reduction=self.token_reduction):
+        blocks = self.transformer.iterate(self.embed(pixels), reduction=self.token_reduction, prompts=self.prompts)
+        for index, x, state in blocks:
             if index in take:
                 intermediates.append(x)
             if stop_early and index >= max(take):
@@ -107,7 +118,7 @@ class VisionTransformer(nn.Module):
         output: dict[str, torch.Tensor | list[torch.Tensor]] = {}
         if output_extra_tokens:
             output["image_intermediates_prefix"] = [t[:, :1] for t in intermediates]
-        patches = [t[:, 1:] for t in intermediates]
+        patches = [t[:, 1 : t.shape[1] - self._appended_prompts()] for t in intermediates]
         if output_fmt == "NCHW":
             grid_h, grid_w = height // self.patch_size, width // self.patch_size
             if any(p.shape[1] != grid_h * grid_w for p in patches):

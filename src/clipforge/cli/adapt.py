@@ -1,0 +1,72 @@
+"""``clipforge adapt METHOD``: fit a few-shot method and write an adapter file (or, for weight methods, a checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipforge._util.progress import say
+from clipforge.cli.options import (
+    ConfigOption,
+    DeviceOption,
+    ModelOption,
+    PrecisionOption,
+    PretrainedOption,
+    SetOption,
+    checked_output,
+    load_model,
+)
+
+METHOD_NAMES = (
+    "tip-adapter", "gda", "tip-adapter-f", "linear-probe", "clap", "coop", "maple", "clip-lora", "clip-svd", "wise-ft",
+)
+"""Listed here so that ``clipforge adapt --help`` needs no torch; ``tests/test_adapt_cli.py`` checks it against
+``clipforge.adapt.METHODS``."""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("adapt")(adapt_command)
+
+
+def adapt_command(
+    method: Annotated[str, typer.Argument(help=f"One of: {', '.join(METHOD_NAMES)}.")],
+    model: ModelOption,
+    train: Annotated[str, typer.Option("--train", help="synthetic:TASK[+SHIFT], a class-per-folder directory, a table or .tar webdataset shards with a class column.")],
+    shots: Annotated[int, typer.Option(min=1, help="Training images per class.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter .safetensors file (a checkpoint for clip-lora, clip-svd, wise-ft).")],
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the few-shot draw and of training.")] = 1,
+    set_: SetOption = None,
+    classnames: Annotated[str | None, typer.Option(help="Class names: .txt (one per line) or JSON list.")] = None,
+    templates: Annotated[str | None, typer.Option(help="Prompt templates with {c}: .txt or JSON list; or CuPL JSON.")] = None,
+    image_column: Annotated[str, typer.Option(help="Table column with image paths or bytes.")] = "image",
+    label_column: Annotated[str, typer.Option(help="Table column with class ids or names.")] = "label",
+    class_field: Annotated[str, typer.Option(help="Webdataset class field (member extension or JSON key).")] = "cls",
+    precision: PrecisionOption = "fp32",
+    device: DeviceOption = "cpu",
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+) -> None:
+    """Fit METHOD on SHOTS images per class of --train and write it to --out (see docs/adapt.md)."""
+    from clipforge.adapt import fit, get_method
+    from clipforge.compress.records import parse_settings
+
+    get_method(method)  # an unknown method fails before the model loads
+    settings = parse_settings(set_ or [], "--set")
+    note = checked_output(out, inputs=[model])
+    loaded = load_model(model, config, pretrained, precision, device)
+    adapter = fit(method, loaded, train, shots, seed, settings=settings, progress=True, classnames_file=classnames,
+                  templates_file=templates, image_column=image_column, label_column=label_column,
+                  class_field=class_field)
+    path = adapter.save(out)
+    record = adapter.record
+    skipped = record.provenance.get("skipped_images", 0)
+    chosen = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in record.extra.items())
+    kind = "checkpoint" if adapter.model is not None else "adapter"
+    say(
+        f"{method}: {len(record.classnames)} classes × {shots} shots from {train} (seed {seed})"
+        + (f", {skipped} unreadable images skipped" if skipped else "")
+        + (f"; {chosen}" if chosen else "")
+        + f"\nwrote {kind} {path}{note}"
+    )

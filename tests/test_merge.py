@@ -290,6 +290,21 @@ def test_checkpoint_records_method_ingredients_and_coefficients(tmp_path, base, 
     assert uniform_soup(tmp_path / "base.safetensors", [tmp_path / "ta.safetensors", paths[0]]).provenance["merge"]["method"] == "uniform-soup"
 
 
+def test_merged_checkpoint_loads_in_open_clip(tmp_path, base, tunes) -> None:
+    """The merged file holds open_clip's parameter names and shapes: open_clip loads it strictly and agrees."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    ties(base, tunes, out=tmp_path / "ties.safetensors")
+    config = json.loads(Path(MICRO).read_text())
+    reference = open_clip.CLIP(embed_dim=config["embed_dim"], vision_cfg=config["vision_cfg"], text_cfg=config["text_cfg"]).eval()
+    reference.load_state_dict(load_file(tmp_path / "ties.safetensors"), strict=True)
+    merged = clipforge.load(tmp_path / "ties.safetensors")
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(reference.encode_image(pixels), merged.encode_image(pixels), atol=1e-5)
+
+
 def test_fingerprint_is_the_values_not_the_format(tmp_path, base) -> None:
     state = base.state_dict()
     assert weights_fingerprint(state) == weights_fingerprint(dict(reversed(list(state.items()))))
@@ -300,7 +315,6 @@ def test_fingerprint_is_the_values_not_the_format(tmp_path, base) -> None:
 
 
 def test_refuses_other_architectures_bases_and_bad_coefficients(tmp_path, base, tunes) -> None:
-    wide = clipforge.load(MICRO, config=None)
     config = json.loads(Path(MICRO).read_text())
     config["vision_cfg"]["width"] = 64
     (tmp_path / "wide.json").write_text(json.dumps(config))
@@ -315,6 +329,11 @@ def test_refuses_other_architectures_bases_and_bad_coefficients(tmp_path, base, 
         opcm(base, [recorded])
     with pytest.raises(InputError, match="uniform-soup: needs at least 2 models to merge, got 1"):
         uniform_soup(base, [tunes[0]])
+    from clipforge.compress import apply_compression
+
+    clipforge.save(apply_compression(copy.deepcopy(tunes[1]), "tome", r=2), tmp_path / "tome.safetensors")
+    with pytest.raises(CheckpointError, match=r"tome.safetensors: records compression steps .* merge the uncompressed models"):
+        uniform_soup(base, [tunes[0], tmp_path / "tome.safetensors"])
     for call, message in [
         (lambda: opcm(base, tunes, alpha=0.0), r"alpha: 0.0 is outside \(0, 1\]"),
         (lambda: ties(base, tunes, keep=1.5), r"keep: 1.5 is outside \(0, 1\]"),

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from clipforge._util.progress import progress_bar
+from clipforge.config import ModelConfig
 from clipforge.errors import CheckpointError, InputError
-from clipforge.io.checkpoint import read_checkpoint, write_checkpoint
-from clipforge.io.state_dict import weights_fingerprint
+from clipforge.io.checkpoint import read_checkpoint, read_weights, write_checkpoint
+from clipforge.io.state_dict import check_state_dict, weights_fingerprint
 from clipforge.models.clip import CLIP
 
 Source = str | os.PathLike[str] | CLIP
@@ -76,7 +77,7 @@ class MergeInputs:
         self.base: State = {key: value.detach().float().cpu() for key, value in self.template.state_dict().items()}
         self.keys = [key for key, value in self.template.state_dict().items() if value.is_floating_point()]
         self.base_fingerprint = weights_fingerprint(self.base)
-        self._config = _architecture(self.template)
+        self._config = _architecture(self.template.config)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -84,21 +85,33 @@ class MergeInputs:
     def read(self, index: int) -> Weights:
         """Model ``index``, checked against the base (architecture, origin, no compression)."""
         name, source = self.names[index], self.sources[index]
-        model = _read_model(source, name)
-        self._check_architecture(model, name)
-        shared = isinstance(source, CLIP)  # the caller's model: copy its weights; a file's are ours already
-        state = {key: value.detach().to("cpu", torch.float32, copy=shared) for key, value in model.state_dict().items() if key in self.keys}
-        fingerprint = weights_fingerprint(state)
-        self._check_origin(model.provenance, state, name)
-        return Weights(name, state, fingerprint, dict(model.provenance))
+        if isinstance(source, CLIP):
+            _refuse_compression(getattr(source, "compression", None), name)
+            config, stored, provenance = source.config, source.state_dict(), source.provenance
+        else:
+            config, stored, provenance, compression = read_weights(source)
+            _refuse_compression(compression, name)
+        self._check_architecture(config, name)
+        check_state_dict(self.base, stored, name)
+        # copies: never write into the caller's model, nor into a file's memory map (copy-on-write would hold both)
+        state = {key: stored[key].detach().to("cpu", torch.float32, copy=True) for key in self.keys}
+        del stored
+        self._check_origin(provenance, state, name)
+        return Weights(name, state, weights_fingerprint(state), dict(provenance))
 
     def each(self, description: str, order: Sequence[int] | None = None) -> Iterator[Weights]:
-        """The models in ``order`` (default: as given), one at a time, under a progress bar."""
+        """The models in ``order`` (default: as given), one at a time, under a progress bar.
+
+        A model's ``state`` is emptied when the next one is asked for, so two are never held at once: keep
+        the tensors you need (in a dict of your own) before moving on.
+        """
         order = range(len(self.sources)) if order is None else order
         with progress_bar(disable=not self.progress, transient=True) as bar:
             task = bar.add_task(description, total=len(order), unit="model")
             for index in order:
-                yield self.read(index)
+                weights = self.read(index)
+                yield weights
+                weights.state.clear()
                 bar.advance(task)
 
     def probe(self, device: str | torch.device = "cpu") -> CLIP:
@@ -121,8 +134,8 @@ class MergeInputs:
             write_checkpoint(model, out)
         return model.eval()
 
-    def _check_architecture(self, model: CLIP, name: str) -> None:
-        config = _architecture(model)
+    def _check_architecture(self, config: ModelConfig, name: str) -> None:
+        config = _architecture(config)
         if config != self._config:
             field, ours, theirs = _first_difference(self._config, config)
             raise CheckpointError(f"{name}: another architecture than the base {self.base_name} ({field}: {theirs} vs {ours})")
@@ -183,19 +196,22 @@ def _name(source: Source, fallback: str) -> str:
 
 def _read_model(source: Source, name: str) -> CLIP:
     if isinstance(source, CLIP):
-        if getattr(source, "compression", None):
-            raise CheckpointError(f"{name}: a compressed model; merge the uncompressed models, then compress the result")
+        _refuse_compression(getattr(source, "compression", None), name)
         return source
     model, compression = read_checkpoint(source)
-    if compression:
-        raise CheckpointError(f"{name}: records compression steps (see `clipforge info`); merge the uncompressed checkpoints, then compress the result")
+    _refuse_compression(compression, name)
     return model
 
 
-def _architecture(model: CLIP) -> dict[str, Any]:
-    config = model.config.to_dict()
-    config.pop("name", None)
-    return config
+def _refuse_compression(compression: Any, name: str) -> None:
+    if compression:
+        raise CheckpointError(f"{name}: records compression steps (see `clipforge info`); merge the uncompressed models, then compress the result")
+
+
+def _architecture(config: ModelConfig) -> dict[str, Any]:
+    fields = config.to_dict()
+    fields.pop("name", None)
+    return fields
 
 
 def _first_difference(ours: Mapping[str, Any], theirs: Mapping[str, Any], prefix: str = "") -> tuple[str, Any, Any]:

@@ -102,7 +102,7 @@ def opcm(
     maps = linear_maps(inputs.template)
     stream = inputs.each("OPCM")
     first = next(stream)
-    merged = first.state
+    merged = dict(first.state)
     history = _history(first, alpha, zero_diagonal)
     norms, scalings, ingredients = history or ([task_vector_norm(merged, inputs.base)], [1.0], [first.record])
     for weights in stream:

@@ -76,7 +76,7 @@ def greedy_soup(
     best = alone[order[0]]
     for index, weights in zip(order, inputs.each("greedy soup", order), strict=True):
         if not kept:
-            soup, kept = weights.state, [index]
+            soup, kept = dict(weights.state), [index]
             continue
         size = len(kept)
         candidate = probe.state_dict()

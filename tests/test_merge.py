@@ -380,7 +380,7 @@ def test_cli_soup_writes_the_mean_and_its_record(tmp_path, capsys, files, tunes)
 def test_cli_greedy_soup_scores_on_held_out_data(tmp_path, capsys, files, base) -> None:
     out = tmp_path / "greedy.safetensors"
     argv = ["merge", "greedy-soup", "-b", files["base"], files["ft0"], files["ft1"], "-o", out]
-    code, stdout, _ = run(capsys, *argv, "--data", "synthetic:color@val", "--samples", "40", "--workers", "0")
+    code, stdout, _ = run(capsys, *argv, "--data", "synthetic:color@val", "--samples", "40")
     assert code == 0 and out.is_file()
     record = clipforge.load(out).provenance["merge"]
     from clipforge.eval.datasets import load_dataset

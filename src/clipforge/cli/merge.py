@@ -17,13 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from clipforge._util.progress import console
-from clipforge.cli.options import (
-    BatchSizeOption,
-    CheckpointOut,
-    DeviceOption,
-    SamplesOption,
-    WorkersOption,
-)
+from clipforge.cli.options import CheckpointOut, DeviceOption, SamplesOption
 
 merge_app = typer.Typer(
     help="Merge fine-tunes of one base: model soups, task arithmetic, TIES, OPCM (continual).",
@@ -44,14 +38,14 @@ def register(app: typer.Typer) -> None:
     app.add_typer(merge_app, name="merge")
 
 
-def _held_out(data: list[str] | None, samples: int, batch_size: int, workers: int | None, device: str) -> Any:
+def _held_out(data: list[str] | None, samples: int, device: str) -> Any:
     """``clipforge.merge.HeldOut`` over the ``--data`` datasets, or None without any."""
     if not data:
         return None
     from clipforge.eval.datasets import load_dataset
     from clipforge.merge import HeldOut
 
-    return HeldOut([load_dataset(spec, samples=samples) for spec in data], batch_size=batch_size, workers=workers, device=device)
+    return HeldOut([load_dataset(spec, samples=samples) for spec in data], device=device)
 
 
 def _summarise(model: Any, out: Path) -> None:
@@ -85,8 +79,6 @@ def greedy_soup_command(
     out: CheckpointOut,
     data: DataOption = None,
     samples: SamplesOption = 1000,
-    batch_size: BatchSizeOption = 256,
-    workers: WorkersOption = None,
     device: DeviceOption = "cpu",
     _marker: ModelsMarker = False,
 ) -> None:
@@ -94,7 +86,7 @@ def greedy_soup_command(
     from clipforge.errors import InputError
     from clipforge.merge import greedy_soup
 
-    held_out = _held_out(data, samples, batch_size, workers, device)
+    held_out = _held_out(data, samples, device)
     if held_out is None:
         raise InputError("greedy-soup: --data is required (held-out data to choose the ingredients on)")
     _summarise(greedy_soup(base, models, held_out, out=out, device=device, progress=True), out)
@@ -108,15 +100,13 @@ def task_arithmetic_command(
     scaling: ScalingOption = None,
     data: DataOption = None,
     samples: SamplesOption = 1000,
-    batch_size: BatchSizeOption = 256,
-    workers: WorkersOption = None,
     device: DeviceOption = "cpu",
     _marker: ModelsMarker = False,
 ) -> None:
     """Task arithmetic (Ilharco et al., ICLR 2023): θ₀ + λ Σ τᵢ, λ in (0, 1] chosen on --data (else 0.3)."""
     from clipforge.merge import task_arithmetic
 
-    held_out = _held_out(data, samples, batch_size, workers, device)
+    held_out = _held_out(data, samples, device)
     _summarise(task_arithmetic(base, models, scaling=scaling, held_out=held_out, out=out, progress=True), out)
 
 
@@ -129,15 +119,13 @@ def ties_command(
     scaling: ScalingOption = None,
     data: DataOption = None,
     samples: SamplesOption = 1000,
-    batch_size: BatchSizeOption = 256,
-    workers: WorkersOption = None,
     device: DeviceOption = "cpu",
     _marker: ModelsMarker = False,
 ) -> None:
     """TIES-merging (Yadav et al., NeurIPS 2023): trim, elect signs, disjoint mean; λ in (0, 3] chosen on --data (else 1)."""
     from clipforge.merge import ties
 
-    held_out = _held_out(data, samples, batch_size, workers, device)
+    held_out = _held_out(data, samples, device)
     _summarise(ties(base, models, keep=keep, scaling=scaling, held_out=held_out, out=out, progress=True), out)
 
 

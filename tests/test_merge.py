@@ -290,6 +290,18 @@ def test_checkpoint_records_method_ingredients_and_coefficients(tmp_path, base, 
     assert uniform_soup(tmp_path / "base.safetensors", [tmp_path / "ta.safetensors", paths[0]]).provenance["merge"]["method"] == "uniform-soup"
 
 
+def test_models_in_open_clip_and_hugging_face_formats(tmp_path, base, tunes) -> None:
+    """Any checkpoint ``clipforge.load`` reads: a bare open_clip state dict (read with the base's architecture)
+    and a Hugging Face ``CLIPModel`` directory merge as the same weights in clipforge files do."""
+    from clipforge.io.hf import save_hf
+
+    torch.save(tunes[0].state_dict(), tmp_path / "open_clip.bin")
+    save_hf(tunes[1], tmp_path / "hf")
+    merged = uniform_soup(base, [tmp_path / "open_clip.bin", tmp_path / "hf"])
+    expected = {key: (tunes[0].state_dict()[key] + tunes[1].state_dict()[key]) / 2 for key in tunes[0].state_dict()}
+    assert_weights(merged, expected, atol=1e-6)
+
+
 def test_merged_checkpoint_loads_in_open_clip(tmp_path, base, tunes) -> None:
     """The merged file holds open_clip's parameter names and shapes: open_clip loads it strictly and agrees."""
     import open_clip

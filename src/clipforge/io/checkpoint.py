@@ -73,12 +73,15 @@ def read_checkpoint(
     raise CheckpointError(f"{source}: no such file or directory, and not a model config name (`clipforge models`)")
 
 
-def read_weights(source: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any], Any]:
+def read_weights(
+    source: str | os.PathLike[str], config: ModelConfig | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any], Any]:
     """Config, state dict, provenance and compression record of a checkpoint file or directory.
 
     A clipforge ``.safetensors`` file is read as it is stored, without building the model: its tensors are
     not checked against the config (compare them with the model they are meant for, ``check_state_dict``).
-    Other formats go through ``read_checkpoint``.
+    Other formats go through ``read_checkpoint``, with ``config`` as the architecture (needed for a bare
+    open_clip state dict, which does not record its activation).
     """
     path = Path(source)
     if path.is_file() and path.suffix == ".safetensors":
@@ -86,7 +89,7 @@ def read_weights(source: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str,
         if metadata.get("format") == FORMAT:
             model_cfg = ModelConfig.from_dict(json.loads(metadata["config"]))
             return model_cfg, tensors, json.loads(metadata.get("provenance", "{}")), _compression_record(metadata, path)
-    model, compression = read_checkpoint(source)
+    model, compression = read_checkpoint(source, config)
     return model.config, model.state_dict(), model.provenance, compression
 
 

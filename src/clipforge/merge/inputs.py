@@ -89,7 +89,7 @@ class MergeInputs:
             _refuse_compression(getattr(source, "compression", None), name)
             config, stored, provenance = source.config, source.state_dict(), source.provenance
         else:
-            config, stored, provenance, compression = read_weights(source)
+            config, stored, provenance, compression = read_weights(source, self.template.config)
             _refuse_compression(compression, name)
         self._check_architecture(config, name)
         check_state_dict(self.base, stored, name)

@@ -2,8 +2,9 @@
 official code ``prateeky2806/ties-merging`` (``src/ties_merging.py``, ``src/utils/merge_utils.py``).
 
 1. Trim: each task vector ``τᵢ = θᵢ − θ₀`` keeps the ``keep`` fraction (default 20%) of its entries with the
-   largest magnitude, counted over the whole model (``topk_values_mask``: entries with ``|τ|`` at least the
-   k-th largest are kept).
+   largest magnitude, counted over the whole model. As ``topk_values_mask`` does, with d entries and
+   ``k = ⌊keep·d⌋``, an entry survives when ``|τ|`` is at least the (d − k)-th smallest magnitude (so k + 1
+   entries when the magnitudes are distinct).
 2. Elect: the sign of each entry is the sign of the sum of the trimmed task vectors (``resolve_sign``,
    "mass"); entries where that sum is 0 take the sign held by most entries ("majority").
 3. Disjoint mean: each entry is the mean of the trimmed values that agree with the elected sign

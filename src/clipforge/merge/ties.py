@@ -37,9 +37,12 @@ DEFAULT_KEEP = 0.2
 
 def trim_threshold(task_vector: State, keep: float) -> float:
     """The magnitude at or above which an entry of ``task_vector`` survives trimming to its top ``keep``."""
-    magnitudes = torch.cat([value.abs().flatten() for value in task_vector.values()])
-    dropped = magnitudes.numel() - int(magnitudes.numel() * keep)
-    return float(magnitudes.kthvalue(dropped).values) if dropped >= 1 else 0.0
+    magnitudes = torch.cat([value.abs().flatten() for value in task_vector.values()]).numpy()
+    dropped = magnitudes.size - int(magnitudes.size * keep)
+    if dropped < 1:
+        return 0.0
+    magnitudes.partition(dropped - 1)  # in place (torch's kthvalue would hold a copy and int64 indices too)
+    return float(magnitudes[dropped - 1])
 
 
 def trimmed(value: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -75,9 +78,10 @@ def ties(
     thresholds, records = [], []
     mass: State = {}
     for weights in inputs.each("TIES: trimming"):
-        task_vector = {key: value.sub_(inputs.base[key]) for key, value in weights.state.items()}
-        thresholds.append(trim_threshold(task_vector, keep))
-        for key, value in task_vector.items():
+        for key, value in weights.state.items():
+            value.sub_(inputs.base[key])
+        thresholds.append(trim_threshold(weights.state, keep))
+        for key, value in weights.state.items():
             mass[key] = mass[key].add_(trimmed(value, thresholds[-1])) if key in mass else trimmed(value, thresholds[-1])
         records.append(weights.record)
     signs = elect_signs(mass)

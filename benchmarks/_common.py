@@ -38,10 +38,15 @@ def interleaved_medians(variants: dict[str, Callable[[], Any]], repeats: int, wa
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def report(title: str, columns: list[str], rows: list[list[Any]], figures: dict[str, Any]) -> None:
-    """The table on stdout, then the JSON line (always the last line)."""
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """A table on stdout (for benchmarks that print several before their JSON line)."""
     table = Table(*columns, title=title)
     for row in rows:
         table.add_row(*[f"{value:,.3f}" if isinstance(value, float) else str(value) for value in row])
     Console().print(table)
+
+
+def report(title: str, columns: list[str], rows: list[list[Any]], figures: dict[str, Any]) -> None:
+    """The table on stdout, then the JSON line (always the last line)."""
+    print_table(title, columns, rows)
     print(json.dumps(figures), flush=True)

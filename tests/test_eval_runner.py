@@ -403,3 +403,21 @@ def test_demo_score_cam_highlights_the_object(demo_model) -> None:
     gaps = object_gaps(demo_model, 24)
     print("Score-CAM mean inside minus outside the object:", gaps.mean(), "positive in", (gaps > 0).mean())
     assert gaps.mean() > 0 and (gaps > 0).mean() > 0.5
+
+
+def test_synthetic_spec_names_a_split_and_a_shift() -> None:
+    """``synthetic:TASK@SPLIT+SHIFT``: the task's labels on that split's samples, rendered under the shift."""
+    from clipforge.data.synthetic import SyntheticWorld, WorldConfig
+    from clipforge.eval.datasets import load_dataset
+
+    dataset = load_dataset("synthetic:shape@val+outline", samples=20)
+    world = SyntheticWorld(WorldConfig())
+    task = world.tasks()["shape"]
+    scenes = [world.sample("val", i, shift="outline") for i in range(20)]
+    kept = [scene for scene in scenes if task.label_of(scene.metadata) is not None]
+    assert dataset.name == "synthetic/shape@val+outline"
+    assert [image.tobytes() for image in dataset.images] == [scene.image.tobytes() for scene in kept]
+    assert dataset.labels == [task.label_of(scene.metadata) for scene in kept]
+    for spec, message in [("synthetic:shape@nope", "split 'nope' is not one of"), ("synthetic:shape+blurry", "shift 'blurry' is not one of")]:
+        with pytest.raises(InputError, match=message):
+            load_dataset(spec, samples=5)

@@ -32,6 +32,8 @@ ALLOWED: dict[str, set[str]] = {
     "eval": BASE | {"_util", "config", "models", "preprocess", "data", "data.formats", "data.synthetic", "encode"},
     "compress": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
                         "encode", "eval"},
+    "merge": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
+                     "encode", "eval"},
     "api": BASE | {"config", "io", "models", "compress"},
     "explain": BASE | {"_util", "layers", "models", "encode"},
     "adapt": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
@@ -44,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "": {"api", "config", "errors", "models"},  # the package's lazy face (clipforge/__init__.py)
 }
 LOW = ("io", "models", "layers", "data", "data.formats", "data.synthetic", "train")
-HIGH = {"compress", "eval", "retrieval", "serve", "cli", "api", "explain", "demo", "adapt", ""}
+HIGH = {"compress", "eval", "merge", "retrieval", "serve", "cli", "api", "explain", "demo", "adapt", ""}
 SUBPACKAGES = ("data.synthetic", "data.formats", "data.curate")
 
 

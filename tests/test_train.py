@@ -136,6 +136,46 @@ def test_training_refuses_a_compressed_checkpoint(tmp_path: Path) -> None:
     assert build_model(load_config(None, [f"model.name={json.dumps(str(plain))}"])).training is False
 
 
+def test_synthetic_world_settings_reach_the_training_data_and_are_checked(tmp_path: Path) -> None:
+    """``data.world`` renders the training images of that world (here: outlines, every count equally often)."""
+    from clipforge.data.synthetic import SyntheticWorld, WorldConfig
+    from clipforge.train.distributed import WorldInfo
+    from clipforge.train.trainer import _train_loader, build_model
+
+    world = 'data.world={split_shifts={train="outline"}, count_weights=[1, 1, 1]}'
+    config = load_config(None, [*micro_overrides(tmp_path, 1), world])
+    model = build_model(config)
+    source = _train_loader(config, model, WorldInfo(0, 0, 1), None)._loader.dataset.source
+    expected = SyntheticWorld(WorldConfig(seed=0, image_size=32, split_shifts={"train": "outline"}, count_weights=(1, 1, 1)))
+    plain = SyntheticWorld(WorldConfig(seed=0, image_size=32))
+    for index in range(3):
+        image, caption = source.load(index)
+        assert image.tobytes() == expected.sample("train", index).image.tobytes() and caption == expected.sample("train", index).caption
+    assert any(source.load(i)[0].tobytes() != plain.sample("train", i).image.tobytes() for i in range(3))
+    for setting, message in [
+        ("data.world={seed=3}", "data.world.seed: set data.world_seed instead"),
+        ("data.world={colour=1}", r"data.world.colour: unknown field \(known: backgrounds, "),
+        ("data.world={count_weights=[1, 1]}", r"data.world: WorldConfig.count_weights: \(1, 1\) is not 3 non-negative weights"),
+        ("data.world={split_shifts={train=\"blurry\"}}", "data.world: shift: 'blurry' is not one of"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [setting])
+    with pytest.raises(ConfigError, match="data.world: applies to data.train = \"synthetic\" only"):
+        load_config(None, ["data.train=shards/", "data.world={few_shot_k=10}"])
+
+
+def test_fine_tunes_record_the_weights_they_start_from(tmp_path: Path) -> None:
+    from clipforge.io.state_dict import weights_fingerprint
+    from clipforge.train.trainer import train
+
+    start = tmp_path / "start.safetensors"
+    clipforge.save(clipforge.load(MICRO), start)
+    config = load_config(None, [*micro_overrides(tmp_path / "run", 2), f"model.name={json.dumps(str(start))}"])
+    train(config)
+    recorded = clipforge.load(tmp_path / "run" / "model.safetensors").provenance["base"]
+    assert recorded == {"source": str(start), "fingerprint": weights_fingerprint(clipforge.load(start).state_dict())}
+
+
 def test_weight_decay_only_on_matrices() -> None:
     model = clipforge.load(MICRO)
     decay, no_decay = build_optimizer(model, OptimizerSection(weight_decay=0.2)).param_groups

@@ -42,7 +42,7 @@ def synthetic_world(config: TrainConfig) -> SyntheticWorld:
         if Path(config.model.name).is_file() and not config.model.name.endswith(".json"):
             raise ConfigError("data.image_size: set it to train a checkpoint on the synthetic world (e.g. data.image_size=64)")
         image_size = get_model_config(config.model.name).vision.image_size
-    return SyntheticWorld(WorldConfig(seed=config.data.world_seed, image_size=image_size))
+    return SyntheticWorld(WorldConfig(seed=config.data.world_seed, image_size=image_size, **config.data.world))
 
 
 def synthetic_benchmark(config: TrainConfig, world: SyntheticWorld | None = None) -> SyntheticBenchmark:

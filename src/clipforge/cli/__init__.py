@@ -16,6 +16,7 @@ from clipforge.cli import compress as compress_cli
 from clipforge.cli import data as data_cli
 from clipforge.cli import embed as embed_cli
 from clipforge.cli import evaluate as evaluate_cli
+from clipforge.cli import merge as merge_cli
 from clipforge.cli import models as models_cli
 from clipforge.cli import retrieval as retrieval_cli
 from clipforge.cli import train as train_cli
@@ -23,7 +24,7 @@ from clipforge.errors import ClipforgeError, one_line
 
 app = typer.Typer(
     name="clipforge",
-    help="Train, compress, adapt, evaluate, index and serve CLIP-ViT models.",
+    help="Train, compress, adapt, merge, evaluate, index and serve CLIP-ViT models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -37,6 +38,7 @@ retrieval_cli.register(app)
 evaluate_cli.register(app)
 compress_cli.register(app)
 adapt_cli.register(app)
+merge_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

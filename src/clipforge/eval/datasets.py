@@ -1,6 +1,7 @@
 """Evaluation datasets: labelled images with class names and prompt templates, from four kinds of source.
 
-- the synthetic world's zero-shot tasks (``synthetic`` or ``synthetic:<task>``, e.g. ``synthetic:color``);
+- the synthetic world's zero-shot tasks (``synthetic`` or ``synthetic:<task>``, e.g. ``synthetic:color``; another
+  split or a shift with ``synthetic:<task>@<split>+<shift>``, e.g. ``synthetic:shape@val+outline``);
 - a class-per-folder directory (``root/<class>/<image>``, classes in sorted folder order);
 - a CSV/TSV/parquet/JSONL table with an image column (paths relative to the table, encoded bytes or
   ``{bytes, path}`` structs) and a label column (class ids or class names);
@@ -46,6 +47,8 @@ from clipforge.data.formats.tables import (
 )
 from clipforge.data.synthetic import (
     CONTEXT_FACTORS,
+    SHIFTS,
+    SPLITS,
     SyntheticWorld,
     WorldConfig,
     ZeroShotTask,
@@ -141,6 +144,18 @@ def synthetic_task(task: str = "shape", world: WorldConfig | None = None) -> Syn
     if task not in tasks:
         raise InputError(f"synthetic:{task}: unknown task (one of {', '.join(tasks)})")
     return SyntheticTask(synthetic_world, tasks[task])
+
+
+def synthetic_dataset(spec: str, samples: int) -> ClassificationDataset:
+    """``synthetic[:TASK][@SPLIT][+SHIFT]``: the task (default shape) on the first ``samples`` of the split
+    (default test; e.g. ``@val`` for held-out choices), rendered under a named shift if given."""
+    rest, _, shift = spec.partition(":")[2].partition("+")
+    task, _, split = rest.partition("@")
+    if split and split not in SPLITS:
+        raise InputError(f"{spec}: split {split!r} is not one of {', '.join(SPLITS)}")
+    if shift and shift not in SHIFTS:
+        raise InputError(f"{spec}: shift {shift!r} is not one of {', '.join(SHIFTS)}")
+    return synthetic_task(task or "shape").dataset(split or "test", samples, shift or None)
 
 
 def folder_dataset(root: str | Path, classnames: Sequence[str] | None = None) -> ClassificationDataset:
@@ -264,7 +279,7 @@ def load_dataset(
     """A dataset from a ``--data`` spec (see the module docstring); ``samples`` sizes synthetic sets."""
     classnames = read_classnames(classnames_file) if classnames_file is not None else None
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        dataset = synthetic_task(spec.partition(":")[2] or "shape").dataset("test", samples)
+        dataset = synthetic_dataset(spec, samples)
         if classnames is not None:
             raise InputError("--classnames: the synthetic world names its own classes")
     else:

@@ -7,7 +7,8 @@ off the shapes), Hugging Face ``CLIPModel`` directories, and open_clip hub direc
 (``open_clip_config.json``); well-known open_clip tags are fetched on request (``clipforge.io.pretrained``).
 
 ``read_checkpoint`` returns the model and, for a clipforge checkpoint, its compression record (the JSON
-``model.compression`` held when it was saved); ``write_checkpoint`` writes one ``.safetensors`` file with
+``model.compression`` held when it was saved); ``read_weights`` the weights without the model (model
+merging streams them); ``write_checkpoint`` writes one ``.safetensors`` file with
 config, preprocessing, provenance and that record in its metadata. ``clipforge.load``/``clipforge.save``
 (``clipforge.api``) add the replay of the record (``clipforge.compress.records``) on top.
 """
@@ -72,6 +73,26 @@ def read_checkpoint(
         model.provenance = {"source": f"random-init:{model_cfg.name}"}
         return model, None
     raise CheckpointError(f"{source}: no such file or directory, and not a model config name (`clipforge models`)")
+
+
+def read_weights(
+    source: str | os.PathLike[str], config: ModelConfig | None = None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any], Any]:
+    """Config, state dict, provenance and compression record of a checkpoint file or directory.
+
+    A clipforge ``.safetensors`` file is read as it is stored, without building the model: its tensors are
+    not checked against the config (compare them with the model they are meant for, ``check_state_dict``).
+    Other formats go through ``read_checkpoint``, with ``config`` as the architecture (needed for a bare
+    open_clip state dict, which does not record its activation).
+    """
+    path = Path(source)
+    if path.is_file() and path.suffix == ".safetensors":
+        tensors, metadata = read_tensors(path)
+        if metadata.get("format") == FORMAT:
+            model_cfg = ModelConfig.from_dict(json.loads(metadata["config"]))
+            return model_cfg, tensors, json.loads(metadata.get("provenance", "{}")), _compression_record(metadata, path)
+    model, compression = read_checkpoint(source, config)
+    return model.config, model.state_dict(), model.provenance, compression
 
 
 def write_checkpoint(

@@ -6,6 +6,7 @@ with ``torch.load(weights_only=True)``, which refuses pickled code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -86,6 +87,21 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Ten
     with atomic_path(path) as tmp:
         save_file({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, str(tmp), metadata=metadata)
     return path
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's values as float32 (keys sorted; names and shapes included), in hex.
+
+    The same weights give the same fingerprint whatever file format or precision (bf16, fp16) they were
+    stored in, so a fine-tune can record the weights it started from and a merge can check its base.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key].detach()
+        value = value.float() if value.is_floating_point() else value
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _unwrap(loaded: Any, path: Path) -> dict[str, torch.Tensor]:

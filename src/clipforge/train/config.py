@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipforge.data.synthetic import WorldConfig
 from clipforge.errors import ConfigError
 
 
@@ -41,6 +42,8 @@ class DataSection:
     strict: bool = False  # stop at the first corrupt sample instead of skipping it
     world_seed: int = 0  # synthetic world
     image_size: int | None = None  # synthetic world render size (default: the model's)
+    # synthetic world: any other WorldConfig field, e.g. {split_shifts = {train = "outline"}, count_weights = [1, 1, 1]}
+    world: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,7 +148,26 @@ class TrainConfig:
         for ok, name, expected in checks:
             if not ok:
                 raise ConfigError(f"{name}: must be {expected}")
+        if self.data.world:
+            _check_world(self.data)
         return self
+
+
+def _check_world(data: DataSection) -> None:
+    """``data.world`` holds known ``WorldConfig`` fields with valid values, for the synthetic world only."""
+    if data.train != "synthetic":
+        raise ConfigError(f"data.world: applies to data.train = \"synthetic\" only, not {data.train!r}")
+    known = {item.name for item in dataclasses.fields(WorldConfig)}
+    own_fields = {"seed": "data.world_seed", "image_size": "data.image_size"}
+    for key in data.world:
+        if key in own_fields:
+            raise ConfigError(f"data.world.{key}: set {own_fields[key]} instead")
+        if key not in known:
+            raise ConfigError(f"data.world.{key}: unknown field (known: {', '.join(sorted(known - set(own_fields)))})")
+    try:
+        WorldConfig(**data.world)
+    except (ConfigError, TypeError, ValueError) as error:
+        raise ConfigError(f"data.world: {error}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -184,7 +206,7 @@ def _build(kind: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check ``value`` against a simple type hint (bool, int, float, str, list[str], Optional)."""
+    """Check ``value`` against a simple type hint (bool, int, float, str, list[str], a table, Optional)."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in options:
         return None
@@ -201,6 +223,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return value
         if typing.get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
+        if typing.get_origin(option) is dict and isinstance(value, dict):
+            return dict(value)
     readable = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{name}: expected {readable}, got {value!r}")
 

@@ -25,6 +25,7 @@ from clipforge.data.loader import build_train_loader
 from clipforge.data.sources import open_source
 from clipforge.errors import ConfigError, TrainingError
 from clipforge.io.checkpoint import read_checkpoint, write_checkpoint
+from clipforge.io.state_dict import weights_fingerprint
 from clipforge.layers.patch_dropout import PatchDropout
 from clipforge.models.clip import CLIP
 from clipforge.preprocess.transforms import image_transform
@@ -155,7 +156,11 @@ def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | No
 
 
 def build_model(config: TrainConfig) -> CLIP:
-    """The model to train: loaded or initialised, with patch dropout, locking and checkpointing applied."""
+    """The model to train: loaded or initialised, with patch dropout, locking and checkpointing applied.
+
+    Its provenance records the weights it starts from (``base``: source and ``weights_fingerprint``), so
+    ``clipforge merge`` can check that fine-tunes come from the same base.
+    """
     section = config.model
     model, compression = read_checkpoint(section.name, section.config, pretrained=section.pretrained)
     if compression is not None:
@@ -163,6 +168,8 @@ def build_model(config: TrainConfig) -> CLIP:
             f"model.name: {section.name} records compression steps (see `clipforge info`); train from the "
             "uncompressed checkpoint it was made from"
         )
+    source = section.name + (f"/{section.pretrained}" if section.pretrained else "")
+    model.provenance = {**model.provenance, "base": {"source": source, "fingerprint": weights_fingerprint(model.state_dict())}}
     model.eval()
     model.visual.patch_dropout = PatchDropout(section.patch_dropout)
     if config.loss.kind == "siglip" and model.logit_bias is None:
@@ -223,6 +230,7 @@ def _train_loader(config: TrainConfig, model: CLIP, world: WorldInfo, position: 
             "length": data.samples_per_epoch,
             "seed": data.world_seed,
             "image_size": data.image_size or model.config.vision.image_size,
+            **data.world,
         }
     return build_train_loader(
         open_source(spec),

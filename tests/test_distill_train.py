@@ -31,6 +31,7 @@ from clipforge.train.config import load_config
 from clipforge.train.trainer import train
 
 MICRO = str(Path(__file__).parent / "data" / "micro-clip.json")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(run_dir: Path, steps: int, data: str = "synthetic", **extra: str):
@@ -40,15 +41,6 @@ def config(run_dir: Path, steps: int, data: str = "synthetic", **extra: str):
         "checkpoint.every": "3", "run.log_every": "1", "run.progress": "false", "run.dir": json.dumps(str(run_dir)), **extra,
     }
     return load_config(None, [f"{key}={value}" for key, value in settings.items()])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Micro models train several times faster on one thread than on a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

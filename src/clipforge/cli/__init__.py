@@ -13,6 +13,7 @@ import typer
 from clipforge._util.progress import error_console
 from clipforge.cli import compress as compress_cli
 from clipforge.cli import data as data_cli
+from clipforge.cli import distill as distill_cli
 from clipforge.cli import embed as embed_cli
 from clipforge.cli import evaluate as evaluate_cli
 from clipforge.cli import models as models_cli
@@ -32,6 +33,7 @@ models_cli.register(app)
 data_cli.register(app)
 embed_cli.register(app)
 train_cli.register(app)
+distill_cli.register(app)
 retrieval_cli.register(app)
 evaluate_cli.register(app)
 compress_cli.register(app)

@@ -24,11 +24,17 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from clipforge.data.formats.shards import (
+    SOURCE_LIST_SEPARATOR,
+    expand_shards,
+    shard_index,
+)
 from clipforge.data.sources import WebDatasetSource
 from clipforge.distill.objective import Distillation, DistillSettings
 from clipforge.distill.teacher import check_teachers_match
@@ -118,3 +124,18 @@ class ReinforcedData:
 
     def objective(self, config: TrainConfig, settings: DistillSettings) -> Distillation:
         return Distillation(config, settings, **self.objective_arguments())
+
+
+def detect_reinforced(data: str) -> ReinforcedData | None:
+    """Reinforced shards behind a ``data.train`` value (a folder of them, or shard paths), else None."""
+    parts = data.split(SOURCE_LIST_SEPARATOR)
+    folder = Path(data)
+    if folder.is_dir():
+        shards = sorted(str(path) for path in folder.glob("*.tar"))
+    elif all(part.endswith(".tar") for part in parts):
+        shards = expand_shards(data)
+    else:
+        return None
+    if not shards or not Path(shards[0]).is_file() or read_record(shard_index(Path(shards[0]))) is None:
+        return None
+    return ReinforcedData(shards)

@@ -113,3 +113,24 @@ def test_progressive_distillation_resumes_bitwise_after_sigkill(tmp_path, setup)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_ranks_distil_like_one_process(tmp_path, setup) -> None:
+    """Under torchrun each rank runs the teacher on its half of the batch and the affinities are gathered: the
+    logged losses (and their two parts) match one process's."""
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    options = ("--student", "inherit:0.5", "--distill-weight", "0.5", "--set", "precision.amp=fp32")  # bf16 rounds per batch shape
+    argv = ["-m", "clipforge", *distill_argv(setup, tmp_path / "one", 4, *options)]
+    assert subprocess.run([sys.executable, *argv], env=env, capture_output=True, timeout=600).returncode == 0
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7)]
+    argv = ["-m", "clipforge", *distill_argv(setup, tmp_path / "two", 4, *options)]
+    double = subprocess.run([sys.executable, *launcher, *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-2000:]
+    rows = {}
+    for name in ("one", "two"):
+        lines = (tmp_path / name / "stage_1" / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [json.loads(line) for line in lines if '"loss"' in line]
+    assert len(rows["one"]) == len(rows["two"]) == 4
+    for a, b in zip(rows["one"], rows["two"]):
+        for key in ("loss", "loss_clip", "loss_distill"):
+            assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]), (key, a, b)

@@ -26,6 +26,7 @@ from clipforge.distill.losses import AffinityMimickingLoss
 from clipforge.errors import ConfigError
 from clipforge.models.clip import CLIP
 from clipforge.train.config import TrainConfig
+from clipforge.train.distributed import rank_and_world_size
 from clipforge.train.objective import Objective
 from clipforge.train.step import AMP_DTYPES
 
@@ -115,7 +116,15 @@ class Distillation(Objective):
         }
 
     def metrics(self) -> dict[str, float]:
-        return {key: round(value, 6) for key, value in self._loss.parts.items()}
+        """The last step's two loss terms, averaged over ranks (every rank logs together, so this may reduce)."""
+        names, values = list(self._loss.parts), torch.tensor(list(self._loss.parts.values()), dtype=torch.float64)
+        _, world_size = rank_and_world_size()
+        if world_size > 1 and names:
+            import torch.distributed as dist
+
+            dist.all_reduce(values)
+            values /= world_size
+        return {name: round(float(value), 6) for name, value in zip(names, values)}
 
 
 def check_teacher(teacher: CLIP, student: CLIP) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_when_written
 from safetensors.torch import load_file
 
 import clipforge
@@ -101,13 +100,7 @@ def test_progressive_distillation_resumes_bitwise_after_sigkill(tmp_path, setup)
     straight = start(tmp_path / "straight")
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
     killed = start(tmp_path / "killed")
-    pointer = tmp_path / "killed" / "stage_2" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not pointer.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert killed.poll() is None, "the run finished before it could be killed"
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    kill_when_written(killed, tmp_path / "killed" / "stage_2" / "checkpoints" / "latest")
     assert not (tmp_path / "killed" / "model.safetensors").exists()
     resumed = start(tmp_path / "killed")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()

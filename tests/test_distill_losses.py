@@ -60,6 +60,14 @@ def value_and_grads(loss_fn, inputs: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return loss.detach(), {name: leaf.grad for name, leaf in leaves.items()}
 
 
+def assert_same_value_and_gradients(ours, reference, inputs: dict[str, torch.Tensor]) -> None:
+    value, grads = value_and_grads(ours, inputs)
+    expected, expected_grads = value_and_grads(reference, inputs)
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-8, atol=1e-12)
+
+
 @pytest.fixture(scope="module")
 def batch() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
@@ -86,11 +94,7 @@ def test_value_and_gradients_equal_the_papers_equations(batch, weight, local_los
     def equations(image_features, text_features, logit_scale):
         return paper_loss(image_features, text_features, logit_scale, batch["teacher_images"], batch["teacher_texts"], 50.0, weight)
 
-    value, grads = value_and_grads(ours, student)
-    expected, expected_grads = value_and_grads(equations, student)
-    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
-    for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-8, atol=1e-12)
+    assert_same_value_and_gradients(ours, equations, student)
 
 
 def test_an_ensemble_averages_the_teachers_distributions_after_the_softmax(batch) -> None:
@@ -107,11 +111,7 @@ def test_an_ensemble_averages_the_teachers_distributions_after_the_softmax(batch
                           [batch["teacher_images"], batch["second_images"]],
                           [batch["teacher_texts"], batch["second_texts"]], [100.0, 70.0], 0.75)
 
-    value, grads = value_and_grads(ours, student)
-    expected, expected_grads = value_and_grads(equations, student)
-    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
-    for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-8, atol=1e-12)
+    assert_same_value_and_gradients(ours, equations, student)
 
 
 def test_a_two_pair_batch_by_hand() -> None:
@@ -143,11 +143,7 @@ def test_the_two_terms_are_open_clips_distillation_loss(batch, weight, part) -> 
         return reference(**kw, dist_image_features=batch["teacher_images"], dist_text_features=batch["teacher_texts"],
                          dist_logit_scale=teacher_scale, output_dict=True)[part]
 
-    value, grads = value_and_grads(ours, student)
-    expected, expected_grads = value_and_grads(theirs, student)
-    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
-    for name in grads:
-        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-8, atol=1e-12)
+    assert_same_value_and_gradients(ours, theirs, student)
 
 
 def test_teacher_count_must_match_its_scales(batch) -> None:

@@ -57,8 +57,10 @@ def reinforce_command(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the crops (a rerun draws the same).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
 ) -> None:
-    """Store, per image, the teachers' embeddings of N crops and of several captions beside the image (MobileCLIP's
-    reinforced data); training on the output never runs a teacher. Rerunning skips finished shards."""
+    """Store teachers' embeddings of N crops and several captions beside each image (MobileCLIP).
+
+    Training on the output never runs a teacher. Rerunning skips finished shards.
+    """
     from clipforge.cli.options import load_model
     from clipforge.distill.reinforce import reinforce
 

@@ -43,8 +43,10 @@ def distill_command(
     student_scale: Annotated[str, typer.Option(help="Fixed student logit scale (TinyCLIP 50), or 'learned' (MobileCLIP).")] = "50",
     resume: Annotated[bool, typer.Option(help="Resume the run directory's stages (--no-resume starts it over).")] = True,
 ) -> None:
-    """Distil a teacher into a smaller student on the trainer (also under torchrun); the student's checkpoint
-    records its teacher, method and stages."""
+    """Distil a teacher into a smaller student (TinyCLIP, MobileCLIP), on the trainer and under torchrun.
+
+    The student's checkpoint records its teacher, method and stages; rerunning resumes.
+    """
     from rich.table import Table
 
     from clipforge.cli.options import load_model

@@ -38,6 +38,7 @@ from clipforge.errors import ConfigError
 from clipforge.io.checkpoint import write_checkpoint
 from clipforge.models.clip import CLIP
 from clipforge.train.config import TrainConfig
+from clipforge.train.objective import Objective
 from clipforge.train.trainer import TrainResult, train
 
 JOB_FILE = "distill.json"
@@ -108,7 +109,10 @@ def distill(
     return DistillResult(previous, out, results, parameters, wall)
 
 
-def _objective(stage: TrainConfig, job: DistillJob, teacher: CLIP, reinforced: ReinforcedData | None) -> Distillation:
+def _objective(stage: TrainConfig, job: DistillJob, teacher: CLIP, reinforced: ReinforcedData | None) -> Objective:
+    """The stage's objective; λ = 0 with a learned student scale is the plain CLIP recipe (no teacher runs)."""
+    if job.settings.distill_weight == 0 and job.settings.student_scale is None:
+        return Objective(stage.loss)
     if reinforced is not None:
         return reinforced.objective(stage, job.settings)
     return Distillation(stage, job.settings, teachers=[copy.deepcopy(teacher)])

@@ -160,11 +160,13 @@ def reinforce(
 
 
 def _claim(root: Path, job: dict[str, Any]) -> None:
+    """Write the job description, or check that ``root`` already holds this very job."""
     path = root / JOB_FILE
+    job = json.loads(json.dumps(job))  # as it reads back (tuples become lists)
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous != json.loads(json.dumps(job)):
-            changed = sorted(key for key in job if previous.get(key) != json.loads(json.dumps(job)).get(key))
+        if previous != job:
+            changed = sorted(key for key in job if previous.get(key) != job.get(key))
             raise ConfigError(f"{root}: holds a reinforcement with other {', '.join(changed)}; use an empty directory")
         return
     root.mkdir(parents=True, exist_ok=True)

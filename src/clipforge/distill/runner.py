@@ -93,7 +93,7 @@ def distill(
             initial = _initial(previous, student_config, job, config.run.seed)
         init_path = stage_dir / "init.safetensors"
         if not init_path.exists():
-            initial.provenance = {"distill": _provenance(record, job, number, len(configs))}
+            initial.provenance = {"distill": _provenance(record, job, number, len(configs), reinforced is not None)}
             write_checkpoint(initial, init_path)
         stage.model.name = str(init_path)
         objective = _objective(stage, job, teacher, reinforced)
@@ -104,7 +104,8 @@ def distill(
         previous = result.model
     final = out / "model.safetensors"
     if not final.exists() or not resume:
-        provenance = {"distill": {**_provenance(record, job, len(configs), len(configs)), "stage_parameters": parameters}}
+        stage_record = _provenance(record, job, len(configs), len(configs), reinforced is not None)
+        provenance = {"distill": {**stage_record, "stage_parameters": parameters}}
         write_checkpoint(previous, final, provenance=provenance)
     return DistillResult(previous, out, results, parameters, wall)
 
@@ -133,7 +134,7 @@ def _initial(previous: CLIP, student_config: ModelConfig, job: DistillJob, seed:
     return CLIP(student_config, dataclasses.replace(previous.preprocess_cfg)).eval()
 
 
-def _provenance(record: dict[str, Any], job: DistillJob, stage: int, stages: int) -> dict[str, Any]:
+def _provenance(record: dict[str, Any], job: DistillJob, stage: int, stages: int, reinforced: bool) -> dict[str, Any]:
     if job.init == "scratch":
         inheritance = "none (random initialisation)"
     elif job.student.kind == "auto":
@@ -143,7 +144,8 @@ def _provenance(record: dict[str, Any], job: DistillJob, stage: int, stages: int
     settings = job.settings
     return {
         "teacher": record,
-        "method": "affinity mimicking (TinyCLIP)" if settings.distill_weight > 0 else "CLIP loss only",
+        "method": ("affinity mimicking (TinyCLIP)" if settings.distill_weight > 0 else "CLIP loss only")
+        + (", reinforced data (MobileCLIP)" if reinforced else ""),
         "inheritance": inheritance,
         "stages": job.stages,
         "stage": f"{stage}/{stages}",

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from clipforge._util.progress import console
-from clipforge.cli.options import SetOption
+from clipforge.cli.options import TrainSetOption
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +34,7 @@ def distill_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (stages, checkpoints, final model.safetensors).")] = Path("runs/distill"),
     stages: Annotated[str | None, typer.Option(help="Progressive compression: the teacher shares of each stage, e.g. 0.75,0.5,0.25.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Training TOML (schedule, optimizer, ...); default: the demo recipe.")] = None,
-    set_: SetOption = None,
+    set_: TrainSetOption = None,
     init: Annotated[str, typer.Option(help="inherit (the teacher's selected slices) or scratch (random weights: a baseline).")] = "inherit",
     layers: Annotated[str, typer.Option(help="Blocks a shallower student takes: uniform (TinyCLIP's interval) or first.")] = "uniform",
     order: Annotated[str, typer.Option(help="Widths kept: importance (by weight magnitude) or leading (TinyCLIP's official slices).")] = "importance",

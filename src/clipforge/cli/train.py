@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from clipforge._util.progress import console
+from clipforge.cli.options import TrainSetOption
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +19,7 @@ def register(app: typer.Typer) -> None:
 
 def train_command(
     config: Annotated[Path | None, typer.Argument(help="Experiment TOML (see configs/); defaults for every field.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set optimizer.lr=1e-3 (repeatable).")] = None,
+    set_: TrainSetOption = None,
     run_dir: Annotated[str | None, typer.Option(help="Run directory (same as --set run.dir=...).")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run directory's latest checkpoint.")] = True,
 ) -> None:

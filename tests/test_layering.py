@@ -29,6 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "data": BASE | {"_util", "config", "preprocess", "data.formats", "data.synthetic"},
     "encode": BASE | {"_util", "data", "data.formats"},
     "train": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic"},
+    "distill": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
+                       "encode", "train"},
     "eval": BASE | {"_util", "config", "models", "preprocess", "data", "data.formats", "data.synthetic", "encode"},
     "compress": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
                         "encode", "eval"},

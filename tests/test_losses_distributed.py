@@ -20,16 +20,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from clipforge.distill.losses import AffinityMimickingLoss
 from clipforge.errors import ConfigError
 from clipforge.train.distributed import (
     init_distributed,
     is_main_process,
     world_info_from_env,
 )
-from clipforge.train.losses import ClipLoss, DistillClipLoss, SigLipLoss
+from clipforge.train.losses import ClipLoss, SigLipLoss
 
 LOCAL_BATCH, DIM = 4, 8
 CLIP_MODES = [(False, False), (True, True), (False, True), (True, False)]  # (local_loss, gather_with_grad)
+AFFINITY_WEIGHT = 0.4  # λ of (1 − λ)·CLIP + λ·affinity mimicking
 ENV_VARS = [
     "LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK",
     "RANK", "PMI_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK",
@@ -67,10 +69,20 @@ def value_and_grads(loss_fn, inputs: dict[str, torch.Tensor]) -> dict[str, torch
     return {"loss": loss.detach(), **{name: leaf.grad for name, leaf in leaves.items()}}
 
 
-def distill_part(loss, teacher: dict[str, torch.Tensor], part: str, teacher_prefix: str, **options):
+def open_clip_distill_part(loss, teacher: dict[str, torch.Tensor], part: str):
     def call(**kw):
-        teacher_kw = {f"{teacher_prefix}{name}": t for name, t in teacher.items() if name != "logit_bias"}
-        return loss(**kw, **teacher_kw, **options)[part]
+        teacher_kw = {f"dist_{name}": t for name, t in teacher.items() if name != "logit_bias"}
+        return loss(**kw, **teacher_kw, output_dict=True)[part]
+
+    return call
+
+
+def affinity_part(teacher: dict[str, torch.Tensor], distill_weight: float, local_loss: bool):
+    """Our loss at λ = 0 (the contrastive part) or 1 (the distillation part), teacher features as keywords."""
+    loss = AffinityMimickingLoss(distill_weight, [float(teacher["logit_scale"])], local_loss=local_loss, gather_with_grad=True)
+
+    def call(**kw):
+        return loss(**kw, teacher_image_features=teacher["image_features"], teacher_text_features=teacher["text_features"])
 
     return call
 
@@ -93,16 +105,14 @@ def run_world(rank: int, world_size: int, port: int, out_dir: str, with_open_cli
             reference = oc.ClipLoss(local_loss, gather_with_grad, rank=rank, world_size=world_size)
             results[f"{key}-open_clip"] = value_and_grads(reference, inputs)
     results["siglip-ours"] = value_and_grads(SigLipLoss(), inputs)
+    student = {name: t for name, t in inputs.items() if name != "logit_bias"}
+    results["affinity-ours"] = value_and_grads(affinity_part(teacher, AFFINITY_WEIGHT, True), student)
     if oc:
         results["siglip-open_clip"] = value_and_grads(oc.SigLipLoss(rank=rank, world_size=world_size), inputs)
-        student = {name: t for name, t in inputs.items() if name != "logit_bias"}
-        for part in ("contrastive_loss", "distill_loss"):
-            ours = distill_part(DistillClipLoss(True, True), teacher, part, "teacher_")
+        for part, weight in (("contrastive_loss", 0.0), ("distill_loss", 1.0)):
             reference = oc.DistillClipLoss(True, True, rank=rank, world_size=world_size)
-            results[f"distill-{part}-ours"] = value_and_grads(ours, student)
-            results[f"distill-{part}-open_clip"] = value_and_grads(
-                distill_part(reference, teacher, part, "dist_", output_dict=True), student
-            )
+            results[f"distill-{part}-ours"] = value_and_grads(affinity_part(teacher, weight, True), student)
+            results[f"distill-{part}-open_clip"] = value_and_grads(open_clip_distill_part(reference, teacher, part), student)
     torch.save(results, Path(out_dir) / f"world{world_size}-rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -177,6 +187,28 @@ def test_clip_loss_across_ranks_equals_full_batch(ranks, world_size, local_loss,
 def test_siglip_loss_across_ranks_equals_full_batch(ranks, world_size) -> None:
     per_rank = [r["siglip-ours"] for r in ranks[world_size]]
     assert_matches_full_batch(per_rank, full_batch_reference(world_size, "siglip"), feature_grad_factor=world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_affinity_loss_across_ranks_equals_the_papers_full_batch_loss(ranks, world_size) -> None:
+    """TinyCLIP's loss under torchrun: each rank's rows against every rank's columns; the mean over ranks is
+    the paper's equations on the whole batch (written out in tests/test_distill_losses.py)."""
+    from test_distill_losses import paper_loss
+
+    student = {k: v for k, v in global_inputs(world_size, seed=0).items() if k != "logit_bias"}
+    teacher = global_inputs(world_size, seed=1)
+
+    def full_batch(image_features, text_features, logit_scale):
+        return paper_loss(image_features, text_features, logit_scale, teacher["image_features"],
+                          teacher["text_features"], 23.0, AFFINITY_WEIGHT)
+
+    full = value_and_grads(full_batch, student)
+    per_rank = [r["affinity-ours"] for r in ranks[world_size]]
+    close(torch.stack([r["loss"] for r in per_rank]).mean(), full["loss"])
+    close(torch.stack([r["logit_scale"] for r in per_rank]).mean(), full["logit_scale"])
+    for rank, result in enumerate(per_rank):
+        for name in ("image_features", "text_features"):
+            close(result[name], world_size * rank_slice(full, rank)[name])
 
 
 @pytest.mark.parametrize(

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from conftest import kill_when_written
 from safetensors.torch import load_file
 
 import clipforge
@@ -240,13 +239,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path) -> None:
     _, err = reference.communicate(timeout=600)
     assert reference.returncode == 0, err
     interrupted = cli(*train_cli(tmp_path / "killed", steps))
-    pointer = tmp_path / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not pointer.exists() and interrupted.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert interrupted.poll() is None, "the run finished before it could be killed"
-    interrupted.send_signal(signal.SIGKILL)
-    interrupted.wait()
+    kill_when_written(interrupted, tmp_path / "killed" / "checkpoints" / "latest")
     killed_at = json.loads((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert killed_at < steps
     resumed = cli(*train_cli(tmp_path / "killed", steps))

@@ -14,6 +14,7 @@ from clipforge._util.progress import error_console, fail
 from clipforge.cli import adapt as adapt_cli
 from clipforge.cli import compress as compress_cli
 from clipforge.cli import data as data_cli
+from clipforge.cli import distill as distill_cli
 from clipforge.cli import embed as embed_cli
 from clipforge.cli import evaluate as evaluate_cli
 from clipforge.cli import merge as merge_cli
@@ -34,6 +35,7 @@ models_cli.register(app)
 data_cli.register(app)
 embed_cli.register(app)
 train_cli.register(app)
+distill_cli.register(app)
 retrieval_cli.register(app)
 evaluate_cli.register(app)
 compress_cli.register(app)

@@ -1,4 +1,4 @@
-"""``clipforge data``: materialise the synthetic world (and, later, curate datasets)."""
+"""``clipforge data``: materialise the synthetic world, reinforce shards with teachers (MobileCLIP)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from clipforge._util.progress import say
+from clipforge._util.progress import say, warn
 from clipforge.cli.options import checked_output
 
-data_app = typer.Typer(help="Data: write the synthetic world as webdataset shards.", no_args_is_help=True)
+data_app = typer.Typer(help="Data: write the synthetic world as webdataset shards; reinforce shards with teachers.", no_args_is_help=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -45,4 +45,36 @@ def synth_command(
     say(
         f"{split}: {n} samples in {len(summary['written']) + len(summary['skipped'])} shards under {out} "
         f"({len(summary['written'])} written, {len(summary['skipped'])} already complete)"
+    )
+
+
+@data_app.command("reinforce")
+def reinforce_command(
+    inputs: Annotated[list[str], typer.Argument(help="Webdataset .tar shards, brace patterns or folders of shards.")],
+    teacher: Annotated[list[str], typer.Option(help="Teacher checkpoint (repeat for an ensemble).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: reinforced shards with the same names.")],
+    augmentations: Annotated[int, typer.Option(min=1, help="Stored random crops per image (MobileCLIP: 10–30).")] = 5,
+    captions: Annotated[str, typer.Option(help="Extra captions: synthetic (the synthetic world's paraphrases), json:FIELD (a list in each sample's .json) or none.")] = "synthetic",
+    caption_count: Annotated[int, typer.Option(min=0, help="Extra captions per image (MobileCLIP: 5).")] = 5,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the crops (a rerun draws the same).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+) -> None:
+    """Store teachers' embeddings of N crops and several captions beside each image (MobileCLIP).
+
+    Training on the output never runs a teacher. Rerunning skips finished shards.
+    """
+    from clipforge.cli.options import load_model
+    from clipforge.distill.reinforce import reinforce
+
+    checked_output(out, directory=True, inputs=inputs)
+    models = [load_model(path) for path in teacher]
+    report = reinforce(
+        models, teacher, inputs, out, augmentations=augmentations, captions=captions, caption_count=caption_count,
+        seed=seed, batch_size=batch_size,
+    )
+    for reason in report.skipped[:5]:
+        warn("skipped", reason)
+    say(
+        f"{report.samples} samples in {len(report.written)} shards written under {out} "
+        f"({len(report.already_done)} already complete, {len(report.skipped)} samples skipped) in {report.wall_s:.0f} s"
     )

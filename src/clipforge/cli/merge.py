@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from clipforge._util.progress import console
-from clipforge.cli.options import CheckpointOut, DeviceOption, SamplesOption
+from clipforge.cli.options import CheckpointOut, DeviceOption, SamplesOption, checked_output
 
 merge_app = typer.Typer(
     help="Merge fine-tunes of one base: model soups, task arithmetic, TIES, OPCM (continual).",
@@ -48,7 +48,14 @@ def _held_out(data: list[str] | None, samples: int, device: str) -> Any:
     return HeldOut([load_dataset(spec, samples=samples) for spec in data], device=device)
 
 
-def _summarise(model: Any, out: Path) -> None:
+def _merge(method: Any, base: str, models: list[str], out: Path, **settings: Any) -> None:
+    """Check ``--out`` before any model is read (it may be one of the models: OPCM continues a merge in place),
+    run ``method`` and print its provenance."""
+    note = checked_output(out, inputs=[base])
+    _summarise(method(base, models, out=out, progress=True, **settings), out, note)
+
+
+def _summarise(model: Any, out: Path, note: str) -> None:
     """What was merged, and how, from the merged model's provenance."""
     from rich.table import Table
 
@@ -61,7 +68,7 @@ def _summarise(model: Any, out: Path) -> None:
     console.print(f"coefficients: {json.dumps(merge['coefficients'])}", soft_wrap=True, highlight=False)
     if "held_out_scores" in merge:
         console.print(f"held-out score per λ: {json.dumps(merge['held_out_scores'])}", soft_wrap=True, highlight=False)
-    console.print(f"wrote {out}", soft_wrap=True, highlight=False)
+    console.print(f"wrote {out}{note}", soft_wrap=True, highlight=False)
 
 
 @merge_app.command("soup")
@@ -69,7 +76,7 @@ def soup_command(models: ModelsArgument, base: BaseOption, out: CheckpointOut, _
     """Uniform soup (Wortsman et al., ICML 2022): the mean of two or more fine-tunes."""
     from clipforge.merge import uniform_soup
 
-    _summarise(uniform_soup(base, models, out=out, progress=True), out)
+    _merge(uniform_soup, base, models, out)
 
 
 @merge_app.command("greedy-soup")
@@ -89,7 +96,7 @@ def greedy_soup_command(
     held_out = _held_out(data, samples, device)
     if held_out is None:
         raise InputError("greedy-soup: --data is required (held-out data to choose the ingredients on)")
-    _summarise(greedy_soup(base, models, held_out, out=out, device=device, progress=True), out)
+    _merge(greedy_soup, base, models, out, held_out=held_out, device=device)
 
 
 @merge_app.command("task-arithmetic")
@@ -107,7 +114,7 @@ def task_arithmetic_command(
     from clipforge.merge import task_arithmetic
 
     held_out = _held_out(data, samples, device)
-    _summarise(task_arithmetic(base, models, scaling=scaling, held_out=held_out, out=out, progress=True), out)
+    _merge(task_arithmetic, base, models, out, scaling=scaling, held_out=held_out)
 
 
 @merge_app.command("ties")
@@ -126,7 +133,7 @@ def ties_command(
     from clipforge.merge import ties
 
     held_out = _held_out(data, samples, device)
-    _summarise(ties(base, models, keep=keep, scaling=scaling, held_out=held_out, out=out, progress=True), out)
+    _merge(ties, base, models, out, keep=keep, scaling=scaling, held_out=held_out)
 
 
 @merge_app.command("opcm")
@@ -142,4 +149,4 @@ def opcm_command(
     """OPCM (Tang et al., NeurIPS 2025): merge the models one at a time, in the order given, by orthogonal projection."""
     from clipforge.merge import opcm
 
-    _summarise(opcm(base, models, alpha=alpha, zero_diagonal=zero_diagonal, device=device, out=out, progress=True), out)
+    _merge(opcm, base, models, out, alpha=alpha, zero_diagonal=zero_diagonal, device=device)

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from clipforge._util.progress import console, say, warn
-from clipforge.cli.options import checked_output
+from clipforge.cli.options import TrainSetOption, checked_output
 
 
 def register(app: typer.Typer) -> None:
@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 def train_command(
     config: Annotated[Path | None, typer.Argument(help="Experiment TOML (see configs/); defaults for every field.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set optimizer.lr=1e-3 (repeatable).")] = None,
+    set_: TrainSetOption = None,
     run_dir: Annotated[str | None, typer.Option(help="Run directory (same as --set run.dir=...).")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the run directory's latest checkpoint.")] = True,
 ) -> None:

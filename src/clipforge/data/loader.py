@@ -168,12 +168,17 @@ def _check_layout(batch_size: int, seed: int, rank: int, world_size: int) -> Non
 
 
 class TrainSamples(Dataset):
-    """``dataset[(epoch, i)]`` → (pixels, tokens, skips) for sample i, augmented as epoch ``epoch`` does.
+    """``dataset[(epoch, i)]`` → (pixels, caption, skips) for sample i, augmented as epoch ``epoch`` does.
 
     Indexed by (epoch, i) pairs (what ``ResumableBatchSampler`` yields) so that workers, which hold
     copies of this object, never need to be told the epoch. Bad samples met on the way are returned as
     ``SkipRecord``s. Under ``strict``, or when no sample at all is readable, pixels and tokens are None
     and the caller raises (an exception raised inside a worker would come back as a multi-line error).
+
+    A source with ``load_train(index, transform, generator) -> (pixels, caption, extras)`` makes its own
+    training view of a sample (a reinforced dataset: a stored augmentation, one of several captions and
+    the matching stored embeddings, chosen with the sample's generator); its items carry ``extras`` (a dict
+    of arrays) as a fourth element, stacked into a dict of tensors by ``collate``.
     """
 
     def __init__(
@@ -189,29 +194,41 @@ class TrainSamples(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor | None, str | None, list[SkipRecord]]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Any, ...]:
         epoch, index = item
         skipped: list[SkipRecord] = []
         for step in range(len(self.source)):
             candidate = (index + step) % len(self.source)
             try:
-                image, caption = self.source.load(candidate)
+                pixels, caption, *extras = self._load(candidate, lambda: seeded_generator(self.seed, epoch, index))
             except InputError as error:
                 skipped.append(_skip_record(self.source, candidate, error))
                 if self.strict:
                     break
                 continue
-            # A deterministic transform draws nothing, so it is spared the generator's seeding (~25 µs).
-            generator = None if isinstance(self.transform, EvalTransform) else seeded_generator(self.seed, epoch, index)
-            return self.transform(image, generator=generator), caption, skipped
+            return (pixels, caption, skipped, *extras)
         return None, None, skipped
 
-    def collate(self, items: list[tuple[Any, Any, list[SkipRecord]]]) -> tuple[Any, Any, list[SkipRecord]]:
-        """Stack pixels and tokenize the captions in one call; the skip records leave the batch as a flat list."""
-        skipped = [record for _, _, records in items for record in records]
-        if any(pixels is None for pixels, _, _ in items):
+    def _load(self, index: int, generator: Callable[[], torch.Generator]) -> tuple[Any, ...]:
+        """(pixels, caption) or, from a source with its own training view, (pixels, caption, extras); the
+        generator (of the sample asked for, also when a bad one is replaced) is made only when needed."""
+        load_train = getattr(self.source, "load_train", None)
+        if load_train is not None:
+            return load_train(index, self.transform, generator())
+        image, caption = self.source.load(index)
+        # A deterministic transform draws nothing, so it is spared the generator's seeding (~25 µs).
+        return self.transform(image, generator=None if isinstance(self.transform, EvalTransform) else generator()), caption
+
+    def collate(self, items: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+        """Stack pixels and tokenize the captions in one call; the skip records leave the batch as a flat list;
+        the extras of a source with a training view follow as a dict of stacked tensors."""
+        skipped = [record for item in items for record in item[2]]
+        if any(item[0] is None for item in items):
             return None, None, skipped
-        return torch.stack([pixels for pixels, _, _ in items]), self.tokenizer([caption for _, caption, _ in items]), skipped
+        batch = (torch.stack([item[0] for item in items]), self.tokenizer([item[1] for item in items]), skipped)
+        if len(items[0]) == 3:
+            return batch
+        return (*batch, {name: torch.as_tensor(np.stack([item[3][name] for item in items])) for name in items[0][3]})
 
 
 def _multiprocessing_context(workers: int) -> str | None:
@@ -224,7 +241,8 @@ def _dropped_records(source: CaptionSource) -> list[SkipRecord]:
 
 
 class TrainLoader:
-    """Endless ``(pixels [B,3,H,W], tokens [B,L])`` batches for this rank; epochs roll over.
+    """Endless ``(pixels [B,3,H,W], tokens [B,L])`` batches for this rank (plus a dict of ``extras`` from a
+    source with its own training view, see ``TrainSamples``); epochs roll over.
 
     ``position`` is the data position to save with a checkpoint and pass back as ``start``;
     ``skips`` reports skipped samples; ``samples_per_epoch`` counts samples over all ranks.
@@ -256,11 +274,11 @@ class TrainLoader:
     def position(self) -> dict[str, int]:
         return self.sampler.position_at(self._handed_out)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         self.sampler.next_batch = self._handed_out
         batches = iter(self._loader)
         while True:
-            pixels, tokens, skipped = next(batches)  # endless: the sampler never runs out
+            pixels, tokens, skipped, *extras = next(batches)  # endless: the sampler never runs out
             self.skips.extend(skipped)
             if pixels is None:
                 del batches  # stop the workers now, not when the garbage collector reaches the error's traceback
@@ -268,7 +286,7 @@ class TrainLoader:
                     raise InputError(skipped[0].message)
                 raise InputError(f"no readable sample in the data source; the first error was: {skipped[0].message}")
             self._handed_out += 1
-            yield pixels, tokens
+            yield (pixels, tokens, *extras)
 
 
 def build_train_loader(

@@ -89,8 +89,9 @@ def read_weights(
     if path.is_file() and path.suffix == ".safetensors":
         tensors, metadata = read_tensors(path)
         if metadata.get("format") == FORMAT:
-            model_cfg = ModelConfig.from_dict(json.loads(metadata["config"]))
-            return model_cfg, tensors, json.loads(metadata.get("provenance", "{}")), _compression_record(metadata, path)
+            model_cfg = _config_from(metadata_json(metadata, "config", path), None, path)
+            provenance = metadata_json(metadata, "provenance", path, default={})
+            return model_cfg, tensors, provenance, metadata_json(metadata, "compression", path, default=None)
     model, compression = read_checkpoint(source, config)
     return model.config, model.state_dict(), model.provenance, compression
 

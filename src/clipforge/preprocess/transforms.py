@@ -323,8 +323,15 @@ class TrainTransform:
         return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.augment(image, self.sample_crop(image.width, image.height, generator), generator)
+
+    def augment(
+        self, image: Image.Image, crop: tuple[int, int, int, int], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The transform with a given crop ``(top, left, crop_height, crop_width)`` (a stored augmentation, as
+        MobileCLIP's reinforced datasets replay them); the jitter and grayscale draws still come from ``generator``."""
+        top, left, crop_height, crop_width = crop
         image = as_8bit(image)
-        top, left, crop_height, crop_width = self.sample_crop(image.width, image.height, generator)
         image = image.crop((left, top, left + crop_width, top + crop_height))
         size = self.cfg.size
         image = image.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")

@@ -1,1 +1,1 @@
-"""Training: contrastive losses (CLIP InfoNCE, SigLIP sigmoid, distillation) and distributed helpers."""
+"""Training: contrastive losses (CLIP InfoNCE, SigLIP sigmoid) and distributed helpers."""

@@ -1,4 +1,4 @@
-"""Contrastive image-text losses: CLIP's symmetric InfoNCE, SigLIP's pairwise sigmoid, and distillation.
+"""Contrastive image-text losses: CLIP's symmetric InfoNCE and SigLIP's pairwise sigmoid.
 
 Semantics, defaults and the distributed variants follow open_clip's ``open_clip/loss.py`` (value and
 gradient parity is tested against it):
@@ -7,8 +7,9 @@ gradient parity is tested against it):
   Supervision" (Figure 3 pseudo-code), across ranks with open_clip's ``--local-loss`` / ``--gather-with-grad``.
 - ``SigLipLoss``: Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training" (Algorithm 1, and the
   chunked cross-device implementation of §3.3).
-- ``DistillClipLoss``: open_clip's distillation loss (PR #399): InfoNCE plus cross-entropy of the student's
-  logits against the teacher's softmax, in both directions.
+
+Distillation towards a teacher's affinities (TinyCLIP, MobileCLIP) builds on ``ClipLoss``:
+``clipforge.distill.losses.AffinityMimickingLoss``.
 
 Every ``logit_scale`` argument is the already-exponentiated scale (``model.logit_scale.exp()``).
 """
@@ -107,30 +108,6 @@ class ClipLoss(nn.Module):
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.contrastive(*self.logits(image_features, text_features, logit_scale, logit_bias))
-
-
-class DistillClipLoss(ClipLoss):
-    """InfoNCE on the student plus distillation towards a teacher's logits (open_clip's DistillClipLoss).
-
-    ``distill_loss = mean over both directions of −Σ_j softmax(teacher)_ij · log_softmax(student)_ij``,
-    averaged over rows. Teacher features are gathered across ranks like the student's.
-    """
-
-    def forward(  # type: ignore[override]
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        teacher_image_features: torch.Tensor,
-        teacher_text_features: torch.Tensor,
-        teacher_logit_scale: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        student = self.logits(image_features, text_features, logit_scale)
-        teacher = self.logits(teacher_image_features, teacher_text_features, teacher_logit_scale)
-        distill = sum(
-            -(t.softmax(dim=1) * s.log_softmax(dim=1)).sum(dim=1).mean() for s, t in zip(student, teacher)
-        )
-        return {"contrastive_loss": self.contrastive(*student), "distill_loss": distill / 2}
 
 
 class SigLipLoss(nn.Module):

@@ -44,5 +44,7 @@ def learning_rate(step: int, base_lr: float, cfg: ScheduleSection) -> float:
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled rate for every group but those marked ``fixed_lr`` (an objective's own state, e.g. masks)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if not group.get("fixed_lr", False):
+            group["lr"] = lr

@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     run/checkpoints/step_000200/model.safetensors   # a normal clipforge checkpoint (loadable anywhere)
-    run/checkpoints/step_000200/state.pt            # optimizer, step, torch RNG, data position
+    run/checkpoints/step_000200/state.pt            # optimizer, step, torch RNG, data position, objective state
     run/checkpoints/latest                          # name of the newest complete checkpoint
 
 A checkpoint directory is written under a temporary name and renamed into place, and ``latest`` is
@@ -34,10 +34,17 @@ class ResumeState:
     data_position: dict[str, Any]
     rng: dict[str, torch.Tensor]
     model_path: Path
+    objective: dict[str, Any]  # the training objective's own state (``Objective.state_dict``)
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: CLIP, optimizer: torch.optim.Optimizer, data_position: dict[str, Any], keep: int
+    run_dir: Path,
+    step: int,
+    model: CLIP,
+    optimizer: torch.optim.Optimizer,
+    data_position: dict[str, Any],
+    keep: int,
+    objective: dict[str, Any] | None = None,
 ) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -45,7 +52,13 @@ def save_checkpoint(
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
         write_checkpoint(model, staging / "model.safetensors", provenance={"trained_steps": step})
-        state = {"step": step, "optimizer": optimizer.state_dict(), "data_position": data_position, "rng": _rng_state()}
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "data_position": data_position,
+            "rng": _rng_state(),
+            "objective": objective or {},
+        }
         torch.save(state, staging / "state.pt")
         if final.exists():
             shutil.rmtree(final)
@@ -71,7 +84,10 @@ def load_resume_state(checkpoint_dir: Path) -> ResumeState:
         state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
         raise CheckpointError(f"{checkpoint_dir / 'state.pt'}: unreadable training state ({type(error).__name__})") from None
-    return ResumeState(state["step"], state["optimizer"], state["data_position"], state["rng"], checkpoint_dir / "model.safetensors")
+    return ResumeState(
+        state["step"], state["optimizer"], state["data_position"], state["rng"], checkpoint_dir / "model.safetensors",
+        state.get("objective", {}),
+    )
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:

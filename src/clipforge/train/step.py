@@ -45,18 +45,22 @@ class ContrastiveStep:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def __call__(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        """Run forward, backward and the optimizer update; return the (detached) batch loss."""
+    def __call__(self, images: torch.Tensor, texts: torch.Tensor, targets: dict[str, Any] | None = None) -> torch.Tensor:
+        """Run forward, backward and the optimizer update; return the (detached) batch loss.
+
+        ``targets`` are extra keyword arguments of the loss for the whole batch (a teacher's features).
+        """
+        targets = targets or {}
         images = images.to(self.device, non_blocking=True)
         texts = texts.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         if self.accum_freq == 1:
             with self.autocast():
                 image_features, text_features, *head = self.model(images, texts)
-            loss = self.loss_fn(image_features.float(), text_features.float(), *head)
+            loss = self.loss_fn(image_features.float(), text_features.float(), *head, **targets)
             self.scaler.scale(loss).backward()
         else:
-            loss = self._accumulated(images.chunk(self.accum_freq), texts.chunk(self.accum_freq))
+            loss = self._accumulated(images.chunk(self.accum_freq), texts.chunk(self.accum_freq), targets)
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -64,7 +68,9 @@ class ContrastiveStep:
         self.scaler.update()
         return loss.detach()
 
-    def _accumulated(self, images: tuple[torch.Tensor, ...], texts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _accumulated(
+        self, images: tuple[torch.Tensor, ...], texts: tuple[torch.Tensor, ...], targets: dict[str, Any]
+    ) -> torch.Tensor:
         with torch.no_grad(), self.autocast():
             cached = [self.model(i, t)[:2] for i, t in zip(images, texts)]
         cached_images = [c[0].float() for c in cached]
@@ -80,6 +86,6 @@ class ContrastiveStep:
                     head = [h.detach() for h in head]
                 all_images = torch.cat(cached_images[:j] + [image_features.float()] + cached_images[j + 1 :])
                 all_texts = torch.cat(cached_texts[:j] + [text_features.float()] + cached_texts[j + 1 :])
-                loss = self.loss_fn(all_images, all_texts, *head)
+                loss = self.loss_fn(all_images, all_texts, *head, **targets)
                 self.scaler.scale(loss).backward()
         return loss

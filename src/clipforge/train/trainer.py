@@ -22,7 +22,7 @@ from torch import nn
 from clipforge._util.fileio import atomic_path
 from clipforge._util.progress import progress_bar
 from clipforge.data.loader import build_train_loader
-from clipforge.data.sources import open_source
+from clipforge.data.sources import CaptionSource, open_source
 from clipforge.errors import ConfigError, TrainingError
 from clipforge.io.checkpoint import read_checkpoint, write_checkpoint
 from clipforge.io.state_dict import weights_fingerprint
@@ -35,10 +35,9 @@ from clipforge.train.losses import (
     MAX_LOGIT_SCALE,
     SIGLIP_INIT_LOGIT_BIAS,
     SIGLIP_INIT_LOGIT_SCALE,
-    ClipLoss,
-    SigLipLoss,
 )
 from clipforge.train.metrics_log import MetricsLog
+from clipforge.train.objective import Objective
 from clipforge.train.optim import build_optimizer, learning_rate, set_learning_rate
 from clipforge.train.resume import (
     latest_checkpoint,
@@ -63,7 +62,11 @@ class TrainResult:
     skips: str
 
 
-def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | None = None, objective: Objective | None = None
+) -> TrainResult:
+    """Train ``config``; ``objective`` (default: the contrastive loss of ``config.loss``) decides what is minimised."""
+    objective = objective or Objective(config.loss)
     world = init_distributed()
     device = _device(world)
     run_dir = Path(config.run.dir)
@@ -77,18 +80,21 @@ def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | No
     if state is not None:
         model.load_state_dict(read_checkpoint(state.model_path)[0].state_dict())
     model.to(device)
+    objective.prepare(model, device)
     optimizer = build_optimizer(model, config.optimizer)
+    for group in objective.param_groups():
+        optimizer.add_param_group(group)
     start_step = 0
     if state is not None:
+        objective.load_state_dict(state.objective)
         optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
         start_step = state.step
-    loader = _train_loader(config, model, world, state.data_position if state else None)
+    loader = _train_loader(config, model, world, state.data_position if state else None, objective.source(config))
     wrapped = _wrap(model, config, world, device)
-    loss_fn = ClipLoss(config.loss.local_loss, config.loss.gather_with_grad) if config.loss.kind == "clip" else SigLipLoss()
     step_fn = ContrastiveStep(
         wrapped,
-        loss_fn,
+        objective.loss_fn(),
         optimizer,
         amp=config.precision.amp,
         accum_freq=config.schedule.accum_freq,
@@ -107,8 +113,10 @@ def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | No
             lr = learning_rate(step, config.optimizer.lr, config.schedule)
             set_learning_rate(optimizer, lr)
             model.train()
-            images, texts = next(batches)
-            loss = _global_mean(step_fn(images, texts), world)
+            objective.begin_step(step)
+            images, texts, *extras = next(batches)
+            targets = objective.targets(images, texts, extras[0] if extras else None)
+            loss = _global_mean(step_fn(images, texts, targets), world)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"step {step + 1}: the loss is {loss.item()} (training diverged); nothing was saved after step "
@@ -128,13 +136,14 @@ def train(config: TrainConfig, *, resume: bool = True, evaluator: Evaluator | No
                     "logit_scale": round(model.logit_scale.exp().item(), 4),
                     "samples_per_s": round(window_samples / (now - window_start), 2),
                     "elapsed_s": round(now - started, 2),
+                    **objective.metrics(),
                 }
                 log.log(row)
                 window_start, window_samples = now, 0
             if evaluator is not None and config.eval.every and done % config.eval.every == 0 and done < config.schedule.steps:
                 log.log({"step": done, **_evaluate(model, evaluator, world)})
             if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == config.schedule.steps:
-                _checkpoint(run_dir, done, model, optimizer, loader.position, config, world)
+                _checkpoint(run_dir, done, model, optimizer, loader.position, config, world, objective.state_dict())
     wall = time.perf_counter() - started
     if evaluator is not None:
         evaluation = _evaluate(model, evaluator, world)
@@ -219,7 +228,9 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, resume: bool) -> None:
         tmp.write_text(json.dumps(current, indent=2) + "\n")
 
 
-def _train_loader(config: TrainConfig, model: CLIP, world: WorldInfo, position: dict[str, Any] | None) -> Any:
+def _train_loader(
+    config: TrainConfig, model: CLIP, world: WorldInfo, position: dict[str, Any] | None, source: CaptionSource | None
+) -> Any:
     data = config.data
     if config.schedule.batch_size % world.world_size:
         raise ConfigError(f"schedule.batch_size: {config.schedule.batch_size} is not divisible by {world.world_size} ranks")
@@ -233,7 +244,7 @@ def _train_loader(config: TrainConfig, model: CLIP, world: WorldInfo, position: 
             **data.world,
         }
     return build_train_loader(
-        open_source(spec),
+        source or open_source(spec),
         model.train_transform() if data.augment else image_transform(model.preprocess_cfg, train=False),
         model.tokenizer,
         batch_size=config.schedule.batch_size // world.world_size,
@@ -282,10 +293,17 @@ def _evaluate(model: CLIP, evaluator: Evaluator, world: WorldInfo) -> dict[str, 
 
 
 def _checkpoint(
-    run_dir: Path, step: int, model: CLIP, optimizer: torch.optim.Optimizer, position: dict[str, Any], config: TrainConfig, world: WorldInfo
+    run_dir: Path,
+    step: int,
+    model: CLIP,
+    optimizer: torch.optim.Optimizer,
+    position: dict[str, Any],
+    config: TrainConfig,
+    world: WorldInfo,
+    objective_state: dict[str, Any],
 ) -> None:
     if world.rank == 0:
-        save_checkpoint(run_dir, step, model, optimizer, position, config.checkpoint.keep)
+        save_checkpoint(run_dir, step, model, optimizer, position, config.checkpoint.keep, objective_state)
     if world.world_size > 1:
         import torch.distributed as dist
 

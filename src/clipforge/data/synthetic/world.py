@@ -241,17 +241,28 @@ class SyntheticWorld:
         images, captions, metadata = [], [], []
         for index in range(n):
             sample, scene, source = self._draw(split, index, shift)
-            rng = self._stream(split, source, CAPTION_STREAM)
-            paraphrases = [sample.caption]
-            for _ in range(20 * captions_per_image):
-                if len(paraphrases) == captions_per_image:
-                    break
-                if (text := caption(scene.description, rng)) not in paraphrases:
-                    paraphrases.append(text)
             images.append(sample.image)
-            captions.append(paraphrases)
+            captions.append(self._paraphrases(split, source, scene, captions_per_image))
             metadata.append(sample.metadata)
         return RetrievalSet(images, captions, metadata)
+
+    def paraphrases(self, split: str, index: int, count: int) -> list[str]:
+        """Up to ``count`` distinct captions of sample ``index`` (the first is its own), drawn from the sample's
+        caption stream: the same ones ``retrieval_set`` gives, without rendering the image."""
+        if count < 1:
+            raise InputError(f"paraphrases: count={count} must be ≥ 1")
+        scene, source, _ = self._scene(split, index)
+        return self._paraphrases(split, source, scene, count)
+
+    def _paraphrases(self, split: str, source: int, scene: Scene, count: int) -> list[str]:
+        rng = self._stream(split, source, CAPTION_STREAM)
+        found = [scene.caption]
+        for _ in range(20 * count):
+            if len(found) == count:
+                break
+            if (text := caption(scene.description, rng)) not in found:
+                found.append(text)
+        return found
 
     def concept_vocabulary(self) -> dict[str, list[str]]:
         """Every name the world uses, and which concepts this config holds out or makes few-shot."""

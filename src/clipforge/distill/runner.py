@@ -1,0 +1,184 @@
+"""``distill``: compress a teacher into a student in one or several stages, each a run of the one trainer.
+
+TinyCLIP's progressive recipe (Wu et al., ICCV 2023, §3.3): stage k inherits its weights from stage k − 1's
+student (the teacher for the first) and is distilled from the original teacher; 100% → 75% → 50% → 25% of the
+parameters. The total ``schedule.steps`` is split evenly between the stages (equal total steps), and each stage
+gets a fresh schedule (warm-up and cool-down scaled down with it), as TinyCLIP restarts its cosine schedule.
+
+A run directory holds ``distill.json`` (the job, so a rerun with other settings is refused), one trainer run
+per stage (``stage_1/``, …: ``init.safetensors`` is the inherited student, then the trainer's checkpoints and
+``model.safetensors``), ``masks/`` inside a stage trained with automatic inheritance, and the final
+``model.safetensors``, an ordinary clipforge checkpoint whose provenance records the teacher, the method and the
+stages. Rerunning the same command resumes: finished stages are kept, an interrupted one resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge._util.fileio import atomic_path
+from clipforge.config import ModelConfig
+from clipforge.distill.auto import auto_inherit
+from clipforge.distill.inherit import count_parameters, inherit
+from clipforge.distill.job import DistillJob, split_steps, stage_config
+from clipforge.distill.objective import Distillation
+from clipforge.distill.plan import plan_student
+from clipforge.distill.reinforced import ReinforcedData
+from clipforge.distill.teacher import teacher_record
+from clipforge.errors import ConfigError
+from clipforge.io.checkpoint import write_checkpoint
+from clipforge.models.clip import CLIP
+from clipforge.train.config import TrainConfig
+from clipforge.train.objective import Objective
+from clipforge.train.trainer import TrainResult, train
+
+JOB_FILE = "distill.json"
+
+
+@dataclass
+class DistillResult:
+    model: CLIP
+    run_dir: Path
+    stages: list[TrainResult]
+    parameters: list[int]  # of each stage's student
+    wall_s: float  # training time of all stages (automatic-inheritance mask runs included)
+
+    @property
+    def evaluation(self) -> dict[str, float]:
+        return self.stages[-1].evaluation
+
+
+def distill(
+    teacher: CLIP,
+    teacher_source: str,
+    job: DistillJob,
+    config: TrainConfig,
+    *,
+    reinforced: ReinforcedData | None = None,
+    evaluator: Callable[[CLIP], dict[str, float]] | None = None,
+    resume: bool = True,
+) -> DistillResult:
+    """Distil ``teacher`` into the student of ``job`` on ``config``'s data and schedule (see the module docstring).
+
+    ``reinforced``: train from shards that store the teachers' embeddings (no teacher runs; ``teacher`` is then
+    only checked against their record). ``evaluator`` runs periodically and after each stage.
+    """
+    if job.init not in ("inherit", "scratch"):
+        raise ConfigError(f"init: {job.init!r} is not inherit or scratch")
+    out = Path(config.run.dir)
+    record = teacher_record(teacher, teacher_source)
+    _claim(out, {"teacher": record, "job": _jsonable(job), "steps": config.schedule.steps}, resume)
+    if reinforced is not None:
+        reinforced.check_teachers([teacher])
+    configs = _stage_configs(teacher.config, job)
+    steps = split_steps(config.schedule.steps, len(configs))
+    previous, results, parameters, wall = teacher, [], [], 0.0
+    for number, (student_config, stage_steps) in enumerate(zip(configs, steps), start=1):
+        stage_dir = out / f"stage_{number}"
+        stage = stage_config(config, stage_dir, stage_steps)
+        if job.student.kind == "auto":
+            initial, mask_result = auto_inherit(previous, teacher, student_config, stage, job, reinforced, resume)
+            stage = stage_config(config, stage_dir, stage_steps - mask_result.steps)
+            wall += mask_result.wall_s
+        else:
+            initial = _initial(previous, student_config, job, config.run.seed)
+        init_path = stage_dir / "init.safetensors"
+        if not init_path.exists():
+            initial.provenance = {"distill": _provenance(record, job, number, len(configs), reinforced is not None)}
+            write_checkpoint(initial, init_path)
+        stage.model.name = str(init_path)
+        objective = _objective(stage, job, teacher, reinforced)
+        result = train(stage, resume=resume, evaluator=evaluator, objective=objective)
+        results.append(result)
+        parameters.append(count_parameters(result.model.config))
+        wall += result.wall_s
+        previous = result.model
+    final = out / "model.safetensors"
+    if not final.exists() or not resume:
+        stage_record = _provenance(record, job, len(configs), len(configs), reinforced is not None)
+        provenance = {"distill": {**stage_record, "stage_parameters": parameters}}
+        write_checkpoint(previous, final, provenance=provenance)
+    return DistillResult(previous, out, results, parameters, wall)
+
+
+def _objective(stage: TrainConfig, job: DistillJob, teacher: CLIP, reinforced: ReinforcedData | None) -> Objective:
+    """The stage's objective; λ = 0 with a learned student scale is the plain CLIP recipe (no teacher runs)."""
+    if job.settings.distill_weight == 0 and job.settings.student_scale is None:
+        return Objective(stage.loss)
+    if reinforced is not None:
+        return reinforced.objective(stage, job.settings)
+    return Distillation(stage, job.settings, teachers=[copy.deepcopy(teacher)])
+
+
+def _stage_configs(teacher: ModelConfig, job: DistillJob) -> list[ModelConfig]:
+    if job.student.kind == "config":
+        assert job.student.config is not None
+        return [job.student.config]
+    return [plan_student(teacher, ratio) for ratio in job.stages]
+
+
+def _initial(previous: CLIP, student_config: ModelConfig, job: DistillJob, seed: int) -> CLIP:
+    """The stage's starting student: the previous model's selected slices, or random weights (``scratch``)."""
+    if job.init == "inherit":
+        return inherit(previous, student_config, job.layers, job.order)
+    torch.manual_seed(seed)
+    return CLIP(student_config, dataclasses.replace(previous.preprocess_cfg)).eval()
+
+
+def _provenance(record: dict[str, Any], job: DistillJob, stage: int, stages: int, reinforced: bool) -> dict[str, Any]:
+    if job.init == "scratch":
+        inheritance = "none (random initialisation)"
+    elif job.student.kind == "auto":
+        inheritance = "automatic (hard-concrete masks, L0 target)"
+    else:
+        inheritance = f"manual ({job.layers} layers, {job.order} order)"
+    settings = job.settings
+    return {
+        "teacher": record,
+        "method": ("affinity mimicking (TinyCLIP)" if settings.distill_weight > 0 else "CLIP loss only")
+        + (", reinforced data (MobileCLIP)" if reinforced else ""),
+        "inheritance": inheritance,
+        "stages": job.stages,
+        "stage": f"{stage}/{stages}",
+        "distill_weight": settings.distill_weight,
+        "teacher_scale": settings.teacher_scale,
+        "student_scale": settings.student_scale,
+    }
+
+
+def _jsonable(job: DistillJob) -> dict[str, Any]:
+    data = dataclasses.asdict(dataclasses.replace(job, student=dataclasses.replace(job.student, config=None)))
+    if job.student.config is not None:
+        data["student"]["config"] = job.student.config.to_dict()
+    return json.loads(json.dumps(data))
+
+
+def _claim(out: Path, job: dict[str, Any], resume: bool) -> None:
+    """Write the job description, or refuse a run directory that holds another job (``--no-resume`` starts over)."""
+    path = out / JOB_FILE
+    if path.exists() and not resume:
+        for stage in out.glob("stage_*"):
+            shutil.rmtree(stage)
+        path.unlink()
+        (out / "model.safetensors").unlink(missing_ok=True)
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != job:
+            changed = sorted(key for key in job if previous.get(key) != job[key])
+            raise ConfigError(
+                f"{out} holds a distillation with another {', '.join(changed)}; choose another --out, or pass --no-resume"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(job, indent=2) + "\n")
+

@@ -1,0 +1,58 @@
+"""What identifies a teacher: the record a distilled checkpoint and a reinforced shard carry, and its checks."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from clipforge.errors import ConfigError
+from clipforge.models.clip import CLIP
+
+
+def fingerprint(model: CLIP) -> str:
+    """SHA-256 (first 16 hex digits) of the model's tensors in key order, as float32: the same weights give the
+    same fingerprint whatever file or format they came from."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(value.detach().float().cpu().numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def teacher_record(model: CLIP, source: str) -> dict[str, Any]:
+    """The teacher as checkpoints and reinforced shards record it."""
+    return {
+        "source": source,
+        "fingerprint": fingerprint(model),
+        "embed_dim": model.config.embed_dim,
+        "context_length": model.config.text.context_length,
+        "vocab_size": model.config.text.vocab_size,
+        "logit_scale": round(float(model.logit_scale.detach().exp()), 6),
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+    }
+
+
+def check_teachers_match(records: Sequence[dict[str, Any]], teachers: Sequence[CLIP], where: str) -> None:
+    """Refuse teachers other than the ones ``records`` (e.g. a reinforced shard's) were made with, naming the field."""
+    if len(records) != len(teachers):
+        raise ConfigError(f"{where}: reinforced by {len(records)} teacher(s), but {len(teachers)} given")
+    for number, (record, teacher) in enumerate(zip(records, teachers), start=1):
+        for field, value in (
+            ("embed_dim", teacher.config.embed_dim),
+            ("context_length", teacher.config.text.context_length),
+            ("vocab_size", teacher.config.text.vocab_size),
+        ):
+            if record[field] != value:
+                name = "embedding width" if field == "embed_dim" else f"tokenizer {field}"
+                raise ConfigError(
+                    f"{where}: teacher {number} ({record['source']}) has {name} {record[field]}, the given teacher {value}"
+                )
+        if record["fingerprint"] != fingerprint(teacher):
+            raise ConfigError(
+                f"{where}: reinforced by teacher {record['source']} (fingerprint {record['fingerprint']}), "
+                f"not by the given teacher {number}"
+            )
+

@@ -17,7 +17,12 @@ from typing import Annotated, Any
 import typer
 
 from clipforge._util.progress import console
-from clipforge.cli.options import CheckpointOut, DeviceOption, SamplesOption, checked_output
+from clipforge.cli.options import (
+    CheckpointOut,
+    DeviceOption,
+    SamplesOption,
+    checked_output,
+)
 
 merge_app = typer.Typer(
     help="Merge fine-tunes of one base: model soups, task arithmetic, TIES, OPCM (continual).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -37,3 +38,16 @@ def kill_when_written(process: subprocess.Popen, path: Path, timeout: float = 30
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> clipforge.CLIP:
+    """The trained demo model (slow tests): ``$CLIPFORGE_DEMO_MODEL``, else ``runs/demo/model.safetensors``, else
+    trained here with ``clipforge demo`` (several minutes)."""
+    default = Path(__file__).resolve().parents[1] / "runs" / "demo" / "model.safetensors"
+    checkpoint = Path(os.environ.get("CLIPFORGE_DEMO_MODEL", default))
+    if not checkpoint.is_file():
+        from clipforge.demo import run_demo
+
+        checkpoint = Path(run_demo(tmp_path_factory.mktemp("demo"))["run_dir"]) / "model.safetensors"
+    return clipforge.load(checkpoint)

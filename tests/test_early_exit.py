@@ -10,7 +10,6 @@ accuracy against threshold and average depth.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -377,11 +376,3 @@ def test_bad_settings_are_config_errors_naming_the_field(tiny, pixels, classifie
 # ---------------------------------------------------------------- the claim, on the trained demo model
 
 
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory) -> clipforge.CLIP:
-    checkpoint = Path(os.environ.get("CLIPFORGE_DEMO_MODEL", REPO / "runs" / "demo" / "model.safetensors"))
-    if not checkpoint.is_file():
-        from clipforge.demo import run_demo
-
-        checkpoint = Path(run_demo(tmp_path_factory.mktemp("demo"))["run_dir"]) / "model.safetensors"
-    return clipforge.load(checkpoint)

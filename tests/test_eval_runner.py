@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -334,16 +333,6 @@ def test_robustness_table_and_shifts(tiny, shapes, tmp_path) -> None:
 
 
 # -- the claims of issue #4 on the trained demo model --
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory) -> clipforge.CLIP:
-    checkpoint = Path(os.environ.get("CLIPFORGE_DEMO_MODEL", REPO / "runs" / "demo" / "model.safetensors"))
-    if not checkpoint.is_file():
-        from clipforge.demo import run_demo
-
-        checkpoint = Path(run_demo(tmp_path_factory.mktemp("demo"))["run_dir"]) / "model.safetensors"
-    return clipforge.load(checkpoint)
 
 
 @pytest.mark.slow

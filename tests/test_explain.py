@@ -22,7 +22,7 @@ from clipforge.errors import ConfigError, InputError
 from clipforge.explain import explain_image
 from clipforge.explain.overlay import heatmap_overlay
 from clipforge.explain.rollout import attention_rollout, recording_attention
-from clipforge.explain.scorecam import score_cam
+from clipforge.explain.scorecam import channel_weights, score_cam
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,19 @@ def test_rollout_refuses_models_that_drop_tokens(twin_models) -> None:
     assert ours.visual.token_reduction is None
 
 
-def reference_score_cam(reference: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """pytorch-grad-cam's ScoreCAM with vit_reshape_transform and a cosine-to-text target, one channel at a time."""
+def softmax_weights(scores: np.ndarray, baseline: float, scale: float) -> np.ndarray:
+    """pytorch-grad-cam: a softmax over the channels' cosines."""
+    return np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+
+
+def increase_weights(scores: np.ndarray, baseline: float, scale: float) -> np.ndarray:
+    """The Score-CAM paper's channel-wise increase of confidence on CLIP's logit scale, unnormalised."""
+    return scale * (scores - baseline)
+
+
+def reference_score_cam(reference: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor, weights=softmax_weights) -> torch.Tensor:
+    """pytorch-grad-cam's ScoreCAM with vit_reshape_transform and a cosine-to-text target, one channel at a time
+    (with ``weights`` computed from the channels' cosines, the baseline image's cosine and the logit scale)."""
     captured: list[torch.Tensor] = []
     hook = reference.visual.transformer.resblocks[-1].register_forward_hook(lambda *args: captured.append(args[2]))
     with torch.no_grad():
@@ -105,7 +116,9 @@ def reference_score_cam(reference: torch.nn.Module, pixels: torch.Tensor, text: 
                 F.cosine_similarity(reference.encode_image(pixels[image : image + 1] * masks[image, k]), text[image : image + 1])[0]
                 for k in range(masks.shape[1])
             ])
-        cam = F.relu((scores.softmax(0)[:, None, None] * activations[image]).sum(0))
+            baseline = F.cosine_similarity(reference.encode_image(torch.zeros_like(pixels[:1])), text[image : image + 1])[0]
+        w = weights(scores.double().numpy(), float(baseline), float(reference.logit_scale.detach().exp()))
+        cam = F.relu((torch.from_numpy(w).float()[:, None, None] * activations[image]).sum(0))
         cam = torch.nn.UpsamplingBilinear2d(size=pixels.shape[-2:])(cam[None, None])[0, 0]
         maps.append((cam - cam.min()) / (cam.max() - cam.min() + 1e-8))
     return torch.stack(maps)
@@ -116,10 +129,26 @@ def test_score_cam_matches_a_channel_by_channel_loop(twin_models, pixels) -> Non
     tokens = open_clip_tokenize(["a red circle", "two blue stars on the left"])
     with torch.no_grad():
         text = F.normalize(reference.encode_text(tokens), dim=-1)
-    got = score_cam(ours, pixels, text, batch_size=7)
+    got = score_cam(ours, pixels, text, batch_size=7, weighting="cosine")
     expected = reference_score_cam(reference, pixels, text)
     assert got.shape == (2, 32, 32) and got.min() >= 0 and got.max() <= 1
     assert (got - expected).abs().max().item() < 1e-4
+    increase = score_cam(ours, pixels, text, batch_size=7, weighting="increase")
+    assert (increase - reference_score_cam(reference, pixels, text, increase_weights)).abs().max().item() < 1e-4
+
+
+def test_channel_weightings_follow_their_formulas() -> None:
+    generator = torch.Generator().manual_seed(0)
+    masked, baseline, scale = torch.rand(3, 5, generator=generator) * 0.4, torch.rand(3, generator=generator) * 0.3, 37.0
+    for name, formula in (("cosine", lambda x, b: np.exp(x) / np.exp(x).sum()),
+                          ("logit", lambda x, b: np.exp(scale * x) / np.exp(scale * x).sum()),
+                          ("increase", lambda x, b: scale * (x - b))):
+        got = channel_weights(masked, baseline, scale, name).numpy()
+        for row in range(3):
+            expected = formula(masked[row].double().numpy(), float(baseline[row]))
+            np.testing.assert_allclose(got[row], expected, rtol=1e-5, atol=1e-7, err_msg=name)
+    with pytest.raises(InputError, match="weighting: 'mean' is not one of cosine, logit, increase"):
+        channel_weights(masked, baseline, scale, "mean")
 
 
 def test_overlay_blends_the_colormap() -> None:

@@ -100,6 +100,7 @@ def explain_command(
     text: Annotated[str, typer.Argument(help="Text to explain the image against (Score-CAM).")] = "",
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file for the overlay.")] = Path("map.png"),
     method: Annotated[str, typer.Option(help="scorecam (image-text) | rollout (attention rollout, no text).")] = "scorecam",
+    weighting: Annotated[str | None, typer.Option(help="Score-CAM channel weights: cosine | logit | increase (default: the tested one, see docs/eval.md).")] = None,
     precision: PrecisionOption = "fp32",
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
@@ -111,6 +112,8 @@ def explain_command(
 
     note = checked_output(out, inputs=[image, model])
     loaded = load_model(model, config, pretrained, precision)
-    view, heatmap = explain_image(loaded, open_image(image).convert("RGB"), text, method)
+    from clipforge.explain.scorecam import DEFAULT_WEIGHTING
+
+    view, heatmap = explain_image(loaded, open_image(image).convert("RGB"), text, method, weighting or DEFAULT_WEIGHTING)
     save_overlay(view, heatmap, out)
     say(f"wrote {method} map of {image} to {out}{note}")

@@ -51,6 +51,16 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.1f} {unit}/s" if speed else f"- {unit}/s", style="cyan")
 
 
+def bar_is_hidden() -> bool:
+    """True when the progress bar cannot draw (stderr is a file or a pipe): long jobs then log plain lines."""
+    return not error_console.is_terminal
+
+
+def log_line(text: str) -> None:
+    """One plain line on stderr, beside (or instead of) the progress bar."""
+    error_console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
+
+
 def progress_bar(disable: bool = False, transient: bool = False) -> Progress:
     """Counts, items/s and ETA, drawn on stderr so stdout stays parseable.
 

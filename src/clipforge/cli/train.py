@@ -61,6 +61,8 @@ def demo_command(
 
     checked_output(out, directory=True)
     summary = run_demo(out, list(set_ or []), resume=resume)
+    if summary.pop("finished_earlier"):
+        say(f"{out} holds a finished demo; its figures (--no-resume trains it again):")
     table = Table("metric", "value", title="clipforge demo")
     for key, value in summary.items():
         table.add_row(key, escape(f"{value:.4f}" if isinstance(value, float) and key != "wall_s" else str(value)))

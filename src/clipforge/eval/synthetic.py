@@ -26,6 +26,8 @@ from clipforge.eval.runner import Evaluator
 BATCH_SIZE = 256
 
 
+RETRIEVAL_SAMPLES = 256  # test images of the retrieval figures, five captions each
+
 class SyntheticBenchmark:
     """``acc_<task>`` per task, ``acc_heldout_combos`` and recall@1, as a dict of figures rounded to 4 places."""
 
@@ -36,7 +38,7 @@ class SyntheticBenchmark:
         samples: int = 512,
         tasks: Sequence[str] = ("shape_color", "color", "shape"),
         heldout_samples: int = 256,
-        retrieval_samples: int = 256,
+        retrieval_samples: int = RETRIEVAL_SAMPLES,
     ) -> None:
         test = list(world.samples("test", 0, samples))
         self.test_images = [scene.image for scene in test]

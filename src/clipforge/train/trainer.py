@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from clipforge._util.fileio import atomic_path
-from clipforge._util.progress import progress_bar
+from clipforge._util.progress import bar_is_hidden, log_line, progress_bar
 from clipforge.data.loader import build_train_loader
 from clipforge.data.sources import CaptionSource, open_source
 from clipforge.errors import ConfigError, TrainingError
@@ -107,6 +107,7 @@ def train(
     started = time.perf_counter()
     window_start, window_samples = started, 0
     batches = iter(loader)
+    plain_lines = is_main and config.run.progress and bar_is_hidden()  # piped to a file: a line per metrics row
     with progress_bar(disable=not (is_main and config.run.progress)) as bar:
         task = bar.add_task("training", total=config.schedule.steps, completed=start_step, unit="step")
         for step in range(start_step, config.schedule.steps):
@@ -139,6 +140,8 @@ def train(
                     **objective.metrics(),
                 }
                 log.log(row)
+                if plain_lines:
+                    log_line(_progress_line(row, config.schedule.steps, (now - started) / (done - start_step)))
                 window_start, window_samples = now, 0
             if evaluator is not None and config.eval.every and done % config.eval.every == 0 and done < config.schedule.steps:
                 log.log({"step": done, **_evaluate(model, evaluator, world)})
@@ -290,6 +293,15 @@ def _evaluate(model: CLIP, evaluator: Evaluator, world: WorldInfo) -> dict[str, 
     results = evaluator(model) if world.rank == 0 else {}
     model.train()
     return results
+
+
+def _progress_line(row: dict[str, Any], steps: int, seconds_per_step: float) -> str:
+    """``step 120/600 · loss 2.3456 · 512 samples/s · ETA 4:01`` for a metrics row."""
+    remaining = round(seconds_per_step * (steps - row["step"]))
+    return (
+        f"step {row['step']}/{steps} · loss {row['loss']:.4f} · {row['samples_per_s']:.0f} samples/s · "
+        f"ETA {remaining // 60}:{remaining % 60:02d}"
+    )
 
 
 def _checkpoint(

@@ -164,20 +164,26 @@ def test_overlay_blends_the_colormap() -> None:
         heatmap_overlay(image, np.zeros(3))
 
 
-def test_explain_command_writes_a_png(tmp_path, capsys) -> None:
+def test_explain_command_writes_the_suffixs_format_with_a_legend(tmp_path, capsys) -> None:
     torch.manual_seed(0)
-    clipforge.save(clipforge.load("synthetic-tiny"), tmp_path / "tiny.safetensors")
+    model = clipforge.load("synthetic-tiny")
+    clipforge.save(model, tmp_path / "tiny.safetensors")
     Image.new("RGB", (80, 60), (30, 160, 50)).save(tmp_path / "green.png")
-    for method, text in (("scorecam", "a green square"), ("rollout", "")):
+    for method, text, name, kind in (("scorecam", "a green square", "map.jpg", "JPEG"), ("rollout", "", "map.png", "PNG")):
         with pytest.raises(SystemExit) as exit_info:
             main(["explain", str(tmp_path / "green.png"), text, "--model", str(tmp_path / "tiny.safetensors"),
-                  "--method", method, "--out", str(tmp_path / f"{method}.png")])
+                  "--method", method, "--out", str(tmp_path / name)])
         assert exit_info.value.code == 0, capsys.readouterr().err
-        assert Image.open(tmp_path / f"{method}.png").size == (256, 256)  # 64 px enlarged 4x
-    with pytest.raises(SystemExit) as exit_info:
-        main(["explain", str(tmp_path / "green.png"), " ", "--model", str(tmp_path / "tiny.safetensors")])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "non-empty text" in err
+        written = Image.open(tmp_path / name)
+        assert written.format == kind and written.size == (256, 256 + 38)  # 64 px enlarged 4x, then the legend strip
+    legend = np.asarray(Image.open(tmp_path / "map.png").convert("RGB"))[256:]
+    assert (legend[:16, :120] < 128).all(axis=2).any()  # the label's dark text is drawn on the white strip
+    for out, message in (("map.gif", "unknown image suffix '.gif'"), ("map.png", None)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["explain", str(tmp_path / "green.png"), " " if message is None else "x", "--model", str(tmp_path / "tiny.safetensors"), "--out", str(tmp_path / out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and (message or "non-empty text") in err
+    assert not (tmp_path / "map.gif").exists()
 
 
 def test_explain_image_rejects_unknown_methods(twin_models) -> None:

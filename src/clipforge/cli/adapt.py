@@ -44,7 +44,7 @@ def adapt_command(
     label_column: Annotated[str, typer.Option(help="Table column with class ids or names.")] = "label",
     class_field: Annotated[str, typer.Option(help="Webdataset class field (member extension or JSON key).")] = "cls",
     precision: PrecisionOption = "fp32",
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
 ) -> None:

@@ -36,7 +36,7 @@ def classify_command(
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
     precision: PrecisionOption = "fp32",
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
 ) -> None:

@@ -91,7 +91,7 @@ def _load_uncompressed(model: str, config: str | None, pretrained: str | None, i
 def tome_command(
     model: ModelOption,
     out: CheckpointOut,
-    r: Annotated[int | None, typer.Option("--r", min=0, help="Tokens merged per block (ToMe's r); a per-block list with --set r=[...].")] = None,
+    r: Annotated[int | None, typer.Option("--per-block", "-r", "--r", min=0, help="Tokens merged per block (ToMe's r); a per-block list with --set r=[...]. (--r: the earlier spelling.)")] = None,
     inflect: Annotated[float | None, typer.Option(help="Schedule: 0 constant, -1 decreasing from 2r to 0 (ToMe's parse_r).")] = None,
     set_: SetOption = None,
     config: ConfigOption = None,

@@ -6,7 +6,6 @@ store directory in clip-retrieval's layout, written in resumable parts (``clipfo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +16,7 @@ from clipforge.cli.options import (
     BatchSizeOption,
     CompressOption,
     ConfigOption,
+    DeviceOption,
     ModelOption,
     PretrainedOption,
     TomeOption,
@@ -29,13 +29,6 @@ from clipforge.cli.options import (
 
 def register(app: typer.Typer) -> None:
     app.command("embed")(embed_command)
-
-
-def default_device() -> str:
-    """The GPU of this process's torchrun rank (``LOCAL_RANK``) when there is one, else the CPU."""
-    import torch
-
-    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
 
 
 def embed_command(
@@ -53,7 +46,7 @@ def embed_command(
     part_size: Annotated[int, typer.Option(min=1, help="Store: images per part of a folder or manifest (a shard is one part).")] = 10_000,
     image_column: Annotated[str | None, typer.Option(help="Manifest column of image paths (default: image_path, filepath, path, image or file).")] = None,
     caption_column: Annotated[str | None, typer.Option(help="Manifest column of captions (default: caption, text or title).")] = None,
-    device: Annotated[str | None, typer.Option(help="Default: this rank's GPU if there is one, else cpu.")] = None,
+    device: DeviceOption = "auto",
     tome: TomeOption = None,
     compress: CompressOption = None,
 ) -> None:
@@ -66,7 +59,6 @@ def embed_command(
     from clipforge.errors import ConfigError
 
     workers = default_workers() if workers is None else workers
-    device = device or default_device()
     steps = compression_options(tome, compress)
     if out.suffix.lower() == ".parquet":
         note = checked_output(out, inputs=[model] if text else [model, *inputs])

@@ -13,6 +13,7 @@ from clipforge.cli.options import (
     BatchSizeOption,
     CompressOption,
     ConfigOption,
+    DeviceOption,
     ModelOption,
     PrecisionOption,
     PretrainedOption,
@@ -35,6 +36,7 @@ def eval_command(
     data: Annotated[list[str], typer.Option("--data", "-d", help="synthetic[:task], a class-per-folder directory, a .csv/.tsv/.parquet table or .tar webdataset shards (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON results, plots and report.md/report.html.")] = Path("eval_results"),
     precision: PrecisionOption = "fp32",
+    device: DeviceOption = "auto",
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
     classnames: Annotated[str | None, typer.Option(help="Class names: .txt (one per line) or JSON list.")] = None,
@@ -68,7 +70,7 @@ def eval_command(
     names = list(TASKS) if names == ["all"] else names
     steps = compression_options(tome, compress)
     checked_output(out, directory=True)
-    loaded = load_model(model, config, pretrained, precision, steps=steps)
+    loaded = load_model(model, config, pretrained, precision, device, steps)
     model_name = loaded.config.name + (f"+{describe_steps(steps)}" if steps else "")
     options = DataOptions(
         classnames_file=classnames, templates_file=templates, samples=samples, robustness_samples=robustness_samples,
@@ -98,22 +100,32 @@ def explain_command(
     image: Annotated[Path, typer.Argument(help="Image file to explain.")],
     model: ModelOption,
     text: Annotated[str, typer.Argument(help="Text to explain the image against (Score-CAM).")] = "",
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file for the overlay.")] = Path("map.png"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Overlay image: .png, .jpg or .webp.")] = Path("map.png"),
     method: Annotated[str, typer.Option(help="scorecam (image-text) | rollout (attention rollout, no text).")] = "scorecam",
     weighting: Annotated[str | None, typer.Option(help="Score-CAM channel weights: cosine | logit | increase (default: the tested one, see docs/eval.md).")] = None,
     precision: PrecisionOption = "fp32",
+    device: DeviceOption = "auto",
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
 ) -> None:
     """Save a heat map of what the image tower looks at, over the image as the model sees it."""
     from clipforge._util.imageio import open_image
+    from clipforge.encode import embed_images, encode_texts
+    from clipforge.errors import ConfigError
     from clipforge.explain import explain_image
-    from clipforge.explain.overlay import save_overlay
-
-    note = checked_output(out, inputs=[image, model])
-    loaded = load_model(model, config, pretrained, precision)
+    from clipforge.explain.overlay import FORMATS, save_overlay
     from clipforge.explain.scorecam import DEFAULT_WEIGHTING
 
-    view, heatmap = explain_image(loaded, open_image(image).convert("RGB"), text, method, weighting or DEFAULT_WEIGHTING)
-    save_overlay(view, heatmap, out)
+    note = checked_output(out, inputs=[image, model])
+    if out.suffix.lower() not in FORMATS:
+        raise ConfigError(f"--out {out}: unknown image suffix {out.suffix!r}; use one of {', '.join(FORMATS)}")
+    loaded = load_model(model, config, pretrained, precision, device)
+    picture = open_image(image).convert("RGB")
+    view, heatmap = explain_image(loaded, picture, text, method, weighting or DEFAULT_WEIGHTING)
+    if method == "rollout":
+        label = "attention rollout (no text)"
+    else:
+        cosine = float(embed_images(loaded, [picture], workers=0, progress=False).embeddings[0] @ encode_texts(loaded, [text])[0].numpy())
+        label = f"Score-CAM ({weighting or DEFAULT_WEIGHTING}) of \"{text}\" · cosine {cosine:.3f}"
+    save_overlay(view, heatmap, out, label=label)
     say(f"wrote {method} map of {image} to {out}{note}")

@@ -91,7 +91,7 @@ def greedy_soup_command(
     out: CheckpointOut,
     data: DataOption = None,
     samples: SamplesOption = 1000,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
     _marker: ModelsMarker = False,
 ) -> None:
     """Greedy soup (Wortsman et al., ICML 2022): add fine-tunes, best first, while held-out accuracy does not drop."""
@@ -112,7 +112,7 @@ def task_arithmetic_command(
     scaling: ScalingOption = None,
     data: DataOption = None,
     samples: SamplesOption = 1000,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
     _marker: ModelsMarker = False,
 ) -> None:
     """Task arithmetic (Ilharco et al., ICLR 2023): θ₀ + λ Σ τᵢ, λ in (0, 1] chosen on --data (else 0.3)."""
@@ -131,7 +131,7 @@ def ties_command(
     scaling: ScalingOption = None,
     data: DataOption = None,
     samples: SamplesOption = 1000,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
     _marker: ModelsMarker = False,
 ) -> None:
     """TIES-merging (Yadav et al., NeurIPS 2023): trim, elect signs, disjoint mean; λ in (0, 3] chosen on --data (else 1)."""
@@ -148,7 +148,7 @@ def opcm_command(
     out: CheckpointOut,
     alpha: Annotated[float, typer.Option(help="Share of the singular values whose directions count as the merged model's dominant subspace, in (0, 1].")] = 0.5,
     zero_diagonal: Annotated[bool, typer.Option(help="Also remove the components along each singular pair (fusion_bench since March 2025; off: the paper's first release).")] = True,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
     _marker: ModelsMarker = False,
 ) -> None:
     """OPCM (Tang et al., NeurIPS 2025): merge the models one at a time, in the order given, by orthogonal projection."""

@@ -20,7 +20,18 @@ ModelOption = Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hug
 ConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict.")]
 PretrainedOption = Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")]
 PrecisionOption = Annotated[str, typer.Option(help="fp32 | bf16 | fp16.")]
-DeviceOption = Annotated[str, typer.Option(help="Device for the model.")]
+def resolve_device(device: str) -> str:
+    """``auto``: this process's GPU (its torchrun rank's, ``LOCAL_RANK``) when there is one, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+
+
+DeviceOption = Annotated[
+    str, typer.Option(callback=resolve_device, help="cpu, cuda, cuda:1, ... or auto: the GPU if there is one, else cpu.")
+]
 CheckpointOut = Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors checkpoint (records the method).")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Any setting of the method: --set key=value (JSON values; repeatable).")]
 TrainSetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a training field: --set optimizer.lr=1e-3 (repeatable).")]

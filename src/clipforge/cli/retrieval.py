@@ -94,7 +94,7 @@ def index_command(
     precision: StorePrecisionOption = None,
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
 ) -> None:
     """Build the search index of a store, or bring a photo folder's store and index up to date."""
     _passive_openmp()
@@ -134,13 +134,13 @@ def search_command(
     query: Annotated[list[str], typer.Argument(help="Terms joined by + and -, each text or ./image.jpg, optionally weighted: 2:dog + ./pool.jpg - night")],
     index: Annotated[Path, typer.Option("--index", "-i", help="The store (or photo folder) to search.")],
     model: StoreModelOption = None,
-    k: Annotated[int, typer.Option("-k", min=1, help="Number of results.")] = 10,
+    k: Annotated[int, typer.Option("--top", "-k", min=1, help="Number of results.")] = 10,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     kind: KindOption = "img",
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
     precision: StorePrecisionOption = None,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
 ) -> None:
     """The k nearest images (or captions) to a query: paths and cosine scores."""
     root = _find_store(index)
@@ -177,7 +177,7 @@ def serve_command(
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
     precision: StorePrecisionOption = None,
-    device: DeviceOption = "cpu",
+    device: DeviceOption = "auto",
 ) -> None:
     """Serve the JSON API (OpenAPI at /openapi.json) and the search page at http://HOST:PORT/."""
     root = _find_store(index)

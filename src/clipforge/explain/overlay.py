@@ -1,4 +1,5 @@
-"""Heat-map overlays: a [0, 1] map drawn in a matplotlib colormap over the image, saved as PNG."""
+"""Heat-map overlays: a [0, 1] map drawn in a matplotlib colormap over the image, with a legend strip (what
+was explained, the colour scale), saved as PNG, JPEG or WebP by the file's suffix."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib import colormaps
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from clipforge._util.fileio import atomic_path
 from clipforge.errors import InputError
@@ -33,10 +34,38 @@ def heatmap_overlay(
     return Image.fromarray(np.round(blended * 255).astype(np.uint8), "RGB")
 
 
-def save_overlay(image: Image.Image, heatmap: torch.Tensor | np.ndarray, path: str | Path, alpha: float = 0.5) -> Path:
-    """Write ``heatmap_overlay(image, heatmap)`` as a PNG (atomically)."""
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def with_legend(overlay: Image.Image, label: str, colormap: str = "jet") -> Image.Image:
+    """``overlay`` above a white strip holding ``label`` and the colour scale from low to high attribution."""
+    strip, bar_width = 38, min(160, overlay.width // 2)
+    canvas = Image.new("RGB", (overlay.width, overlay.height + strip), "white")
+    canvas.paste(overlay, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    while len(label) > 1 and draw.textlength(label, font_size=10) > overlay.width - 8:
+        label = label[:-2] + "…"
+    draw.text((4, overlay.height + 3), label, fill="black", font_size=10)
+    gradient = (np.asarray(colormaps[colormap](np.linspace(0, 1, bar_width)))[:, :3] * 255).astype(np.uint8)
+    bar = Image.fromarray(np.repeat(gradient[None], 8, axis=0), "RGB")
+    left = overlay.width - bar_width - 34
+    canvas.paste(bar, (left, overlay.height + 24))
+    draw.text((left - 24, overlay.height + 21), "low", fill="black")
+    draw.text((left + bar_width + 4, overlay.height + 21), "high", fill="black")
+    return canvas
+
+
+def save_overlay(
+    image: Image.Image, heatmap: torch.Tensor | np.ndarray, path: str | Path, alpha: float = 0.5, label: str | None = None
+) -> Path:
+    """Write ``heatmap_overlay(image, heatmap)`` (with a legend strip when ``label`` is given) atomically, in the
+    format of the suffix: .png, .jpg/.jpeg or .webp."""
     path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise InputError(f"{path}: unknown image suffix {path.suffix!r}; use one of {', '.join(FORMATS)}")
     overlay = heatmap_overlay(image, heatmap, alpha=alpha)
+    if label is not None:
+        overlay = with_legend(overlay, label)
     with atomic_path(path) as tmp:
-        overlay.save(tmp, format="PNG")
+        overlay.save(tmp, format=FORMATS[path.suffix.lower()])
     return path

@@ -149,6 +149,7 @@ def test_thumbnail_image_metadata_health_page_and_openapi(setup):
     assert client.get("/api/metadata/4").json() == {**row, "id": 4}
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["vectors"] == 17 and health["index"] == "Flat"
+    assert "/" not in health["model"] and health["model"].endswith(".safetensors")  # a file name, not a server path
     page = client.get("/")
     assert page.status_code == 200 and 'id="query"' in page.text and 'id="image-upload"' in page.text
     assert client.get("/static/app.js").status_code == 200

@@ -76,6 +76,18 @@ def _find_store(index: Path) -> Path:
     return find_store(index)
 
 
+def _require_index(root: Path, kind: str) -> None:
+    """Refuse, naming the command that fixes it, a store without ``kind`` embeddings or without their index."""
+    from clipforge.retrieval.search import index_dir
+    from clipforge.retrieval.store import EmbeddingStore
+
+    if kind not in EmbeddingStore(root).kinds:
+        how = "embed the captions too (clipforge embed ... --captions)" if kind == "text" else "embed images into it (clipforge embed)"
+        raise ConfigError(f"{root}: holds no {kind} embeddings; {how}, then run clipforge index {root} --kind {kind}")
+    if not (index_dir(root, kind) / "index.json").is_file():
+        raise ConfigError(f"{root}: no {kind} index yet; build it with clipforge index {root}" + (" --kind text" if kind == "text" else ""))
+
+
 def _load(store: Path | None, model: str | None, config: str | None, pretrained: str | None, precision: str | None, device: str) -> Any:
     from clipforge.retrieval.embed import load_model
 
@@ -148,6 +160,7 @@ def search_command(
     from clipforge.retrieval.query import parse_query, query_vector
 
     terms = parse_query(" ".join(query))
+    _require_index(root, kind)
     searcher = SearchIndex(root, kind)
     vector = query_vector(_load(root, model, config, pretrained, precision, device), terms)
     hits = searcher.results(vector, k)
@@ -183,6 +196,7 @@ def serve_command(
     root = _find_store(index)
     from clipforge.serve import serve
 
+    _require_index(root, kind)
     loaded = _load(root, model, config, pretrained, precision, device)
     error_console.print(f"serving {escape(str(root))} on http://{host}:{port}/", highlight=False, soft_wrap=True)
     serve(root, loaded, host=host, port=port, kind=kind, max_k=max_k, max_upload_bytes=parse_size(max_upload, "--max-upload"),

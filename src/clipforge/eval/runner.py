@@ -321,14 +321,10 @@ def _run_task(
     if task == "linear-probe":
         if synthetic is not None and options.train_data is None:
             return evaluator.linear_probe(synthetic.dataset("train", options.samples), dataset)
-        if options.train_data is None:
-            raise InputError(f"linear-probe on {spec}: give the training images with --train-data")
         return evaluator.linear_probe(_load(options.train_data, options), dataset)
     if task == "ood":
         if options.ood_data is not None:
             return evaluator.ood(dataset, _load(options.ood_data, options).images, options.ood_data)
-        if synthetic is None:
-            raise InputError(f"ood on {spec}: give the out-of-distribution images with --ood-data")
         return evaluator.ood(dataset, synthetic.single_object_images("test_ood", options.samples), "synthetic/test_ood")
     raise InputError(f"task: {task!r} is not one of {', '.join(TASKS)}")
 
@@ -346,6 +342,11 @@ def run_tasks(
         raise InputError(f"--adapter: {unadapted[0]} does not classify with it (only {', '.join(ADAPTER_TASKS)} do)")
     if not tasks or not data:
         raise InputError("eval: give at least one task and one dataset (--data)")
+    for spec in data:  # checked before any image is encoded
+        if "linear-probe" in tasks and options.train_data is None and not spec.startswith("synthetic"):
+            raise InputError(f"linear-probe on {spec}: give the training images with --train-data")
+        if "ood" in tasks and options.ood_data is None and not spec.startswith("synthetic"):
+            raise InputError(f"ood on {spec}: give the out-of-distribution images with --ood-data")
     results = []
     for spec in data:
         dataset = _load(spec, options) if any(task != "retrieval" for task in tasks) else None

@@ -96,7 +96,8 @@ def load_model(reference: dict[str, Any], device: str | torch.device = "cpu") ->
     if not Path(reference["source"]).exists() and not reference.get("pretrained"):
         raise ConfigError(
             f"--model {reference['source']}: no such file, and a config name without --pretrained has random "
-            "weights that differ on every load; save the model (clipforge.save) and pass the checkpoint file"
+            "weights that differ on every load; add --pretrained TAG (clipforge models --pretrained lists them) or pass "
+            "a checkpoint file (clipforge convert SOURCE model.safetensors writes one from any format)"
         )
     return load(
         reference["source"], config=reference.get("config"), precision=reference.get("precision", "fp32"),

@@ -191,7 +191,7 @@ def create_app(
             "vectors": index.store.num_vectors,
             "dim": index.store.dim,
             "index": index.spec.factory,
-            "model": info.get("model", {}).get("source"),
+            "model": Path(str(info.get("model", {}).get("source"))).name,  # the file name: no server paths to clients
             "max_k": max_k,
         }
 

@@ -101,7 +101,8 @@ def test_incremental_updates_embed_only_new_content(tmp_path, tiny):
     picture(11).save(folder / "g.png")
     changed = update_photo_store(folder, counting, reference, workers=0, progress=False)
     assert counting.encoded == 8 and changed.embedded == 2  # c.png and g.png only
-    assert (changed.unchanged, changed.moved, changed.removed) == (2, 2, 2)  # e, f; renamed, b; gone: a.png, d.png
+    counts = (changed.new, changed.modified, changed.unchanged, changed.touched, changed.moved, changed.removed)
+    assert counts == (1, 1, 2, 1, 1, 1)  # g; c; e, f; b; a → renamed; d
     now = stored(store)
     assert sorted(now) == ["b.png", "c.png", "g.png", "trip/e.png", "trip/f.png", "trip/sub/renamed.png"]
     np.testing.assert_array_equal(now["trip/sub/renamed.png"], vectors["a.png"])
@@ -120,10 +121,11 @@ def test_incremental_updates_embed_only_new_content(tmp_path, tiny):
 def test_another_model_embeds_everything_again(tmp_path, tiny):
     model_path, model = tiny
     folder = make_folder(tmp_path / "Photos")
-    update_photo_store(folder, model, model_reference(str(model_path), None, None, "fp32"), workers=0, progress=False)
+    first = model_reference(str(model_path), None, None, "fp32")
+    update_photo_store(folder, model, first, workers=0, progress=False)
     counting = CountingModel(model)
-    update_photo_store(folder, counting, model_reference(str(model_path), None, None, "bf16"), workers=0, progress=False)
-    assert counting.encoded == 6
+    again = update_photo_store(folder, counting, model_reference(str(model_path), None, None, "bf16"), workers=0, progress=False)
+    assert counting.encoded == 6 and again.previous_model == first  # the CLI says why everything is new
 
 
 def test_an_interrupted_swap_is_repaired(tmp_path, tiny):
@@ -152,7 +154,7 @@ def test_cli_index_and_search_a_photo_folder(tmp_path, tiny, capsys):
     assert "7 new" in capsys.readouterr().out
     app(["index", str(folder), "--workers", "0"], standalone_mode=False)  # the model recorded in the store
     out = capsys.readouterr().out
-    assert "0 new, 7 unchanged" in out and "up to date" in out
+    assert "0 new, 0 changed, 7 unchanged" in out and "up to date" in out
     app(["search", str(folder / "query.png"), "--index", str(folder), "-k", "2", "--json"], standalone_mode=False)
     hits = capsys.readouterr().out
     assert sorted(Path(hit["path"]).name for hit in json.loads(hits)) == ["c.png", "query.png"]

@@ -129,9 +129,11 @@ def index_command(
         )
         for _, reason in update.skipped:
             warn("skipped", reason)
+        if update.previous_model is not None:
+            warn("note", f"{root} was made with another model ({update.previous_model.get('source')}); every photo is embedded again")
         say(
-            f"{directory}: {update.embedded} new, {update.unchanged} unchanged, {update.moved} moved or renamed, "
-            f"{update.removed} removed, {len(update.skipped)} unreadable"
+            f"{directory}: {update.new} new, {update.modified} changed, {update.unchanged} unchanged, {update.touched} touched, "
+            f"{update.moved} moved or renamed, {update.removed} removed, {len(update.skipped)} unreadable"
         )
         if not update.changed and (index_dir(root, kind) / "index.json").is_file():
             say(f"the index in {root} is up to date")

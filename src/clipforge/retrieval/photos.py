@@ -7,8 +7,10 @@ metadata is also the catalogue: per photo its path relative to the folder (``uid
 1. the folder is walked, skipping hidden entries and rclip's excluded folders;
 2. a photo whose relative path, size and modification time match a catalogue row keeps its vector;
 3. otherwise its fingerprint (SHA-256 of the first MiB and the last KiB, rclip's) and size are looked
-   up: a match is the same photo renamed or moved (or touched), and keeps its vector;
-4. only the remaining photos are decoded and embedded; rows of deleted photos are dropped.
+   up: the same content under the same path is a touched photo, under another path a renamed or moved one;
+   both keep their vectors;
+4. only the remaining photos (new ones, and changed content under an old name) are decoded and embedded;
+   rows of deleted photos are dropped.
 
 Nothing is written when nothing changed. Otherwise the new store is written next to the old one
 (``.clipforge.new``) and swapped in by two renames; a run interrupted between them is repaired by the
@@ -49,10 +51,14 @@ TAIL_BYTES = 1 << 10
 @dataclass
 class PhotoUpdate:
     store: Path
-    embedded: int = 0
+    embedded: int = 0  # new + modified
+    new: int = 0  # paths the catalogue did not have
+    modified: int = 0  # catalogued paths whose content changed
     unchanged: int = 0
-    moved: int = 0  # renamed, moved or touched photos whose vectors were kept
-    removed: int = 0  # catalogued paths that are gone (including the old names of moved photos)
+    touched: int = 0  # same path and content, new modification time
+    moved: int = 0  # renamed or moved photos whose vectors were kept
+    removed: int = 0  # photos gone from the folder (not the old names of moved ones)
+    previous_model: dict[str, Any] | None = None  # the model of a store made with another one (all re-embedded)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (photo, one-line reason)
     changed: bool = False  # whether a new store was written
 
@@ -103,17 +109,16 @@ def _repair(store: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _catalogue(store: Path, reference: dict[str, Any]) -> tuple[list[dict], np.ndarray]:
-    """The rows and vectors of an existing photo store made with the same model (none otherwise).
-
-    Any other store at that place is refused rather than replaced.
-    """
+def _catalogue(store: Path, reference: dict[str, Any], update: PhotoUpdate) -> tuple[list[dict], np.ndarray]:
+    """The rows and vectors of an existing photo store made with the same model (none otherwise: the other
+    model is noted in ``update``). Any other store at that place is refused rather than replaced."""
     if not is_store(store):
         return [], np.zeros((0, 0), np.float32)
     info = store_info(store)
     if info.get("kind") != "photos":
         raise ConfigError(f"{store}: holds an embedding store that is not a photo folder's; choose another --store")
     if info.get("model") != reference:
+        update.previous_model = info.get("model")
         return [], np.zeros((0, 0), np.float32)
     existing = EmbeddingStore(store)
     rows = [restore_names(row, STORE_NAMES) for row in existing.metadata(np.arange(existing.num_vectors))]
@@ -136,10 +141,10 @@ def update_photo_store(
         raise InputError(f"{folder}: no such folder")
     store = Path(store).absolute() if store else default_store(folder)
     _repair(store)
-    old_rows, old_vectors = _catalogue(store, reference)
+    update = PhotoUpdate(store)
+    old_rows, old_vectors = _catalogue(store, reference, update)
     by_path = {row["uid"]: i for i, row in enumerate(old_rows)}
     by_content = {(row["hash"], row["size"]): i for i, row in enumerate(old_rows)}
-    update = PhotoUpdate(store)
     rows: list[dict[str, Any]] = []
     sources: list[int | None] = []  # old row of each new row, or None to embed
     unreadable: list[tuple[str, str]] = []
@@ -156,8 +161,11 @@ def update_photo_store(
             content = old_rows[old]["hash"]
         else:
             content = fingerprint(photo, stat.st_size)
-            old = by_content.get((content, stat.st_size))
-            update.moved += old is not None
+            if old is not None and (old_rows[old]["hash"], old_rows[old]["size"]) == (content, stat.st_size):
+                update.touched += 1
+            else:
+                old = by_content.get((content, stat.st_size))
+                update.moved += old is not None
         rows.append({"uid": uid, "path": str(photo), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hash": content})
         sources.append(old)
     update.skipped += unreadable
@@ -174,9 +182,12 @@ def update_photo_store(
     result = embed_images(model, [rows[i]["path"] for i in to_embed], batch_size=batch_size, workers=workers, progress=progress)
     update.skipped += [(rows[to_embed[position]]["path"], reason) for position, reason in result.skipped]
     update.embedded = len(result.kept)
+    update.modified = sum(rows[to_embed[position]]["uid"] in by_path for position in result.kept)
+    update.new = update.embedded - update.modified
     fresh = {to_embed[position]: vector for position, vector in zip(result.kept, result.embeddings)}
     keep = [i for i, old in enumerate(sources) if old is not None or i in fresh]
-    update.removed = len(set(by_path) - {row["uid"] for row in rows})
+    present, reused = {row["uid"] for row in rows}, set(sources) - {None}
+    update.removed = sum(row["uid"] not in present and index not in reused for index, row in enumerate(old_rows))
     new_rows = [rows[i] for i in keep]
     if new_rows == old_rows:
         return update

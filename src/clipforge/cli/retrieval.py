@@ -3,7 +3,8 @@
 ``index DIR`` on a store (written by ``clipforge embed --out DIR``) chooses, builds and tunes its faiss
 index; on a plain photo folder it first brings the folder's own store (``DIR/.clipforge``) up to date,
 embedding only new photos (``clipforge.retrieval.photos``). ``search`` and ``serve`` accept either kind of DIR and
-load the model recorded in the store unless ``--model`` is given.
+load the model recorded in the store unless ``--model`` is given; ``search`` in a photo folder (the current one
+by default, or any folder inside it) refreshes the folder's store first, as rclip does.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from clipforge._util.progress import console, error_console, say, warn
+from clipforge._util.progress import console, error_console, log_line, say, warn
 from clipforge.cli.options import (
     BatchSizeOption,
     ConfigOption,
@@ -26,7 +29,7 @@ from clipforge.cli.options import (
     WorkersOption,
     checked_output,
 )
-from clipforge.errors import ConfigError
+from clipforge.errors import ConfigError, InputError
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -110,64 +113,129 @@ def index_command(
 ) -> None:
     """Build the search index of a store, or bring a photo folder's store and index up to date."""
     _passive_openmp()
-    from clipforge.retrieval import SearchIndex, index_dir
     from clipforge.retrieval.photos import default_store, is_store
 
     budget = parse_size(memory_budget, "--memory-budget")
-    root = directory
     if store is not None or not is_store(directory):
-        from clipforge.encode import default_workers
-        from clipforge.retrieval.embed import load_model
-        from clipforge.retrieval.photos import update_photo_store
-
         root = (store or default_store(directory)).absolute()
         checked_output(root, directory=True, option="--store")
-        reference = _model_reference(root if is_store(root) else None, model, config, pretrained, precision)
-        update = update_photo_store(
-            directory, load_model(reference, device=device), reference, root, batch_size=batch_size,
-            workers=default_workers() if workers is None else workers,
+        _refresh_photos(
+            directory, root, StoreModel(model, config, pretrained, precision, device), kind, budget, target_recall,
+            batch_size, workers, report=say,
         )
-        for _, reason in update.skipped:
-            warn("skipped", reason)
-        if update.previous_model is not None:
-            warn("note", f"{root} was made with another model ({update.previous_model.get('source')}); every photo is embedded again")
-        say(
-            f"{directory}: {update.new} new, {update.modified} changed, {update.unchanged} unchanged, {update.touched} touched, "
+        return
+    _build_index(directory, kind, budget, target_recall, say)
+
+
+@dataclass(frozen=True)
+class StoreModel:
+    """The model options of ``index``, ``search`` and ``serve`` (default: the model the store records)."""
+
+    model: str | None
+    config: str | None
+    pretrained: str | None
+    precision: str | None
+    device: str
+
+
+def _build_index(root: Path, kind: str, budget: int, target_recall: float, report: Callable[[str], None]) -> None:
+    from clipforge.retrieval import SearchIndex, index_dir
+
+    spec = SearchIndex.build(root, kind, memory_budget=budget, target_recall=target_recall).spec
+    report(f"{spec.factory} index over {spec.num_vectors:,} vectors in {index_dir(root, kind)}: {spec.reason}")
+    report(f"recall@{spec.recall_k} = {spec.recall:.3f} (target {spec.target_recall}); search parameters {spec.params}")
+
+
+def _refresh_photos(
+    folder: Path, root: Path, options: StoreModel, kind: str, budget: int, target_recall: float, batch_size: int,
+    workers: int | None, report: Callable[[str], None], quiet_when_unchanged: bool = False,
+) -> Any:
+    """Bring the photo folder's store ``root`` and its index up to date (rclip's incremental indexing); return the
+    loaded model. ``report`` gets the summary lines (none when nothing changed and ``quiet_when_unchanged``)."""
+    from clipforge.encode import default_workers
+    from clipforge.retrieval import index_dir
+    from clipforge.retrieval.embed import load_model
+    from clipforge.retrieval.photos import is_store, update_photo_store
+
+    reference = _model_reference(root if is_store(root) else None, options.model, options.config, options.pretrained, options.precision)
+    loaded = load_model(reference, device=options.device)
+    update = update_photo_store(
+        folder, loaded, reference, root, batch_size=batch_size, workers=default_workers() if workers is None else workers,
+    )
+    for _, reason in update.skipped:
+        warn("skipped", reason)
+    if update.previous_model is not None:
+        warn("note", f"{root} was made with another model ({update.previous_model.get('source')}); every photo is embedded again")
+    indexed = (index_dir(root, kind) / "index.json").is_file()
+    if update.changed or not indexed or not quiet_when_unchanged:
+        report(
+            f"{folder}: {update.new} new, {update.modified} changed, {update.unchanged} unchanged, {update.touched} touched, "
             f"{update.moved} moved or renamed, {update.removed} removed, {len(update.skipped)} unreadable"
         )
-        if not update.changed and (index_dir(root, kind) / "index.json").is_file():
-            say(f"the index in {root} is up to date")
-            return
-    built = SearchIndex.build(root, kind, memory_budget=budget, target_recall=target_recall)
-    spec = built.spec
-    say(f"{spec.factory} index over {spec.num_vectors:,} vectors in {index_dir(root, kind)}: {spec.reason}")
-    say(f"recall@{spec.recall_k} = {spec.recall:.3f} (target {spec.target_recall}); search parameters {spec.params}")
+    if update.changed or not indexed:
+        _build_index(root, kind, budget, target_recall, report)
+    elif not quiet_when_unchanged:
+        report(f"the index in {root} is up to date")
+    return loaded
 
 
 def search_command(
     query: Annotated[list[str], typer.Argument(help="Terms joined by + and -, each text or ./image.jpg, optionally weighted: 2:dog + ./pool.jpg - night")],
-    index: Annotated[Path, typer.Option("--index", "-i", help="The store (or photo folder) to search.")],
+    index: Annotated[Path, typer.Option("--index", "-i", help="A store, or a photo folder or any folder inside one (default: here).")] = Path("."),
     model: StoreModelOption = None,
     k: Annotated[int, typer.Option("--top", "-k", min=1, help="Number of results.")] = 10,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    paths_only: Annotated[bool, typer.Option("--paths-only", "-f", help="Print only the paths, one per line (for a viewer).")] = False,
+    refresh: Annotated[bool, typer.Option(help="Photo folders: index new, moved and deleted photos before searching.")] = True,
     kind: KindOption = "img",
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
     precision: StorePrecisionOption = None,
     device: DeviceOption = "auto",
+    memory_budget: Annotated[str, typer.Option(help="Photo folders: most memory a rebuilt index may use.")] = "4GB",
+    batch_size: BatchSizeOption = 64,
+    workers: WorkersOption = None,
 ) -> None:
-    """The k nearest images (or captions) to a query: paths and cosine scores."""
-    root = _find_store(index)
+    """The k nearest images (or captions) to a query: paths and cosine scores.
+
+    In a photo folder (or any folder inside one) the folder's store is brought up to date first, like rclip,
+    and only photos under the folder asked about are returned.
+    """
+    _passive_openmp()
     from clipforge.retrieval import SearchIndex
+    from clipforge.retrieval.photos import default_store, is_store
     from clipforge.retrieval.query import parse_query, query_vector
 
     terms = parse_query(" ".join(query))
+    target, loaded, within = index.absolute(), None, None
+    if is_store(target):
+        root = target
+    else:
+        folder = next((place for place in (target, *target.parents) if is_store(default_store(place))), target)
+        root = default_store(folder)
+        if not is_store(root) and model is None:
+            raise InputError(
+                f"{target}: no embedding store here or in a folder above; give --model to index this folder now, "
+                f"or run clipforge index {target} --model M first"
+            )
+        if refresh or not is_store(root):
+            options = StoreModel(model, config, pretrained, precision, device)
+            loaded = _refresh_photos(folder, root, options, kind, parse_size(memory_budget, "--memory-budget"), 0.95,
+                                     batch_size, workers, report=log_line, quiet_when_unchanged=True)
+        within = target.relative_to(folder).as_posix() + "/" if target != folder else None
     _require_index(root, kind)
     searcher = SearchIndex(root, kind)
-    vector = query_vector(_load(root, model, config, pretrained, precision, device), terms)
-    hits = searcher.results(vector, k)
+    vector = query_vector(loaded or _load(root, model, config, pretrained, precision, device), terms)
+    if within is None:
+        hits = searcher.results(vector, k)
+    else:  # a subfolder: rank every photo, keep those under it
+        hits = [hit for hit in searcher.results(vector, searcher.store.num_vectors) if hit["uid"].startswith(within)][:k]
     if json_output:
         print(json.dumps(hits))
+        return
+    if paths_only:
+        for hit in hits:
+            say(hit.get("path", ""))
         return
     from rich.table import Table
 

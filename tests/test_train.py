@@ -144,7 +144,7 @@ def test_synthetic_world_settings_reach_the_training_data_and_are_checked(tmp_pa
     world = 'data.world={split_shifts={train="outline"}, count_weights=[1, 1, 1]}'
     config = load_config(None, [*micro_overrides(tmp_path, 1), world])
     model = build_model(config)
-    source = _train_loader(config, model, WorldInfo(0, 0, 1), None)._loader.dataset.source
+    source = _train_loader(config, model, WorldInfo(0, 0, 1), None, None)._loader.dataset.source
     expected = SyntheticWorld(WorldConfig(seed=0, image_size=32, split_shifts={"train": "outline"}, count_weights=(1, 1, 1)))
     plain = SyntheticWorld(WorldConfig(seed=0, image_size=32))
     for index in range(3):

@@ -102,6 +102,10 @@ def index_command(
     from clipforge.retrieval.photos import default_store, is_store
 
     budget = parse_size(memory_budget, "--memory-budget")
+    if not directory.is_dir():
+        from clipforge.errors import InputError
+
+        raise InputError(f"{directory}: {'not a folder' if directory.exists() else 'no such folder'}")
     root = directory
     if store is not None or not is_store(directory):
         from clipforge.encode import default_workers

@@ -123,6 +123,18 @@ def test_text_search_matches_brute_force(setup):
     assert all(hit["thumbnail"] == f"/api/thumbnail/{hit['id']}" and hit["path"].endswith(".png") for hit in hits)
 
 
+def test_search_reports_its_server_time_and_refuses_self_cancelling_queries(setup):
+    _, _, _, client = setup
+    start = time.perf_counter()
+    response = client.get("/api/search", params={"q": "a green triangle on the left", "k": 3})
+    elapsed_ms = 1e3 * (time.perf_counter() - start)
+    timing = dict(part.strip().split(";dur=") for part in response.headers["Server-Timing"].split(","))
+    assert set(timing) == {"encode", "search"}
+    assert 0 < float(timing["encode"]) and 0 <= float(timing["search"]) and float(timing["encode"]) + float(timing["search"]) < elapsed_ms
+    response = client.get("/api/search", params={"q": "yellow - yellow"})
+    assert response.status_code == 400 and "cancel out" in response.json()["error"]
+
+
 def test_image_upload_search_finds_the_same_picture_first(setup):
     root, store, model, client = setup
     data = (root / "photos" / "img07.png").read_bytes()

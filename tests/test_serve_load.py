@@ -27,8 +27,11 @@ def server(tmp_path_factory):
     process.wait(timeout=30)
 
 
-async def _client(http: httpx.AsyncClient, seed: int, deadline: float, latencies: list[float], failures: list[str]) -> None:
-    """One client: mostly varied text searches (so no cache answers them), some thumbnails and health checks."""
+async def _client(
+    http: httpx.AsyncClient, seed: int, deadline: float, latencies: list[float], failures: list[str], server: list[dict]
+) -> None:
+    """One client: mostly varied text searches (so no cache answers them), some thumbnails and health checks;
+    ``server`` collects the searches' Server-Timing (milliseconds encoding the text and searching the index)."""
     rng = random.Random(seed)
     while time.monotonic() < deadline:
         roll = rng.random()
@@ -43,33 +46,38 @@ async def _client(http: httpx.AsyncClient, seed: int, deadline: float, latencies
             response = await http.get(url, params=params)
             if response.status_code != 200:
                 failures.append(f"{url}: {response.status_code} {response.text[:200]}")
+            elif "Server-Timing" in response.headers:
+                server.append({name: float(value) for name, value in (part.split(";dur=") for part in response.headers["Server-Timing"].split(", "))})
         except httpx.HTTPError as error:
             failures.append(f"{url}: {type(error).__name__} {error}")
         latencies.append(time.perf_counter() - start)
 
 
-async def _load(base: str, seconds: float) -> tuple[list[float], list[str]]:
+async def _load(base: str, seconds: float) -> tuple[list[float], list[str], list[dict]]:
     latencies: list[float] = []
     failures: list[str] = []
+    server: list[dict] = []
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as http:
         deadline = time.monotonic() + seconds
-        await asyncio.gather(*(_client(http, seed, deadline, latencies, failures) for seed in range(CLIENTS)))
-    return latencies, failures
+        await asyncio.gather(*(_client(http, seed, deadline, latencies, failures, server) for seed in range(CLIENTS)))
+    return latencies, failures, server
 
 
 @pytest.mark.parametrize("seconds", [3, pytest.param(30, marks=pytest.mark.slow)])
 def test_concurrent_clients_get_no_errors(server, seconds, capsys):
-    latencies, failures = asyncio.run(_load(server, seconds))
+    latencies, failures, timings = asyncio.run(_load(server, seconds))
     milliseconds = 1e3 * np.array(latencies)
+    encode, search = (np.array([timing[part] for timing in timings]) for part in ("encode", "search"))
     with capsys.disabled():
         print(
             f"\nload: {CLIENTS} clients for {seconds} s: {len(latencies)} requests ({len(latencies) / seconds:.0f}/s), "
             f"latency p50 {np.percentile(milliseconds, 50):.1f} ms, p99 {np.percentile(milliseconds, 99):.1f} ms, "
-            f"{len(failures)} errors"
+            f"{len(failures)} errors; inside the server per search: encoding p50 {np.percentile(encode, 50):.1f} ms "
+            f"(p99 {np.percentile(encode, 99):.1f}), index p50 {np.percentile(search, 50):.1f} ms (p99 {np.percentile(search, 99):.1f})"
         )
     assert failures == []
-    assert len(latencies) >= CLIENTS
+    assert len(latencies) >= CLIENTS and len(timings) > 0
 
 
 def _raw(base: str, method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, bytes]:

@@ -61,13 +61,24 @@ def log_line(text: str) -> None:
     error_console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
 
+class _Progress(Progress):
+    """A bar that disappears when the work fails: the command ends on its one error line, not a half-drawn bar."""
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:  # noqa: ANN001
+        if exc_type is not None:
+            self.live.transient = True
+            for task in list(self.task_ids):
+                self.remove_task(task)
+        super().__exit__(exc_type, exc_value, traceback)
+
+
 def progress_bar(disable: bool = False, transient: bool = False) -> Progress:
     """Counts, items/s and ETA, drawn on stderr so stdout stays parseable.
 
     Redrawn twice a second: rich's default (10/s) takes the GIL often enough to cost a CPU training loop
     a few per cent.
     """
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

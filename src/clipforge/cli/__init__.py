@@ -88,8 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:  # a file system failure the checks could not foresee (disk full, a file removed meanwhile)
         fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else one_line(error))
         sys.exit(2)
-    except typer.TyperException as error:  # usage errors (typer's own click): a usage line, not a traceback
-        error.show()  # type: ignore[attr-defined]
+    except typer.TyperException as error:  # usage errors (typer's own click): one line naming the option
+        context = getattr(error, "ctx", None)
+        if type(error).__name__ == "NoArgsIsHelpError" or not hasattr(error, "format_message"):
+            error.show()  # type: ignore[attr-defined]  # a bare group: its help
+        else:
+            where = f" (see '{context.command_path} --help')" if context is not None else ""
+            fail(f"{error.format_message()}{where}")
         sys.exit(getattr(error, "exit_code", 2))
     except typer.Abort:
         error_console.print("aborted")

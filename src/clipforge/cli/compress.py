@@ -199,10 +199,11 @@ def early_exit_command(
     result = evaluate_early_exit(loaded, heads, test, bank, threshold, batch_size=batch_size)
     save_exit_heads(heads, out, threshold)
     depth, blocks = result.average_depth, result.blocks
-    table = Table("", "accuracy", "agreement with full model", "average blocks run", title=escape(f"early exit on {result.dataset}"))
-    table.add_row("full model", f"{100 * result.full_accuracy:.1f}%", "100.0%", f"{blocks}")
+    table = Table("", "accuracy", "agrees with full", "blocks run", "wall time", title=escape(f"early exit on {result.dataset}"))
+    table.add_row("full model", f"{100 * result.full_accuracy:.1f}%", "100.0%", f"{blocks}", f"{result.full_seconds:.2f} s")
     table.add_row(f"exit heads {result.exit_layers}, threshold {threshold}", f"{100 * result.accuracy:.1f}%",
-                  f"{100 * result.agreement:.1f}%", f"{depth:.2f} ({depth / blocks:.0%})")
+                  f"{100 * result.agreement:.1f}%", f"{depth:.2f} ({depth / blocks:.0%})",
+                  f"{result.seconds:.2f} s ({result.speedup:.2f}x)")
     console.print(table)
     say(f"wrote {out}{note}")
 

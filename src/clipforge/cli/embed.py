@@ -62,8 +62,8 @@ def embed_command(
     steps = compression_options(tome, compress)
     if out.suffix.lower() == ".parquet":
         note = checked_output(out, inputs=[model] if text else [model, *inputs])
-        count, dim = _embed_to_parquet(inputs, model, out, text, config, pretrained, precision, batch_size, workers, strict, device, steps)
-        say(f"wrote {count} embeddings of dimension {dim} to {out}{note}")
+        count, dim, skipped = _embed_to_parquet(inputs, model, out, text, config, pretrained, precision, batch_size, workers, strict, device, steps)
+        say(f"wrote {count} embeddings of dimension {dim} to {out}{note}" + (f"; {skipped} images skipped" if skipped else ""))
         return
     if text:
         raise ConfigError(f"--out {out}: --text writes a .parquet file; for a store of captions use a manifest with --captions")
@@ -79,7 +79,7 @@ def embed_command(
         model_reference,
     )
 
-    checked_output(out, directory=True)
+    checked_output(out, directory=True, inputs=[model, *inputs])
     reference = model_reference(model, config, pretrained, precision)
     loaded = load_model(reference, device=device)
     rank, world_size = distributed_rank()
@@ -101,12 +101,13 @@ def embed_command(
 def _embed_to_parquet(
     inputs: list[str], model: str, out: Path, text: bool, config: str | None, pretrained: str | None,
     precision: str, batch_size: int, workers: int, strict: bool, device: str, steps: list[dict[str, Any]],
-) -> tuple[int, int]:
-    """Embed and write the parquet file; the number of rows and their dimension."""
+) -> tuple[int, int, int]:
+    """Embed and write the parquet file; the number of rows, their dimension and the images skipped."""
     from clipforge.encode import embed_images, embed_texts
     from clipforge.retrieval.inputs import collect_image_paths, write_embeddings
 
     loaded = load_model(model, config, pretrained, precision, device, steps)
+    skipped = 0
     if text:
         sources = list(inputs)
         vectors = embed_texts(loaded, sources, batch_size=batch_size)
@@ -116,6 +117,7 @@ def _embed_to_parquet(
         result = embed_images(loaded, sources, batch_size=batch_size, workers=workers, strict=strict)
         for _, reason in [*unreadable, *result.skipped]:
             warn("skipped", reason)
+        skipped = len(unreadable) + len(result.skipped)
         sources, vectors = [sources[i] for i in result.kept], result.embeddings
     write_embeddings(out, sources, vectors, model=str(model), kind="text" if text else "image")
-    return len(sources), vectors.shape[1]
+    return len(sources), vectors.shape[1], skipped

@@ -116,6 +116,8 @@ def index_command(
     from clipforge.retrieval.photos import default_store, is_store
 
     budget = parse_size(memory_budget, "--memory-budget")
+    if not directory.is_dir():
+        raise InputError(f"{directory}: {'not a folder' if directory.exists() else 'no such folder'}")
     if store is not None or not is_store(directory):
         root = (store or default_store(directory)).absolute()
         checked_output(root, directory=True, option="--store")

@@ -198,8 +198,12 @@ def _config_from(values: Any, name: str | None, source: Path) -> ModelConfig:
 
 
 def _config_for_bare_state(state: dict[str, torch.Tensor], layout: str, path: Path) -> ModelConfig:
-    """The architecture read off the shapes; the activation only where the layout settles it."""
-    shape_only = infer_architecture(state, activation="gelu")
+    """The architecture read off the shapes; the activation only where the layout settles it. Its errors name
+    the file (shapes no architecture explains, e.g. a head width that is not the usual 64)."""
+    try:
+        shape_only = infer_architecture(state, activation="gelu")
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: the architecture cannot be read off this {layout} state dict ({error}); pass config=") from None
     matches = [name for name in list_models() if _same_architecture(get_model_config(name), shape_only)]
     if layout == "openai":  # every OpenAI release was trained with QuickGELU
         named = [m for m in matches if get_model_config(m).activation == "quick_gelu"]

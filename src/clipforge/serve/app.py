@@ -4,7 +4,8 @@ Routes (OpenAPI spec at ``/openapi.json``):
 
 - ``GET /api/health``: store size, index, model;
 - ``GET /api/search?q=…&k=…``: text search with the weighted ``+``/``-`` syntax of
-  ``clipforge.retrieval.query`` (text terms only: a request never names a file on the server);
+  ``clipforge.retrieval.query`` (text terms only: a request never names a file on the server); its
+  ``Server-Timing`` header gives the milliseconds spent encoding the text and searching the index;
 - ``POST /api/search/image``: search by an uploaded image (multipart field ``image``), optionally
   combined with text terms ``q``;
 - ``GET /api/metadata/{id}``: a row's metadata;
@@ -23,6 +24,7 @@ result counts and query lengths are limited; every error is JSON ``{"error": mes
 import io
 import mimetypes
 import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -198,9 +200,16 @@ def create_app(
     @app.get("/api/search")
     def search_text(
         q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS, description="e.g. '2:golden retriever + beach - night'")],
+        response: Response,
         k: KParam = 10,
     ) -> dict[str, Any]:
-        return {"query": q, "results": results(text_vector(q), k)}
+        start = time.perf_counter()
+        vector = text_vector(q)
+        encoded = time.perf_counter()
+        hits = results(vector, k)
+        # W3C Server-Timing: where a request's time goes inside the server (text encoding vs the index)
+        response.headers["Server-Timing"] = f"encode;dur={1e3 * (encoded - start):.2f}, search;dur={1e3 * (time.perf_counter() - encoded):.2f}"
+        return {"query": q, "results": hits}
 
     @app.post("/api/search/image")
     def search_image(

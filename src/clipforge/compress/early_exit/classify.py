@@ -9,6 +9,7 @@ model's logit scale. This serves classification against a fixed prompt bank, not
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ from clipforge.compress.early_exit.heads import (
     check_number,
     resolve_logit_scale,
 )
-from clipforge.encode import embed_images
+from clipforge.encode import encode_pixels
 from clipforge.errors import ConfigError
 from clipforge.eval.zeroshot import zero_shot_logits
 from clipforge.models.vit import image_tower
@@ -48,9 +49,10 @@ class EarlyExitClassifier:
 
     After each exit block, the exit's embedding is classified against ``classifier`` [D, C] (from
     ``build_zero_shot_classifier``) at the model's logit scale; an image leaves when its max softmax probability
-    exceeds ``threshold``. Others go on; after the last block the model's own embedding decides. The blocks run
-    until the last image of the batch has left; LGViT evaluates one image at a time, which turns each image's
-    depth into saved compute. Puts model and heads in eval mode.
+    exceeds ``threshold``. Others go on; after the last block the model's own embedding decides. Images that
+    leave are dropped from the batch, so each later block runs on the images still in: the depths are the
+    compute spent, and every image's answer is the one it gets alone (LGViT evaluates one image at a time).
+    Puts model and heads in eval mode.
     """
 
     def __init__(
@@ -73,24 +75,29 @@ class EarlyExitClassifier:
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> EarlyExitResult:
-        check_full_tokens(self.tower)
-        batch, device = pixels.shape[0], self.tower.proj.device
+        tower = self.tower
+        check_full_tokens(tower)
+        batch, device = pixels.shape[0], tower.proj.device
         predictions = torch.zeros(batch, dtype=torch.long, device=device)
         confidences = torch.zeros(batch, device=device)
         depths = torch.zeros(batch, dtype=torch.long, device=device)
-        waiting = torch.arange(batch, device=device)
-        last = self.tower.cfg.layers - 1
-        for index, x, state in self.tower.transformer.iterate(self.tower.embed(pixels.to(device))):
+        waiting = torch.arange(batch, device=device)  # the images still in, by their row in ``pixels``
+        x = tower.embed(pixels.to(device))
+        last = tower.cfg.layers - 1
+        for index, block in enumerate(tower.transformer.resblocks):
+            if tower.prompts is not None:
+                x = tower.prompts.before_block(index, x)
+            # as VisionTransformer.forward: with class-token pooling the last block computes that token alone
+            x, _ = block(x, layer=index, first_token_only=index == last and tower.cfg.pool_type == "tok")
             if index != last and index not in self.heads.layers:
                 continue
-            tokens = x[waiting]
-            embedding = self.tower.head(tokens, state) if index == last else self.heads(index, tokens)[0]
+            embedding = tower.head(x) if index == last else self.heads(index, x)[0]
             probabilities = zero_shot_logits(embedding, self.classifier, self.logit_scale).softmax(-1)
             confidence, prediction = probabilities.max(-1)
             leaving = confidence > self.threshold if index != last else torch.ones_like(confidence, dtype=torch.bool)
             rows = waiting[leaving]
             predictions[rows], confidences[rows], depths[rows] = prediction[leaving], confidence[leaving], index + 1
-            waiting = waiting[~leaving]
+            x, waiting = x[~leaving], waiting[~leaving]
             if waiting.numel() == 0:
                 break
         return EarlyExitResult(predictions, depths, confidences)
@@ -107,7 +114,14 @@ class EarlyExitEvaluation:
     full_accuracy: float  # the full model's zero-shot accuracy
     accuracy: float  # with early exit
     agreement: float  # images early exit classifies as the full model does
-    average_depth: float  # blocks run per image, on average
+    average_depth: float  # blocks run per image, on average (images leave the batch: compute actually spent)
+    seconds: float  # wall time of early exit over the set (heads included, preprocessing excluded)
+    full_seconds: float  # wall time of the full model's image tower and zero-shot head on the same batches
+
+    @property
+    def speedup(self) -> float:
+        """Measured: the full model's wall time over early exit's."""
+        return self.full_seconds / self.seconds
 
 
 def evaluate_early_exit(
@@ -120,21 +134,30 @@ def evaluate_early_exit(
     batch_size: int = 32,
 ) -> EarlyExitEvaluation:
     """Classify ``dataset``'s images with ``EarlyExitClassifier`` and with the full model (``classifier`` [D, C]
-    for both; its zero-shot head, e.g. ``Evaluator.classifier``); accuracy, agreement and average depth."""
+    for both; its zero-shot head, e.g. ``Evaluator.classifier``): accuracy, agreement, average depth, and both
+    wall times, each batch timed under the one and then the other on the same preprocessed pixels."""
     classify = EarlyExitClassifier(model, heads, classifier, threshold)
-    results = [classify(pixels) for pixels in pixel_batches(model, dataset.images, batch_size)]
-    early = torch.cat([result.predictions for result in results]).cpu()
-    depth = torch.cat([result.depths for result in results]).float().mean().item()
-    features = embed_images(model, dataset.images, batch_size=batch_size, workers=0, strict=True, progress=False).embeddings
-    full = zero_shot_logits(torch.from_numpy(features), classifier).argmax(dim=1)
+    early, depths, full, seconds, full_seconds = [], [], [], 0.0, 0.0
+    for pixels in pixel_batches(model, dataset.images, batch_size):
+        start = time.perf_counter()
+        result = classify(pixels)
+        early.append(result.predictions.cpu())  # waits for the device, as encode_pixels does
+        middle = time.perf_counter()
+        with torch.inference_mode():
+            full.append(zero_shot_logits(encode_pixels(model, pixels, batch_size), classifier.cpu()).argmax(dim=1))
+        seconds, full_seconds = seconds + middle - start, full_seconds + time.perf_counter() - middle
+        depths.append(result.depths.cpu())
+    predictions, full_predictions = torch.cat(early), torch.cat(full)
     labels = torch.as_tensor(dataset.labels)
     return EarlyExitEvaluation(
         dataset=dataset.name,
         exit_layers=list(heads.layers),
         threshold=threshold,
         blocks=classify.tower.cfg.layers,
-        full_accuracy=(full == labels).float().mean().item(),
-        accuracy=(early == labels).float().mean().item(),
-        agreement=(early == full).float().mean().item(),
-        average_depth=depth,
+        full_accuracy=(full_predictions == labels).float().mean().item(),
+        accuracy=(predictions == labels).float().mean().item(),
+        agreement=(predictions == full_predictions).float().mean().item(),
+        average_depth=torch.cat(depths).float().mean().item(),
+        seconds=seconds,
+        full_seconds=full_seconds,
     )

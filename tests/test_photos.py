@@ -17,7 +17,7 @@ from PIL import Image
 import clipforge
 from clipforge.cli import retrieval as retrieval_cli
 from clipforge.data.synthetic import SyntheticWorld
-from clipforge.errors import ConfigError
+from clipforge.errors import ConfigError, InputError
 from clipforge.retrieval import EmbeddingStore
 from clipforge.retrieval.embed import model_reference, store_info
 from clipforge.retrieval.photos import update_photo_store
@@ -173,3 +173,28 @@ def test_broken_links_are_listed_and_other_stores_are_never_replaced(tmp_path, t
     with pytest.raises(ConfigError, match="not a photo folder"):
         update_photo_store(folder, model, reference, store=other, workers=0, progress=False)
     assert sorted(p.name for p in other.iterdir()) == ["clipforge.json"]
+
+
+def test_search_from_a_subfolder_refreshes_first_and_answers_for_it_only(tmp_path, tiny, capsys, monkeypatch):
+    """rclip's way: ``cd Photos/trip && clipforge search …`` sees moves and deletions made since the last index."""
+    model_path, _ = tiny
+    folder = make_folder(tmp_path / "Photos")
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    retrieval_cli.register(app)
+    monkeypatch.chdir(folder / "trip")
+    with pytest.raises(InputError, match="no embedding store here or in a folder above"):
+        app(["search", "a red circle", "--workers", "0"], standalone_mode=False)
+    app(["index", str(folder), "--model", str(model_path), "--workers", "0"], standalone_mode=False)
+    capsys.readouterr()
+    app(["search", "a red circle", "--workers", "0", "-f"], standalone_mode=False)  # from Photos/trip
+    captured = capsys.readouterr()
+    assert sorted(Path(line).name for line in captured.out.split()) == ["e.png", "f.png"] and not captured.err  # quiet: no change
+    os.rename(folder / "c.png", folder / "trip" / "c.png")
+    (folder / "trip" / "e.png").unlink()
+    app(["search", "a red circle", "--workers", "0", "--paths-only", "-k", "10"], standalone_mode=False)
+    captured = capsys.readouterr()
+    assert sorted(captured.out.split()) == sorted([str(folder / "trip" / "c.png"), str(folder / "trip" / "f.png")])
+    assert "0 new, 0 changed, 4 unchanged, 0 touched, 1 moved or renamed, 1 removed" in captured.err
+    app(["search", "a red circle", "--index", str(folder), "--workers", "0", "-f", "--no-refresh"], standalone_mode=False)
+    assert len(capsys.readouterr().out.split()) == 5  # the whole folder: a, b, d, trip/c, trip/f

@@ -179,7 +179,9 @@ def update_photo_store(
         order = sorted(range(len(rows)), key=lambda i: Path(rows[i]["uid"]).parts)  # photo_files' order
         rows, sources = [rows[i] for i in order], [sources[i] for i in order]
     to_embed = [i for i, old in enumerate(sources) if old is None]
-    result = embed_images(model, [rows[i]["path"] for i in to_embed], batch_size=batch_size, workers=workers, progress=progress)
+    result = embed_images(
+        model, [rows[i]["path"] for i in to_embed], batch_size=batch_size, workers=workers, progress=progress and bool(to_embed)
+    )
     update.skipped += [(rows[to_embed[position]]["path"], reason) for position, reason in result.skipped]
     update.embedded = len(result.kept)
     update.modified = sum(rows[to_embed[position]]["uid"] in by_path for position in result.kept)

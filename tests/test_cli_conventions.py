@@ -127,3 +127,25 @@ def test_offline_pretrained_request_fails_at_once_naming_the_file(tmp_path, monk
     with pytest.raises(CheckpointError, match="weights not cached and .*fetch https://huggingface.co/.*open_clip"):
         clipforge.load("ViT-B-32", pretrained="laion2b_s34b_b79k")
     assert time.perf_counter() - started < 5
+
+
+# ---------------------------------------------------------------- tables at 80 columns
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["models"],
+        ["models", "--pretrained"],
+        ["eval", "zeroshot,retrieval", "-m", "synthetic-tiny", "--data", "synthetic:shape_color", "--samples", "32", "-o", "{tmp}"],
+    ],
+    ids=["models", "models-pretrained", "eval"],
+)
+def test_tables_are_whole_at_80_columns(capsys, monkeypatch, tmp_path, argv: list[str]) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out = run(capsys, *(part.format(tmp=tmp_path) for part in argv))
+    assert code == 0
+    shown = [line for line in out.splitlines() if not line.startswith("results: ")]  # a path to copy stays whole
+    assert max(map(len, shown)) <= 80 and "…" not in out
+    if argv[0] == "eval":
+        assert "image_retrieval_recall@1" in out  # the longest metric name, whole

@@ -26,6 +26,7 @@ from clipforge.cli.options import (
     checked_output,
     load_model,
 )
+from clipforge.cli.tables import table as table_of
 
 compress_app = typer.Typer(
     help="Make a model cheaper (token merging/pruning, bf16, int8, ONNX, early exit) and measure what it costs.",
@@ -180,8 +181,6 @@ def early_exit_command(
     pretrained: PretrainedOption = None,
 ) -> None:
     """LGViT-style exit heads, self-distilled on the frozen model; reports accuracy and the average depth used."""
-    from rich.table import Table
-
     from clipforge.compress.early_exit import (
         evaluate_early_exit,
         fit_exit_heads,
@@ -199,7 +198,7 @@ def early_exit_command(
     result = evaluate_early_exit(loaded, heads, test, bank, threshold, batch_size=batch_size)
     save_exit_heads(heads, out, threshold)
     depth, blocks = result.average_depth, result.blocks
-    table = Table("", "accuracy", "agrees with full", "blocks run", "wall time", title=escape(f"early exit on {result.dataset}"))
+    table = table_of("", "accuracy", "agrees with full", "blocks run", "wall time", title=escape(f"early exit on {result.dataset}"))
     table.add_row("full model", f"{100 * result.full_accuracy:.1f}%", "100.0%", f"{blocks}", f"{result.full_seconds:.2f} s")
     table.add_row(f"exit heads {result.exit_layers}, threshold {threshold}", f"{100 * result.accuracy:.1f}%",
                   f"{100 * result.agreement:.1f}%", f"{depth:.2f} ({depth / blocks:.0%})",
@@ -223,7 +222,6 @@ def report_command(
 ) -> None:
     """One table of compressed variants: images/s, FLOPs, zero-shot accuracy, agreement with the base model, cosine."""
     import torch
-    from rich.table import Table
 
     from clipforge.compress.study import (
         Variant,
@@ -242,8 +240,7 @@ def report_command(
     details = {"model": str(model), "dataset": dataset.name, "images": len(dataset), "batch_size": batch_size,
                "repeats": repeats, "torch_threads": torch.get_num_threads()}
     json_path, plot_path = write_report(results, out, title=title, details=details)
-    table = Table(title=escape(title), show_edge=False, collapse_padding=True, pad_edge=False)
-    table.add_column("variant", no_wrap=True)
+    table = table_of("variant", title=escape(title))
     for column in ("img/s", "speed", "FLOPs", "acc", "Δacc", "agree", "cosine"):
         table.add_column(column, justify="right", no_wrap=True)
     base = results[0]

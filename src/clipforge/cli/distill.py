@@ -10,6 +10,7 @@ import typer
 
 from clipforge._util.progress import console
 from clipforge.cli.options import TrainSetOption, checked_output
+from clipforge.cli.tables import table as table_of
 
 
 def register(app: typer.Typer) -> None:
@@ -47,8 +48,6 @@ def distill_command(
 
     The student's checkpoint records its teacher, method and stages; rerunning resumes.
     """
-    from rich.table import Table
-
     from clipforge.cli.options import load_model
     from clipforge.demo import DEMO_CONFIG, recipe_path
     from clipforge.distill import (
@@ -79,7 +78,7 @@ def distill_command(
         teacher_model, teacher, job, experiment, reinforced=reinforced,
         evaluator=_evaluator(experiment, teacher_model), resume=resume,
     )
-    table = Table("stage", "parameters", "steps", *sorted(result.evaluation), title=f"clipforge distill → {out}")
+    table = table_of("stage", "parameters", "steps", *sorted(result.evaluation), title=f"clipforge distill → {out}")
     for number, (stage, count) in enumerate(zip(result.stages, result.parameters), start=1):
         figures = [f"{stage.evaluation.get(key, float('nan')):.4f}" for key in sorted(result.evaluation)]
         table.add_row(str(number), f"{count:,}", str(stage.steps), *figures)

@@ -23,6 +23,7 @@ from clipforge.cli.options import (
     compression_options,
     load_model,
 )
+from clipforge.cli.tables import table as table_of
 
 
 def register(app: typer.Typer) -> None:
@@ -59,8 +60,6 @@ def eval_command(
     adapter: Annotated[str | None, typer.Option(help="Adapter file or adapted checkpoint from clipforge adapt: zeroshot and calibration classify with it.")] = None,
 ) -> None:
     """Evaluate a model; one CLIP_benchmark JSON per (dataset, task), a report and one summary table."""
-    from rich.table import Table
-
     from clipforge.compress.records import describe_steps
     from clipforge.eval.report import headline_rows, write_report
     from clipforge.eval.results import TASKS, write_results
@@ -89,7 +88,7 @@ def eval_command(
     pretrained_label = pretrained or (model if Path(model).exists() else "random-init")
     write_results(results, out, model_name, pretrained_label, language)
     markdown, _ = write_report(results, out, f"clipforge eval: {model_name} ({pretrained_label})")
-    table = Table("dataset", "task", "metric", "value", title=f"clipforge eval ({precision})")
+    table = table_of("dataset", "task", "metric", "value", title=f"clipforge eval ({precision})")
     for row in headline_rows(results):
         table.add_row(*map(escape, row))
     console.print(table)

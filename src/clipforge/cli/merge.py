@@ -23,6 +23,7 @@ from clipforge.cli.options import (
     SamplesOption,
     checked_output,
 )
+from clipforge.cli.tables import table as table_of
 
 merge_app = typer.Typer(
     help="Merge fine-tunes of one base: model soups, task arithmetic, TIES, OPCM (continual).",
@@ -62,10 +63,8 @@ def _merge(method: Any, base: str, models: list[str], out: Path, **settings: Any
 
 def _summarise(model: Any, out: Path, note: str) -> None:
     """What was merged, and how, from the merged model's provenance."""
-    from rich.table import Table
-
     merge = model.provenance["merge"]
-    table = Table("model", "fingerprint", *(["held-out acc", "kept"] if "order" in merge else []), title=f"{merge['method']} of {merge['base']}")
+    table = table_of("model", "fingerprint", *(["held-out acc", "kept"] if "order" in merge else []), title=f"{merge['method']} of {merge['base']}")
     for item in merge["ingredients"]:
         extra = [f"{item['held_out_accuracy']:.4f}", "yes" if item["kept"] else "no"] if "order" in merge else []
         table.add_row(item["source"], item["fingerprint"][:12], *extra)

@@ -9,6 +9,7 @@ import typer
 
 from clipforge._util.progress import console, say
 from clipforge.cli.options import checked_output, load_model
+from clipforge.cli.tables import table as table_of
 
 BareConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict (e.g. ViT-B-32-quickgelu).")]
 
@@ -23,12 +24,10 @@ def list_models_command(
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Also list the known pretrained tags.")] = False,
 ) -> None:
     """List model configs (and, with --pretrained, the open_clip weights clipforge can fetch)."""
-    from rich.table import Table
-
     from clipforge.config import get_model_config, list_models
     from clipforge.io.pretrained import pretrained_table
 
-    table = Table("config", "act", "image", "patch", "vision", "text", "embed", "tags")
+    table = table_of("config", "act", "image", "patch", "vision", "text", "embed", "tags")
     table.columns[0].no_wrap = True
     tags = pretrained_table()
     for name in list_models():
@@ -46,8 +45,8 @@ def list_models_command(
     console.print(table)
     if pretrained:
         console.print("\n[bold]pretrained tags[/] (clipforge.load(config, pretrained=tag)):")
-        for name, known in tags.items():
-            say(f"{name}: {', '.join(known)}")
+        for name, known in tags.items():  # wrapped at the terminal's width, between tags
+            console.print(f"{name}: {', '.join(known)}", markup=False, highlight=False)
 
 
 def info_command(

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from clipforge._util.progress import console, say, warn
 from clipforge.cli.options import TrainSetOption, checked_output
+from clipforge.cli.tables import table as table_of
 
 
 def register(app: typer.Typer) -> None:
@@ -55,15 +56,13 @@ def demo_command(
     resume: Annotated[bool, typer.Option(help="Resume an interrupted demo in the same directory.")] = True,
 ) -> None:
     """Train a tiny CLIP on the synthetic world (no network), evaluate it and write a report."""
-    from rich.table import Table
-
     from clipforge.demo import run_demo
 
     checked_output(out, directory=True)
     summary = run_demo(out, list(set_ or []), resume=resume)
     if summary.pop("finished_earlier"):
         say(f"{out} holds a finished demo; its figures (--no-resume trains it again):")
-    table = Table("metric", "value", title="clipforge demo")
+    table = table_of("metric", "value", title="clipforge demo")
     for key, value in summary.items():
         table.add_row(key, escape(f"{value:.4f}" if isinstance(value, float) and key != "wall_s" else str(value)))
     console.print(table)

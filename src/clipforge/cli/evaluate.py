@@ -54,7 +54,7 @@ def eval_command(
     language: Annotated[str, typer.Option(help="Language recorded in the results (CLIP_benchmark schema).")] = "en",
     tome: TomeOption = None,
     compress: CompressOption = None,
-    adapter: Annotated[str | None, typer.Option(help="Adapter file or adapted checkpoint from clipforge adapt: zeroshot and calibration classify with it.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter file or adapted checkpoint from clipforge adapt: zeroshot and calibration classify with it; a CLIPN adapter adds CTW and ATD to ood.")] = None,
 ) -> None:
     """Evaluate a model; one CLIP_benchmark JSON per (dataset, task), a report and one summary table."""
     from rich.table import Table
@@ -75,14 +75,20 @@ def eval_command(
         image_column=image_column, label_column=label_column, caption_column=caption_column, class_field=class_field,
         train_data=train_data, ood_data=ood_data, method=method, context_file=context,
     )
-    head = None
+    head = no_encoder = None
     if adapter is not None:
         from clipforge.adapt import load_adapter
 
-        head = load_adapter(adapter)(loaded)
-        model_name += f"+{head.method}"
+        found = load_adapter(adapter)
+        if found.method == "clipn":
+            from clipforge.adapt.clipn import load_no_encoder
+
+            no_encoder = load_no_encoder(found.record, loaded, adapter)
+        else:
+            head = found(loaded)
+        model_name += f"+{found.method}"
     evaluator = Evaluator(head.image_model if head else loaded, batch_size=batch_size, workers=workers, out_dir=out,
-                          progress=True, adapter=head)
+                          progress=True, adapter=head, no_encoder=no_encoder)
     results = run_tasks(evaluator, names, data, options)
     pretrained_label = pretrained or (model if Path(model).exists() else "random-init")
     write_results(results, out, model_name, pretrained_label, language)

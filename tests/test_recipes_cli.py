@@ -20,7 +20,7 @@ from clipforge.adapt.recipes import RECIPES
 from clipforge.cli import main
 from clipforge.cli.adapt import RECIPE_NAMES
 from clipforge.encode import embed_images
-from clipforge.eval.datasets import synthetic_task
+from clipforge.eval.datasets import load_dataset, synthetic_task
 from clipforge.eval.ood_scores import atd_score
 from clipforge.eval.zeroshot import zero_shot_head, zero_shot_logits
 
@@ -80,3 +80,27 @@ def test_clipn_trains_then_scores_ood_from_the_cli(files, capsys) -> None:
 def test_recipes_refuse_missing_data(files, capsys) -> None:
     code, _, err = run(capsys, "adapt", "clipn", "--model", files["model"], "--out", files["root"] / "x.safetensors")
     assert code == 2 and "--data" in err and len(err.strip().splitlines()) == 1
+
+
+def test_detector_trains_then_evaluates_from_the_cli(files, capsys) -> None:
+    out = files["root"] / "detector.safetensors"
+    code, stdout, _ = run(capsys, "adapt", "detector", "--model", files["model"], "--data", "synthetic:altered",
+                          "--out", out, "--set", "tuning=ln", "--set", "steps=3", "--set", "samples=16",
+                          "--set", "batch_size=8")
+    assert code == 0 and "wrote adapter" in stdout
+    eval_dir = files["root"] / "eval-detector"
+    code, _, _ = run(capsys, "eval", "detection", "--model", files["model"], "--data", "synthetic:altered@val+double_jpeg",
+                     "--samples", 20, "--adapter", out, "--out", eval_dir, "--workers", 0)
+    assert code == 0
+    record = json.loads(next(eval_dir.glob("*altered_image_detection.json")).read_text())
+    classifier = load_adapter(out)(clipforge.load(files["model"]))
+    dataset = load_dataset("synthetic:altered@val+double_jpeg", samples=20)
+    logits = classifier.classify(dataset.images, workers=0).logits
+    expected = skm.roc_auc_score(dataset.labels, (logits[:, 1] - logits[:, 0]).numpy())
+    assert record["metrics"]["auroc"] == pytest.approx(expected, abs=1e-6)
+    code, _, err = run(capsys, "eval", "detection", "--model", files["other"], "--data", "synthetic:altered",
+                       "--samples", 8, "--adapter", out, "--out", eval_dir, "--workers", 0)
+    assert code == 2 and "fitted on another model" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "adapt", "detector", "--model", files["model"], "--data", "synthetic:altered+sepia",
+                       "--out", files["root"] / "bad.safetensors", "--set", "families=sepia")
+    assert code == 2 and "sepia" in err and len(err.strip().splitlines()) == 1

@@ -1,7 +1,8 @@
 """The task recipes on CLIP features (issue #15), by name: each trains on ``--data`` and returns an object with
 its adapter record (``clipforge.adapt.adapter_file``) and ``save(path)``.
 
-- ``clipn``: a "no" text encoder for OOD detection (``clipforge.adapt.clipn``).
+- ``clipn``: a "no" text encoder for OOD detection (``clipforge.adapt.clipn``);
+- ``detector``: a real-vs-altered detector (``clipforge.adapt.detector``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from clipforge.adapt.adapter import Adapter
 from clipforge.adapt.clipn import fit_clipn
+from clipforge.adapt.detector import fit_detector
 from clipforge.errors import ConfigError
 
 
@@ -17,7 +20,11 @@ def _clipn(model: Any, data: str, settings: dict[str, Any], seed: int, progress:
     return fit_clipn(model, data, settings, seed, progress)
 
 
-RECIPES: dict[str, Callable[..., Any]] = {"clipn": _clipn}
+def fit_detector_recipe(model: Any, data: str, settings: dict[str, Any], seed: int, progress: bool, **options: Any) -> Any:
+    return Adapter(fit_detector(model, data, settings, seed, progress, **options), source="detector adapter")
+
+
+RECIPES: dict[str, Callable[..., Any]] = {"clipn": _clipn, "detector": fit_detector_recipe}
 
 
 def fit_recipe(name: str, model: Any, data: str, settings: dict[str, Any] | None = None, seed: int = 1, *,

@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "robustness": "robustness",
     "ood": "ood_detection",
     "calibration": "calibration",
+    "detection": "altered_image_detection",
 }
 """Command-line task names → the task name in the result JSON (CLIP_benchmark's where it has one)."""
 

@@ -36,6 +36,7 @@ from clipforge.eval.datasets import (
     load_dataset,
     load_retrieval_dataset,
 )
+from clipforge.eval.detection import detection_metrics
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metrics import (
     classification_metrics,
@@ -63,7 +64,7 @@ from clipforge.eval.robustness import SHIFT_NAMES, corruption_accuracy, corrupti
 from clipforge.eval.zeroshot import zero_shot_head, zero_shot_logits
 
 MAX_CONFUSION_CLASSES = 100
-ADAPTER_TASKS = ("zeroshot", "calibration")
+ADAPTER_TASKS = ("zeroshot", "calibration", "detection")
 """Tasks that classify with an adapter's head when the ``Evaluator`` has one (``clipforge eval --adapter``)."""
 
 
@@ -280,6 +281,18 @@ class Evaluator:
             self._classifiers[key] = zero_shot_head(self.no_encoder, dataset.classnames, dataset.templates)
         return self._classifiers[key]
 
+    def detection(self, dataset: ClassificationDataset, fpr: float = 0.05) -> TaskResult:
+        """A real-vs-altered detector (the adapter, classes "real" and another): AUROC, accuracy and accuracy at
+        ``fpr`` of the real images flagged, on the logit difference altered − real."""
+        if self.adapter is None or len(self.adapter.classnames) != 2 or "real" not in self.adapter.classnames:
+            raise InputError("detection: give a detector adapter (clipforge adapt detector) with --adapter")
+        logits = self._adapted_logits(dataset)
+        real = dataset.classnames.index("real")
+        scores = logits[:, 1 - real] - logits[:, real]
+        labels = [int(label != real) for label in dataset.labels]
+        return TaskResult(dataset.name, TASKS["detection"], detection_metrics(scores, labels, fpr=fpr),
+                          extra={"adapter": self.adapter.method})
+
     def calibration(self, fit: ClassificationDataset, test: ClassificationDataset) -> TaskResult:
         """ECE (15 bins) and NLL of softmax(100·cos) before and after a temperature fitted on ``fit``."""
         temperature = fit_temperature(self.logits(fit), fit.labels)
@@ -355,6 +368,8 @@ def _run_task(
         return evaluator.zeroshot(dataset, method=options.method, context_factors=factors)
     if task == "robustness":
         return evaluator.robustness(dataset, options.robustness_samples)
+    if task == "detection":
+        return evaluator.detection(dataset)
     if task == "calibration":
         fit, test = (synthetic.dataset("val", options.samples), dataset) if synthetic else split_in_two(dataset, evaluator.seed)
         return evaluator.calibration(fit, test)

@@ -22,6 +22,7 @@ are imported on first use, so the world itself loads without torch.
 
 from typing import Any
 
+from clipforge.data.synthetic.alterations import ALTERATIONS, real_or_altered
 from clipforge.data.synthetic.config import SHIFTS, SPLITS, Shift, WorldConfig
 from clipforge.data.synthetic.render import CORRUPTIONS, corrupt
 from clipforge.data.synthetic.shards import write_shards
@@ -29,6 +30,7 @@ from clipforge.data.synthetic.tasks import CONTEXT_FACTORS, ZeroShotTask
 from clipforge.data.synthetic.world import RetrievalSet, Sample, SyntheticWorld
 
 __all__ = [
+    "ALTERATIONS",
     "CONTEXT_FACTORS",
     "CORRUPTIONS",
     "SHIFTS",
@@ -42,6 +44,7 @@ __all__ = [
     "WorldConfig",
     "ZeroShotTask",
     "corrupt",
+    "real_or_altered",
     "write_shards",
 ]
 

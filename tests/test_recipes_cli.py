@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import sklearn.metrics as skm
 import torch
+from PIL import Image
 
 import clipforge
-from clipforge.adapt import load_adapter
+from clipforge.adapt import load_adapter, model_fingerprint
 from clipforge.adapt.clipn import load_no_encoder
 from clipforge.adapt.recipes import RECIPES
 from clipforge.cli import main
@@ -104,3 +105,31 @@ def test_detector_trains_then_evaluates_from_the_cli(files, capsys) -> None:
     code, _, err = run(capsys, "adapt", "detector", "--model", files["model"], "--data", "synthetic:altered+sepia",
                        "--out", files["root"] / "bad.safetensors", "--set", "families=sepia")
     assert code == 2 and "sepia" in err and len(err.strip().splitlines()) == 1
+
+
+def test_reid_fine_tunes_then_ranks_from_the_cli(files, capsys) -> None:
+    out = files["root"] / "reid.safetensors"
+    code, stdout, _ = run(capsys, "adapt", "reid", "--model", files["model"], "--data", "synthetic:identities", "--out", out,
+                          "--set", "steps=2", "--set", "samples=32", "--set", "batch_size=4")
+    assert code == 0 and "wrote adapter" in stdout
+    eval_dir = files["root"] / "eval-reid"
+    code, _, _ = run(capsys, "eval", "reid", "--model", out, "--data", "synthetic:identities@test", "--samples", 16,
+                     "--out", eval_dir, "--workers", 0)
+    assert code == 0
+    record = json.loads(next(eval_dir.glob("*reidentification.json")).read_text())
+    dataset = load_dataset("synthetic:identities@test", samples=16)
+    features = embed_images(clipforge.load(out), dataset.images, workers=0, progress=False).embeddings
+    queries = [0, 4, 8, 12]
+    gallery = [row for row in range(16) if row not in queries]
+    similarity = features[queries] @ features[gallery].T
+    labels = np.asarray(dataset.labels)
+    expected = np.mean([skm.average_precision_score(labels[gallery] == labels[q], similarity[i]) for i, q in enumerate(queries)])
+    assert record["metrics"]["map"] == pytest.approx(expected, abs=1e-6)
+    assert load_adapter(out).record.base_model == model_fingerprint(clipforge.load(files["model"]))
+    lonely = files["root"] / "one-identity" / "alice"
+    lonely.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(lonely / f"{i}.png")
+    code, _, err = run(capsys, "adapt", "reid", "--model", files["model"], "--data", lonely.parent,
+                       "--out", files["root"] / "x.safetensors")
+    assert code == 2 and "at least two identities" in err and len(err.strip().splitlines()) == 1

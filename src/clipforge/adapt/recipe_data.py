@@ -15,7 +15,7 @@ from clipforge.data.sources import open_source
 from clipforge.data.synthetic import SPLITS, SyntheticWorld, real_or_altered
 from clipforge.encode import embed_images
 from clipforge.errors import InputError
-from clipforge.eval.datasets import load_dataset
+from clipforge.eval.datasets import identities_dataset, load_dataset
 
 DETECTOR_CLASSES = ("real", "altered")
 
@@ -77,3 +77,13 @@ def detector_images(data: str, samples: int, families: str, **data_options: Any)
         raise InputError(f"{data}: a detector needs two classes, one named 'real' (found {', '.join(dataset.classnames)})")
     real = dataset.classnames.index("real")
     return [read_rgb_image(image) for image in dataset.images], [int(label != real) for label in dataset.labels], data
+
+
+def identity_images(data: str, samples: int, **data_options: Any) -> tuple[list[Any], list[int], str]:
+    """Images, identity ids and a description: ``synthetic:identities`` (the training identities' views; ``@test``
+    for the held-out ones), or labelled images with a class per identity (a folder per identity, a table, shards)."""
+    split = synthetic_split(data, "identities")
+    dataset = identities_dataset(split, samples) if split is not None else load_dataset(data, samples=samples, **data_options)
+    if len(dataset.classnames) < 2:
+        raise InputError(f"{data}: re-identification needs at least two identities (found {len(dataset.classnames)})")
+    return [read_rgb_image(image) for image in dataset.images], list(dataset.labels), data

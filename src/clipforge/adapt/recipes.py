@@ -2,7 +2,8 @@
 its adapter record (``clipforge.adapt.adapter_file``) and ``save(path)``.
 
 - ``clipn``: a "no" text encoder for OOD detection (``clipforge.adapt.clipn``);
-- ``detector``: a real-vs-altered detector (``clipforge.adapt.detector``).
+- ``detector``: a real-vs-altered detector (``clipforge.adapt.detector``);
+- ``reid``: image–image contrastive fine-tuning for re-identification (``clipforge.adapt.reid``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from clipforge.adapt.adapter import Adapter
 from clipforge.adapt.clipn import fit_clipn
 from clipforge.adapt.detector import fit_detector
+from clipforge.adapt.reid import fit_reid
 from clipforge.errors import ConfigError
 
 
@@ -24,7 +26,11 @@ def fit_detector_recipe(model: Any, data: str, settings: dict[str, Any], seed: i
     return Adapter(fit_detector(model, data, settings, seed, progress, **options), source="detector adapter")
 
 
-RECIPES: dict[str, Callable[..., Any]] = {"clipn": _clipn, "detector": fit_detector_recipe}
+def fit_reid_recipe(model: Any, data: str, settings: dict[str, Any], seed: int, progress: bool, **options: Any) -> Any:
+    return fit_reid(model, data, settings, seed, progress, **options)
+
+
+RECIPES: dict[str, Callable[..., Any]] = {"clipn": _clipn, "detector": fit_detector_recipe, "reid": fit_reid_recipe}
 
 
 def fit_recipe(name: str, model: Any, data: str, settings: dict[str, Any] | None = None, seed: int = 1, *,

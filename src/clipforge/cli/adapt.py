@@ -25,7 +25,7 @@ METHOD_NAMES = (
 )
 """Listed here so that ``clipforge adapt --help`` needs no torch; ``tests/test_adapt_cli.py`` checks it against
 ``clipforge.adapt.METHODS``."""
-RECIPE_NAMES = ("clipn", "detector")
+RECIPE_NAMES = ("clipn", "detector", "reid")
 """The task recipes (``clipforge.adapt.recipes.RECIPES``, docs/recipes.md): they train on ``--data``, not on shots."""
 
 

@@ -2,7 +2,8 @@
 
 - the synthetic world's zero-shot tasks (``synthetic`` or ``synthetic:<task>``, e.g. ``synthetic:color``; another
   split or a shift with ``synthetic:<task>@<split>+<shift>``, e.g. ``synthetic:shape@val+outline``), and its
-  real-vs-altered set ``synthetic:altered[@<split>][+<family>,...]`` (classes real, altered);
+  real-vs-altered set ``synthetic:altered[@<split>][+<family>,...]`` (classes real, altered) and identity set
+  ``synthetic:identities[@train|@test]`` (a class per identity);
 - a class-per-folder directory (``root/<class>/<image>``, classes in sorted folder order);
 - a CSV/TSV/parquet/JSONL table with an image column (paths relative to the table, encoded bytes or
   ``{bytes, path}`` structs) and a label column (class ids or class names);
@@ -54,6 +55,8 @@ from clipforge.data.synthetic import (
     SyntheticWorld,
     WorldConfig,
     ZeroShotTask,
+    identities,
+    identity_view,
     real_or_altered,
 )
 from clipforge.errors import ConfigError, InputError, one_line
@@ -158,6 +161,8 @@ def synthetic_dataset(spec: str, samples: int) -> ClassificationDataset:
         raise InputError(f"{spec}: split {split!r} is not one of {', '.join(SPLITS)}")
     if task == "altered":
         return altered_dataset(split or "test", samples, shift.split(",") if shift else list(ALTERATIONS))
+    if task == "identities":
+        return identities_dataset(split or "test", samples)
     if shift and shift not in SHIFTS:
         raise InputError(f"{spec}: shift {shift!r} is not one of {', '.join(SHIFTS)}")
     return synthetic_task(task or "shape").dataset(split or "test", samples, shift or None)
@@ -174,6 +179,20 @@ def altered_dataset(split: str, samples: int, families: Sequence[str]) -> Classi
     name = f"synthetic/altered@{split}+{','.join(families)}"
     return ClassificationDataset(name, ["real", "altered"], ["a photo of a {c} image."], [image for image, _, _ in drawn],
                                  [label for _, label, _ in drawn])
+
+
+def identities_dataset(split: str, samples: int, views: int = 4) -> ClassificationDataset:
+    """``synthetic:identities[@train|@test]``: ``views`` renders of each of the first ``samples // views``
+    identities of that side of the identity split (``clipforge.data.synthetic.identities``), view-major by
+    identity; a class per identity."""
+    sides = identities()
+    if split not in sides:
+        raise InputError(f"synthetic:identities@{split}: the identity split has only {', '.join(sides)}")
+    chosen = sides[split][: max(2, samples // views)]
+    images = [identity_view(identity, view) for identity in chosen for view in range(views)]
+    labels = [label for label in range(len(chosen)) for _ in range(views)]
+    return ClassificationDataset(f"synthetic/identities@{split}", [identity.name for identity in chosen],
+                                 list(DEFAULT_TEMPLATES), images, labels)
 
 
 def folder_dataset(root: str | Path, classnames: Sequence[str] | None = None) -> ClassificationDataset:

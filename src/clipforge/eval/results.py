@@ -24,6 +24,7 @@ TASKS: dict[str, str] = {
     "ood": "ood_detection",
     "calibration": "calibration",
     "detection": "altered_image_detection",
+    "reid": "reidentification",
 }
 """Command-line task names → the task name in the result JSON (CLIP_benchmark's where it has one)."""
 

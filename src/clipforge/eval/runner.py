@@ -58,6 +58,7 @@ from clipforge.eval.perception import (
     perception_clip,
     read_context_factors,
 )
+from clipforge.eval.ranking import query_gallery_split, reid_metrics
 from clipforge.eval.report import confusion_matrix_plot
 from clipforge.eval.results import TASKS, Table, TaskResult, slug
 from clipforge.eval.robustness import SHIFT_NAMES, corruption_accuracy, corruption_plot
@@ -293,6 +294,19 @@ class Evaluator:
         return TaskResult(dataset.name, TASKS["detection"], detection_metrics(scores, labels, fpr=fpr),
                           extra={"adapter": self.adapter.method})
 
+    def reid(self, dataset: ClassificationDataset) -> TaskResult:
+        """Re-identification: each identity's first image queries the other images (``ranking``): rank-1, rank-5, mAP."""
+        counts = np.bincount(np.asarray(dataset.labels), minlength=len(dataset.classnames))
+        if (counts > 0).sum() < 2 or (counts == 1).any():
+            raise InputError(f"{dataset.name}: re-identification needs at least two identities with two images each "
+                             f"(found {(counts > 0).sum()} identities, {(counts == 1).sum()} with one image)")
+        queries, gallery = query_gallery_split(dataset.labels)
+        features, labels = self.image_features(dataset), dataset.labels
+        metrics = reid_metrics(features[queries], [labels[i] for i in queries], features[gallery],
+                               [labels[i] for i in gallery])
+        metrics.update({"queries": float(len(queries)), "gallery": float(len(gallery))})
+        return TaskResult(dataset.name, TASKS["reid"], metrics)
+
     def calibration(self, fit: ClassificationDataset, test: ClassificationDataset) -> TaskResult:
         """ECE (15 bins) and NLL of softmax(100·cos) before and after a temperature fitted on ``fit``."""
         temperature = fit_temperature(self.logits(fit), fit.labels)
@@ -370,6 +384,8 @@ def _run_task(
         return evaluator.robustness(dataset, options.robustness_samples)
     if task == "detection":
         return evaluator.detection(dataset)
+    if task == "reid":
+        return evaluator.reid(dataset)
     if task == "calibration":
         fit, test = (synthetic.dataset("val", options.samples), dataset) if synthetic else split_in_two(dataset, evaluator.seed)
         return evaluator.calibration(fit, test)

@@ -24,6 +24,7 @@ from typing import Any
 
 from clipforge.data.synthetic.alterations import ALTERATIONS, real_or_altered
 from clipforge.data.synthetic.config import SHIFTS, SPLITS, Shift, WorldConfig
+from clipforge.data.synthetic.identities import Identity, identities, identity_view
 from clipforge.data.synthetic.render import CORRUPTIONS, corrupt
 from clipforge.data.synthetic.shards import write_shards
 from clipforge.data.synthetic.tasks import CONTEXT_FACTORS, ZeroShotTask
@@ -33,6 +34,7 @@ __all__ = [
     "ALTERATIONS",
     "CONTEXT_FACTORS",
     "CORRUPTIONS",
+    "Identity",
     "SHIFTS",
     "SPLITS",
     "RetrievalSet",
@@ -44,6 +46,8 @@ __all__ = [
     "WorldConfig",
     "ZeroShotTask",
     "corrupt",
+    "identities",
+    "identity_view",
     "real_or_altered",
     "write_shards",
 ]

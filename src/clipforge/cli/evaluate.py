@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_command(
-    tasks: Annotated[list[str], typer.Argument(help="zeroshot, retrieval, linear-probe, robustness, ood, calibration (comma-separated or repeated), or all.")],
+    tasks: Annotated[list[str], typer.Argument(help="zeroshot, retrieval, linear-probe, robustness, ood, calibration, detection, reid, adversarial (comma-separated or repeated), or all (all but detection, reid and adversarial).")],
     model: ModelOption,
     data: Annotated[list[str], typer.Option("--data", "-d", help="synthetic[:task], a class-per-folder directory, a .csv/.tsv/.parquet table or .tar webdataset shards (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON results, plots and report.md/report.html.")] = Path("eval_results"),
@@ -54,18 +54,20 @@ def eval_command(
     language: Annotated[str, typer.Option(help="Language recorded in the results (CLIP_benchmark schema).")] = "en",
     tome: TomeOption = None,
     compress: CompressOption = None,
+    epsilons: Annotated[str, typer.Option(help="adversarial: L∞ budgets in 1/255 (comma-separated).")] = "1,2,4",
     adapter: Annotated[str | None, typer.Option(help="Adapter file or adapted checkpoint from clipforge adapt: zeroshot and calibration classify with it; a CLIPN adapter adds CTW and ATD to ood.")] = None,
 ) -> None:
     """Evaluate a model; one CLIP_benchmark JSON per (dataset, task), a report and one summary table."""
     from rich.table import Table
 
     from clipforge.compress.records import describe_steps
+    from clipforge.eval.adversarial import check_epsilons
     from clipforge.eval.report import headline_rows, write_report
     from clipforge.eval.results import TASKS, write_results
-    from clipforge.eval.runner import DataOptions, Evaluator, run_tasks
+    from clipforge.eval.runner import RECIPE_TASKS, DataOptions, Evaluator, run_tasks
 
     names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
-    names = list(TASKS) if names == ["all"] else names
+    names = [task for task in TASKS if task not in RECIPE_TASKS] if names == ["all"] else names
     steps = compression_options(tome, compress)
     checked_output(out, directory=True)
     loaded = load_model(model, config, pretrained, precision, steps=steps)
@@ -74,6 +76,7 @@ def eval_command(
         classnames_file=classnames, templates_file=templates, samples=samples, robustness_samples=robustness_samples,
         image_column=image_column, label_column=label_column, caption_column=caption_column, class_field=class_field,
         train_data=train_data, ood_data=ood_data, method=method, context_file=context,
+        epsilons=tuple(check_epsilons(parse_numbers(epsilons, "--epsilons"))),
     )
     head = no_encoder = None
     if adapter is not None:
@@ -123,3 +126,13 @@ def explain_command(
     view, heatmap = explain_image(loaded, open_image(image).convert("RGB"), text, method, weighting or DEFAULT_WEIGHTING)
     save_overlay(view, heatmap, out)
     say(f"wrote {method} map of {image} to {out}{note}")
+
+
+def parse_numbers(text: str, option: str) -> list[float]:
+    """``"1,2,4"`` → [1.0, 2.0, 4.0]; a one-line error naming ``option`` otherwise."""
+    from clipforge.errors import InputError
+
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise InputError(f"{option}: {text!r} is not a comma-separated list of numbers") from None

@@ -10,6 +10,7 @@ same-camera filtering applies (the synthetic world has no cameras).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -41,8 +42,14 @@ def reid_metrics(query: ArrayLike, query_ids: Sequence[int], gallery: ArrayLike,
     return metrics
 
 
-def query_gallery_split(labels: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Row indices of the queries (each identity's first image) and the gallery (its other images)."""
+def query_gallery_split(labels: Sequence[int], name: str = "identities") -> tuple[list[int], list[int]]:
+    """Row indices of the queries (each identity's first image) and the gallery (its other images); at least two
+    identities with two images each, else a one-line ``InputError`` naming ``name``."""
+    counts = Counter(labels)
+    if len(counts) < 2 or min(counts.values()) < 2:
+        single = sum(count == 1 for count in counts.values())
+        raise InputError(f"{name}: re-identification needs at least two identities with two images each "
+                         f"(found {len(counts)} identities, {single} with one image)")
     first: dict[int, int] = {}
     for row, label in enumerate(labels):
         first.setdefault(label, row)

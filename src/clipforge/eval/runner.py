@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from clipforge.data.formats.images import read_rgb_image
 from clipforge.encode import Encoder, embed_images, encode_texts, model_input_image
 from clipforge.errors import InputError
+from clipforge.eval.adversarial import EPSILONS, adversarial_metrics, model_pixels
 from clipforge.eval.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -66,6 +67,9 @@ from clipforge.eval.zeroshot import zero_shot_head, zero_shot_logits
 
 MAX_CONFUSION_CLASSES = 100
 ADAPTER_TASKS = ("zeroshot", "calibration", "detection")
+RECIPE_TASKS = ("detection", "reid", "adversarial")
+"""Tasks of the task recipes (docs/recipes.md): ``detection`` needs a detector adapter, ``reid`` identity data,
+``adversarial`` runs attacks (minutes); ``clipforge eval all`` leaves them out."""
 """Tasks that classify with an adapter's head when the ``Evaluator`` has one (``clipforge eval --adapter``)."""
 
 
@@ -296,16 +300,20 @@ class Evaluator:
 
     def reid(self, dataset: ClassificationDataset) -> TaskResult:
         """Re-identification: each identity's first image queries the other images (``ranking``): rank-1, rank-5, mAP."""
-        counts = np.bincount(np.asarray(dataset.labels), minlength=len(dataset.classnames))
-        if (counts > 0).sum() < 2 or (counts == 1).any():
-            raise InputError(f"{dataset.name}: re-identification needs at least two identities with two images each "
-                             f"(found {(counts > 0).sum()} identities, {(counts == 1).sum()} with one image)")
-        queries, gallery = query_gallery_split(dataset.labels)
+        queries, gallery = query_gallery_split(dataset.labels, dataset.name)
         features, labels = self.image_features(dataset), dataset.labels
         metrics = reid_metrics(features[queries], [labels[i] for i in queries], features[gallery],
                                [labels[i] for i in gallery])
         metrics.update({"queries": float(len(queries)), "gallery": float(len(gallery))})
         return TaskResult(dataset.name, TASKS["reid"], metrics)
+
+    def adversarial(self, dataset: ClassificationDataset, samples: int = 200, epsilons: Sequence[float] = EPSILONS) -> TaskResult:
+        """FGSM, PGD and single-patch attacks on the zero-shot head (``clipforge.eval.adversarial``)."""
+        picked = np.unique(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int))
+        pixels = model_pixels(self.model, [read_rgb_image(dataset.images[i]) for i in picked])
+        labels = [dataset.labels[i] for i in picked]
+        metrics = adversarial_metrics(self.model, self.classifier(dataset), pixels, labels, epsilons, self.seed, self.batch_size)
+        return TaskResult(dataset.name, TASKS["adversarial"], metrics)
 
     def calibration(self, fit: ClassificationDataset, test: ClassificationDataset) -> TaskResult:
         """ECE (15 bins) and NLL of softmax(100·cos) before and after a temperature fitted on ``fit``."""
@@ -353,6 +361,7 @@ class DataOptions:
     ood_data: str | None = None
     method: str = "ensemble"
     context_file: str | None = None
+    epsilons: tuple[float, ...] = EPSILONS
 
 
 def _load(spec: str, options: DataOptions) -> ClassificationDataset:
@@ -386,6 +395,8 @@ def _run_task(
         return evaluator.detection(dataset)
     if task == "reid":
         return evaluator.reid(dataset)
+    if task == "adversarial":
+        return evaluator.adversarial(dataset, options.robustness_samples, options.epsilons)
     if task == "calibration":
         fit, test = (synthetic.dataset("val", options.samples), dataset) if synthetic else split_in_two(dataset, evaluator.seed)
         return evaluator.calibration(fit, test)

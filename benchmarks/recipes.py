@@ -14,7 +14,9 @@ the seeds in the table). Settings were fixed before the first run of this script
 - Detector: trained on 1,200 (600) train-split images, half altered by checkerboard, seam and channel_shift, for
   300 (100) steps with LayerNorm-only tuning and with full fine-tuning (and LoRA in the full run); AUROC on 400
   (200) val images of the seen families and of the unseen double_jpeg family.
-- Adversarial robustness (FGSM, PGD, patch attacks) is not built yet: no figures.
+- Adversarial: FGSM and PGD (10 steps) at ε = 1, 2, 4 /255 and the single-patch attacks
+  (``clipforge.eval.adversarial``) against the shape task's zero-shot head, on 200 (100) test images; no
+  training, so one run (PGD's random start and the patch cells from seed 0).
 
     python benchmarks/recipes.py [--quick] [--demo-model runs/demo/model.safetensors]
 """
@@ -33,6 +35,7 @@ import clipforge
 from clipforge.adapt.clipn import fit_clipn
 from clipforge.adapt.recipe_data import detector_images
 from clipforge.adapt.recipes import fit_recipe
+from clipforge.eval.adversarial import EPSILONS
 from clipforge.eval.datasets import load_dataset, synthetic_task
 from clipforge.eval.detection import detection_metrics
 from clipforge.eval.runner import Evaluator
@@ -106,6 +109,12 @@ def detector_figures(model: clipforge.CLIP, quick: bool) -> dict[str, list[float
     return over_seeds(run)
 
 
+def adversarial_figures(model: clipforge.CLIP, quick: bool) -> dict[str, list[float]]:
+    dataset = load_dataset("synthetic:shape", samples=400)
+    metrics = Evaluator(model, workers=0).adversarial(dataset, samples=100 if quick else 200, epsilons=EPSILONS)
+    return {name: [value] for name, value in metrics.items()}
+
+
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
     arguments.add_argument("--demo-model", type=Path, default=Path("runs/demo/model.safetensors"))
@@ -115,13 +124,15 @@ def main() -> None:
     model = demo_model(args.demo_model)
     start = time.perf_counter()
     figures: dict[str, list[float]] = {}
-    for part in (clipn_figures, reid_figures, detector_figures):
+    for part in (clipn_figures, reid_figures, detector_figures, adversarial_figures):
         figures.update(part(model, args.quick))
         print(f"{part.__name__}: done at {time.perf_counter() - start:.0f} s", flush=True)
     rows = [[name, statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)]
             for name, values in figures.items()]
     summary = {name: round(statistics.mean(values), 4) for name, values in figures.items()}
     summary["auroc_seen"] = summary["auroc_seen_ln"]
+    for attack in ("fgsm", "pgd"):
+        summary[f"acc_{attack}"] = {f"{e}/255": summary[f"acc_{attack}@{e}"] for e in EPSILONS}
     summary.update({"seeds": list(SEEDS), "quick": args.quick, "wall_s": round(time.perf_counter() - start, 1)})
     report("task recipes on the demo model (mean ± std over seeds; frozen baselines: one run)",
            ["figure", "mean", "std", "runs"], rows, summary)

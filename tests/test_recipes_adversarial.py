@@ -5,6 +5,7 @@ the encoder's zero-shot accuracy, and out-of-range ε as one line.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,9 @@ def test_epsilon_out_of_range_is_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "epsilons: 0.0 is out of range" in err and len(err.strip().splitlines()) == 1
     assert np.isfinite(check_epsilons([0.5, 64])).all()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "adversarial", "--model", str(model), "--data", "synthetic:shape", "--epsilons", "3",
+              "--samples", "8", "--robustness-samples", "4", "--workers", "0", "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 0
+    record = json.loads(next((tmp_path / "eval").glob("*adversarial_robustness.json")).read_text())
+    assert {"acc_clean", "acc_fgsm@3", "acc_pgd@3", "patch_attention_ratio"} <= set(record["metrics"])

@@ -89,3 +89,17 @@ def test_layer_norm_detector_stores_only_layer_norms_and_reloads(tiny, tmp_path)
         torch.testing.assert_close(classifier.image_model.state_dict()[name], adapter.record.tensors[name])
     with pytest.raises(InputError, match="two classes"):
         fit_recipe("detector", tiny, "synthetic:shape", {"samples": 8})
+
+
+def test_detector_trains_on_a_user_folder_with_a_real_class(tiny, tmp_path) -> None:
+    world = SyntheticWorld()
+    for index in range(12):
+        image, label, _ = real_or_altered(world, "train", index, ["checkerboard"])
+        folder = tmp_path / "photos" / ("real" if label == 0 else "fake")
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index}.png")
+    adapter = fit_recipe("detector", tiny, str(tmp_path / "photos"), {"tuning": "head", "steps": 2, "batch_size": 4})
+    assert adapter.record.provenance["images"] == 12 and adapter.record.classnames == ["real", "altered"]
+    (tmp_path / "photos" / "real").rename(tmp_path / "photos" / "genuine")
+    with pytest.raises(InputError, match="one named 'real'"):
+        fit_recipe("detector", tiny, str(tmp_path / "photos"), {"tuning": "head", "steps": 2})

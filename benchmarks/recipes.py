@@ -111,7 +111,7 @@ def detector_figures(model: clipforge.CLIP, quick: bool) -> dict[str, list[float
 
 def adversarial_figures(model: clipforge.CLIP, quick: bool) -> dict[str, list[float]]:
     dataset = load_dataset("synthetic:shape", samples=400)
-    metrics = Evaluator(model, workers=0).adversarial(dataset, samples=100 if quick else 200, epsilons=EPSILONS)
+    metrics = Evaluator(model, workers=0).adversarial(dataset, samples=100 if quick else 200, epsilons=EPSILONS).metrics
     return {name: [value] for name, value in metrics.items()}
 
 

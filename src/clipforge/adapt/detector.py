@@ -74,7 +74,7 @@ class DetectorHead(Head):
 
 
 def prepare(model: nn.Module, settings: DetectorSettings) -> tuple[nn.Module, list[nn.Parameter]]:
-    """A float copy of ``model`` with the image-tower parameters ``settings.tuning`` trains unfrozen."""
+    """A float copy of ``model`` (frozen) and the image-tower parameters ``settings.tuning`` trains."""
     if settings.tuning not in TUNINGS:
         raise ConfigError(f"detector.tuning: {settings.tuning!r} is not one of {', '.join(TUNINGS)}")
     tuned = trainable_copy(model, "detector")

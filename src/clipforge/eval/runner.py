@@ -1,4 +1,5 @@
-"""The evaluation runner: zero-shot, retrieval, linear probe, robustness, OOD detection and calibration.
+"""The evaluation runner: zero-shot, retrieval, linear probe, robustness, OOD detection, calibration, and the task
+recipes' detection, re-identification and adversarial attacks.
 
 Each task returns a ``TaskResult`` (``clipforge.eval.results``: CLIP_benchmark's result JSON). Image features
 and zero-shot heads are computed once per dataset and shared by the tasks that need them; images are

@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "train": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic"},
     "distill": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
                        "encode", "train"},
-    "eval": BASE | {"_util", "config", "models", "preprocess", "data", "data.formats", "data.synthetic", "encode"},
+    "eval": BASE | {"_util", "config", "layers", "models", "preprocess", "data", "data.formats", "data.synthetic", "encode"},
     "compress": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
                         "encode", "eval"},
     "merge": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",

@@ -42,7 +42,7 @@ class Schedule:
         done = (step - self.warmup) / max(1, self.steps - self.warmup)
         return self.eta_min + (self.lr - self.eta_min) * (1 + math.cos(math.pi * done)) / 2
 
-    def make(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def make(self, parameters: Iterable[torch.nn.Parameter] | list[dict]) -> torch.optim.Optimizer:
         parameters = list(parameters)
         if self.optimizer == "sgd":
             return torch.optim.SGD(parameters, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
@@ -58,17 +58,25 @@ def optimise(
     description: str = "training",
     after_step: Callable[[int], None] | None = None,
 ) -> float:
-    """Run ``schedule.steps`` steps of ``loss_at(step).backward()`` and the optimiser; the last loss."""
-    parameters = [p for p in parameters if p.requires_grad]
-    if not parameters:
+    """Run ``schedule.steps`` steps of ``loss_at(step).backward()`` and the optimiser; the last loss.
+
+    ``parameters`` are parameters, or groups ``{"params": [...], "lr_scale": s}`` whose rate is ``s`` times the
+    schedule's (a head trained faster than the backbone it sits on)."""
+    items = list(parameters)
+    groups = [{"params": [p for p in items if not isinstance(p, dict)], "lr_scale": 1.0}]
+    groups += [{**item, "params": list(item["params"])} for item in items if isinstance(item, dict)]
+    for group in groups:
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+    groups = [group for group in groups if group["params"]]
+    if not groups:
         raise ConfigError(f"{description}: nothing to train (no parameter requires a gradient)")
-    optimizer = schedule.make(parameters)
+    optimizer = schedule.make(groups)
     loss = torch.zeros(())
     with progress_bar(disable=not progress) as bar:
         task = bar.add_task(description, total=schedule.steps, unit="step")
         for step in range(schedule.steps):
             for group in optimizer.param_groups:
-                group["lr"] = schedule.rate(step)
+                group["lr"] = schedule.rate(step) * group.get("lr_scale", 1.0)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_at(step)
             loss.backward()

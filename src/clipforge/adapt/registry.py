@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from clipforge.adapt.clap import CLAP
 from clipforge.adapt.coop import COOP
+from clipforge.adapt.detector import DETECTOR
 from clipforge.adapt.gda import GDA
 from clipforge.adapt.linear_probe import LINEAR_PROBE
 from clipforge.adapt.lora import LORA
@@ -15,6 +16,8 @@ from clipforge.adapt.wise_ft import WISE_FT
 from clipforge.errors import ConfigError
 
 METHODS: dict[str, Method] = {}
+RECIPE_HEADS: dict[str, Method] = {DETECTOR.name: DETECTOR}
+"""Heads of the task recipes (``clipforge.adapt.recipes``): trained on ``--data``, reloaded like any adapter."""
 
 
 def register(method: Method) -> Method:
@@ -26,6 +29,8 @@ def register(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
+    if name in RECIPE_HEADS:
+        return RECIPE_HEADS[name]
     if name not in METHODS:
         raise ConfigError(f"method: {name!r} is not one of {', '.join(METHODS)}")
     return METHODS[name]

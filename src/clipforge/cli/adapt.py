@@ -1,4 +1,5 @@
-"""``clipforge adapt METHOD``: fit a few-shot method and write an adapter file (or, for weight methods, a checkpoint)."""
+"""``clipforge adapt METHOD``: fit a few-shot method and write an adapter file (or, for weight methods, a checkpoint);
+or train a task recipe (CLIPN, re-identification, altered-image detector) on ``--data``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ METHOD_NAMES = (
 )
 """Listed here so that ``clipforge adapt --help`` needs no torch; ``tests/test_adapt_cli.py`` checks it against
 ``clipforge.adapt.METHODS``."""
+RECIPE_NAMES = ("clipn", "detector", "reid")
+"""The task recipes (``clipforge.adapt.recipes.RECIPES``, docs/recipes.md): they train on ``--data``, not on shots."""
 
 
 def register(app: typer.Typer) -> None:
@@ -31,11 +34,12 @@ def register(app: typer.Typer) -> None:
 
 
 def adapt_command(
-    method: Annotated[str, typer.Argument(help=f"One of: {', '.join(METHOD_NAMES)}.")],
+    method: Annotated[str, typer.Argument(help=f"One of: {', '.join(METHOD_NAMES)}; or a task recipe: {', '.join(RECIPE_NAMES)}.")],
     model: ModelOption,
-    train: Annotated[str, typer.Option("--train", help="synthetic:TASK[+SHIFT], a class-per-folder directory, a table or .tar webdataset shards with a class column.")],
-    shots: Annotated[int, typer.Option(min=1, help="Training images per class.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter .safetensors file (a checkpoint for clip-lora, clip-svd, wise-ft).")],
+    train: Annotated[str | None, typer.Option("--train", help="synthetic:TASK[+SHIFT], a class-per-folder directory, a table or .tar webdataset shards with a class column.")] = None,
+    shots: Annotated[int | None, typer.Option(min=1, help="Training images per class.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Task recipes: their training data (see docs/recipes.md).")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the few-shot draw and of training.")] = 1,
     set_: SetOption = None,
     classnames: Annotated[str | None, typer.Option(help="Class names: .txt (one per line) or JSON list.")] = None,
@@ -48,12 +52,24 @@ def adapt_command(
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
 ) -> None:
-    """Fit METHOD on SHOTS images per class of --train and write it to --out (see docs/adapt.md)."""
+    """Fit METHOD on SHOTS images per class of --train (docs/adapt.md), or a task recipe on --data
+    (docs/recipes.md), and write it to --out."""
     from clipforge.adapt import fit, get_method
     from clipforge.compress.records import parse_settings
+    from clipforge.errors import InputError
 
-    get_method(method)  # an unknown method fails before the model loads
     settings = parse_settings(set_ or [], "--set")
+    if method in RECIPE_NAMES:
+        if data is None:
+            raise InputError(f"adapt {method}: give the training data with --data")
+        note = checked_output(out, inputs=[model])
+        fit_recipe(method, load_model(model, config, pretrained, precision, device), data, settings, seed, out, note,
+                   classnames_file=classnames, image_column=image_column, label_column=label_column,
+                   class_field=class_field)
+        return
+    get_method(method)  # an unknown method fails before the model loads
+    if train is None or shots is None:
+        raise InputError(f"adapt {method}: give --train and --shots")
     note = checked_output(out, inputs=[model])
     loaded = load_model(model, config, pretrained, precision, device)
     adapter = fit(method, loaded, train, shots, seed, settings=settings, progress=True, classnames_file=classnames,
@@ -70,3 +86,14 @@ def adapt_command(
         + (f"; {chosen}" if chosen else "")
         + f"\nwrote {kind} {path}{note}"
     )
+
+
+def fit_recipe(method: str, model: object, data: str, settings: dict, seed: int, out: Path, note: str, **data_options: object) -> None:
+    """Train a task recipe, write it, and say what was written."""
+    from clipforge.adapt.recipes import fit_recipe as fit_one
+
+    result = fit_one(method, model, data, settings, seed, progress=True, **data_options)
+    path = result.save(out)
+    chosen = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                       for key, value in result.record.extra.items())
+    say(f"{method}: trained on {data} (seed {seed}){'; ' + chosen if chosen else ''}\nwrote adapter {path}{note}")

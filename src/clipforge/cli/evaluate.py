@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_command(
-    tasks: Annotated[list[str], typer.Argument(help="zeroshot, retrieval, linear-probe, robustness, ood, calibration (comma-separated or repeated), or all.")],
+    tasks: Annotated[list[str], typer.Argument(help="zeroshot, retrieval, linear-probe, robustness, ood, calibration, detection, reid, adversarial (comma-separated or repeated), or all (all but detection, reid and adversarial).")],
     model: ModelOption,
     data: Annotated[list[str], typer.Option("--data", "-d", help="synthetic[:task], a class-per-folder directory, a .csv/.tsv/.parquet table or .tar webdataset shards (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the JSON results, plots and report.md/report.html.")] = Path("eval_results"),
@@ -57,16 +57,18 @@ def eval_command(
     language: Annotated[str, typer.Option(help="Language recorded in the results (CLIP_benchmark schema).")] = "en",
     tome: TomeOption = None,
     compress: CompressOption = None,
-    adapter: Annotated[str | None, typer.Option(help="Adapter file or adapted checkpoint from clipforge adapt: zeroshot and calibration classify with it.")] = None,
+    epsilons: Annotated[str, typer.Option(help="adversarial: L∞ budgets in 1/255 (comma-separated).")] = "1,2,4",
+    adapter: Annotated[str | None, typer.Option(help="Adapter file or adapted checkpoint from clipforge adapt: zeroshot and calibration classify with it; a CLIPN adapter adds CTW and ATD to ood.")] = None,
 ) -> None:
     """Evaluate a model; one CLIP_benchmark JSON per (dataset, task), a report and one summary table."""
     from clipforge.compress.records import describe_steps
+    from clipforge.eval.adversarial import check_epsilons
     from clipforge.eval.report import headline_rows, write_report
     from clipforge.eval.results import TASKS, write_results
-    from clipforge.eval.runner import DataOptions, Evaluator, run_tasks
+    from clipforge.eval.runner import RECIPE_TASKS, DataOptions, Evaluator, run_tasks
 
     names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
-    names = list(TASKS) if names == ["all"] else names
+    names = [task for task in TASKS if task not in RECIPE_TASKS] if names == ["all"] else names
     steps = compression_options(tome, compress)
     checked_output(out, directory=True)
     loaded = load_model(model, config, pretrained, precision, device, steps)
@@ -75,15 +77,22 @@ def eval_command(
         classnames_file=classnames, templates_file=templates, samples=samples, robustness_samples=robustness_samples,
         image_column=image_column, label_column=label_column, caption_column=caption_column, class_field=class_field,
         train_data=train_data, ood_data=ood_data, method=method, context_file=context,
+        epsilons=tuple(check_epsilons(parse_numbers(epsilons, "--epsilons"))),
     )
-    head = None
+    head = no_encoder = None
     if adapter is not None:
         from clipforge.adapt import load_adapter
 
-        head = load_adapter(adapter)(loaded)
-        model_name += f"+{head.method}"
+        found = load_adapter(adapter)
+        if found.method == "clipn":
+            from clipforge.adapt.clipn import load_no_encoder
+
+            no_encoder = load_no_encoder(found.record, loaded, adapter)
+        else:
+            head = found(loaded)
+        model_name += f"+{found.method}"
     evaluator = Evaluator(head.image_model if head else loaded, batch_size=batch_size, workers=workers, out_dir=out,
-                          progress=True, adapter=head)
+                          progress=True, adapter=head, no_encoder=no_encoder)
     results = run_tasks(evaluator, names, data, options)
     pretrained_label = pretrained or (model if Path(model).exists() else "random-init")
     write_results(results, out, model_name, pretrained_label, language)
@@ -128,3 +137,13 @@ def explain_command(
         label = f"Score-CAM ({weighting or DEFAULT_WEIGHTING}) of \"{text}\" · cosine {cosine:.3f}"
     save_overlay(view, heatmap, out, label=label)
     say(f"wrote {method} map of {image} to {out}{note}")
+
+
+def parse_numbers(text: str, option: str) -> list[float]:
+    """``"1,2,4"`` → [1.0, 2.0, 4.0]; a one-line error naming ``option`` otherwise."""
+    from clipforge.errors import InputError
+
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise InputError(f"{option}: {text!r} is not a comma-separated list of numbers") from None

@@ -1,7 +1,9 @@
 """Evaluation datasets: labelled images with class names and prompt templates, from four kinds of source.
 
 - the synthetic world's zero-shot tasks (``synthetic`` or ``synthetic:<task>``, e.g. ``synthetic:color``; another
-  split or a shift with ``synthetic:<task>@<split>+<shift>``, e.g. ``synthetic:shape@val+outline``);
+  split or a shift with ``synthetic:<task>@<split>+<shift>``, e.g. ``synthetic:shape@val+outline``), and its
+  real-vs-altered set ``synthetic:altered[@<split>][+<family>,...]`` (classes real, altered) and identity set
+  ``synthetic:identities[@train|@test]`` (a class per identity);
 - a class-per-folder directory (``root/<class>/<image>``, classes in sorted folder order);
 - a CSV/TSV/parquet/JSONL table with an image column (paths relative to the table, encoded bytes or
   ``{bytes, path}`` structs) and a label column (class ids or class names);
@@ -46,14 +48,18 @@ from clipforge.data.formats.tables import (
     read_label_table,
 )
 from clipforge.data.synthetic import (
+    ALTERATIONS,
     CONTEXT_FACTORS,
     SHIFTS,
     SPLITS,
     SyntheticWorld,
     WorldConfig,
     ZeroShotTask,
+    identities,
+    identity_view,
+    real_or_altered,
 )
-from clipforge.errors import InputError, one_line
+from clipforge.errors import ConfigError, InputError, one_line
 from clipforge.eval.prompts import (
     DEFAULT_TEMPLATES,
     Templates,
@@ -153,9 +159,40 @@ def synthetic_dataset(spec: str, samples: int) -> ClassificationDataset:
     task, _, split = rest.partition("@")
     if split and split not in SPLITS:
         raise InputError(f"{spec}: split {split!r} is not one of {', '.join(SPLITS)}")
+    if task == "altered":
+        return altered_dataset(split or "test", samples, shift.split(",") if shift else list(ALTERATIONS))
+    if task == "identities":
+        return identities_dataset(split or "test", samples)
     if shift and shift not in SHIFTS:
         raise InputError(f"{spec}: shift {shift!r} is not one of {', '.join(SHIFTS)}")
     return synthetic_task(task or "shape").dataset(split or "test", samples, shift or None)
+
+
+def altered_dataset(split: str, samples: int, families: Sequence[str]) -> ClassificationDataset:
+    """``synthetic:altered[@SPLIT][+FAMILY,...]``: the first ``samples`` of the split, real (even indices) or
+    altered by the families in turn (``clipforge.data.synthetic.real_or_altered``); classes real, altered."""
+    world = SyntheticWorld(WorldConfig())
+    try:
+        drawn = [real_or_altered(world, split, index, families) for index in range(samples)]
+    except ConfigError as error:
+        raise InputError(f"synthetic:altered: {error}") from None
+    name = f"synthetic/altered@{split}+{','.join(families)}"
+    return ClassificationDataset(name, ["real", "altered"], ["a photo of a {c} image."], [image for image, _, _ in drawn],
+                                 [label for _, label, _ in drawn])
+
+
+def identities_dataset(split: str, samples: int, views: int = 4) -> ClassificationDataset:
+    """``synthetic:identities[@train|@test]``: ``views`` renders of each of the first ``samples // views``
+    identities of that side of the identity split (``clipforge.data.synthetic.identities``), view-major by
+    identity; a class per identity."""
+    sides = identities()
+    if split not in sides:
+        raise InputError(f"synthetic:identities@{split}: the identity split has only {', '.join(sides)}")
+    chosen = sides[split][: max(2, samples // views)]
+    images = [identity_view(identity, view) for identity in chosen for view in range(views)]
+    labels = [label for label in range(len(chosen)) for _ in range(views)]
+    return ClassificationDataset(f"synthetic/identities@{split}", [identity.name for identity in chosen],
+                                 list(DEFAULT_TEMPLATES), images, labels)
 
 
 def folder_dataset(root: str | Path, classnames: Sequence[str] | None = None) -> ClassificationDataset:

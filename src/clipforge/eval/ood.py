@@ -1,10 +1,11 @@
-"""Out-of-distribution detection: the MCM score and threshold-free detection metrics.
+"""Out-of-distribution detection: the MCM score and threshold-free detection metrics (AUROC, AUPR-In, FPR95).
 
 MCM: Ming, Cai, Gu, Sun, Li, "Delving into Out-of-Distribution Detection with Vision-Language
 Representations", NeurIPS 2022 (deeplearning-wisc/MCM, ``utils/detection_util.py``). Metrics follow
 that repository's convention: in-distribution (ID) is the positive class and a higher score means
 "more in-distribution". FPR at a TPR uses the first ROC point whose TPR reaches the target (the
-OpenOOD convention, no interpolation between ROC points).
+OpenOOD convention, no interpolation between ROC points). The other scores (MSP, energy, max-logit, CLIPN's
+CTW and ATD) are in ``clipforge.eval.ood_scores``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def auroc(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
     """Area under the ROC curve (ID positive): P(ID score > OOD score), ties counting one half."""
     fpr, tpr, _ = roc_points(id_scores, ood_scores)
     return torch.trapezoid(tpr, fpr).item()
+
+
+def aupr_in(id_scores: ArrayLike, ood_scores: ArrayLike) -> float:
+    """Average precision with ID as positive (AUPR-In): ``Σ_k (R_k − R_{k−1}) · P_k`` over the distinct
+    thresholds, highest first (scikit-learn's ``average_precision_score``, no interpolation)."""
+    fpr, tpr, _ = roc_points(id_scores, ood_scores)
+    positives, negatives = len(torch.as_tensor(id_scores)), len(torch.as_tensor(ood_scores))
+    true_positives, false_positives = tpr[1:] * positives, fpr[1:] * negatives
+    precision = true_positives / (true_positives + false_positives)
+    return float(((tpr[1:] - tpr[:-1]) * precision).sum())
 
 
 def fpr_at_tpr(id_scores: ArrayLike, ood_scores: ArrayLike, tpr: float = 0.95) -> float:

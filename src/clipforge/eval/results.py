@@ -23,6 +23,9 @@ TASKS: dict[str, str] = {
     "robustness": "robustness",
     "ood": "ood_detection",
     "calibration": "calibration",
+    "detection": "altered_image_detection",
+    "reid": "reidentification",
+    "adversarial": "adversarial_robustness",
 }
 """Command-line task names → the task name in the result JSON (CLIP_benchmark's where it has one)."""
 

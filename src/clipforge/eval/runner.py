@@ -1,4 +1,5 @@
-"""The evaluation runner: zero-shot, retrieval, linear probe, robustness, OOD detection and calibration.
+"""The evaluation runner: zero-shot, retrieval, linear probe, robustness, OOD detection, calibration, and the task
+recipes' detection, re-identification and adversarial attacks.
 
 Each task returns a ``TaskResult`` (``clipforge.eval.results``: CLIP_benchmark's result JSON). Image features
 and zero-shot heads are computed once per dataset and shared by the tasks that need them; images are
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from clipforge.data.formats.images import read_rgb_image
 from clipforge.encode import Encoder, embed_images, encode_texts, model_input_image
 from clipforge.errors import InputError
+from clipforge.eval.adversarial import EPSILONS, adversarial_metrics, model_pixels
 from clipforge.eval.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -36,6 +38,7 @@ from clipforge.eval.datasets import (
     load_dataset,
     load_retrieval_dataset,
 )
+from clipforge.eval.detection import detection_metrics
 from clipforge.eval.linear_probe import linear_probe
 from clipforge.eval.metrics import (
     classification_metrics,
@@ -43,20 +46,31 @@ from clipforge.eval.metrics import (
     retrieval_recall_at_k,
     topk_accuracy,
 )
-from clipforge.eval.ood import auroc, fpr_at_tpr, mcm_score, roc_curve_plot
+from clipforge.eval.ood import aupr_in, auroc, fpr_at_tpr, mcm_score, roc_curve_plot
+from clipforge.eval.ood_scores import (
+    atd_score,
+    ctw_score,
+    energy_score,
+    max_logit_score,
+    msp_score,
+)
 from clipforge.eval.perception import (
     ContextFactors,
     build_perception_classifier,
     perception_clip,
     read_context_factors,
 )
+from clipforge.eval.ranking import query_gallery_split, reid_metrics
 from clipforge.eval.report import confusion_matrix_plot
 from clipforge.eval.results import TASKS, Table, TaskResult, slug
 from clipforge.eval.robustness import SHIFT_NAMES, corruption_accuracy, corruption_plot
 from clipforge.eval.zeroshot import zero_shot_head, zero_shot_logits
 
 MAX_CONFUSION_CLASSES = 100
-ADAPTER_TASKS = ("zeroshot", "calibration")
+ADAPTER_TASKS = ("zeroshot", "calibration", "detection")
+RECIPE_TASKS = ("detection", "reid", "adversarial")
+"""Tasks of the task recipes (docs/recipes.md): ``detection`` needs a detector adapter, ``reid`` identity data,
+``adversarial`` runs attacks (minutes); ``clipforge eval all`` leaves them out."""
 """Tasks that classify with an adapter's head when the ``Evaluator`` has one (``clipforge eval --adapter``)."""
 
 
@@ -82,11 +96,16 @@ class Evaluator:
         seed: int = 0,
         progress: bool = False,
         adapter: AdaptedHead | None = None,
+        no_encoder: Encoder | None = None,
+        no_encoder_name: str = "clipn",
     ) -> None:
         """``adapter``: classify with this head instead of the zero-shot one (``ADAPTER_TASKS``); ``model``
-        must then be the model whose image features it reads."""
+        must then be the model whose image features it reads. ``no_encoder``: CLIPN's no text encoder
+        (``clipforge.adapt.clipn``), which adds its CTW and ATD scores to ``ood``."""
         self.model = model
         self.adapter = adapter
+        self.no_encoder = no_encoder
+        self.no_encoder_name = no_encoder_name
         self.batch_size = batch_size
         self.workers = workers
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -228,17 +247,74 @@ class Evaluator:
         return topk_accuracy(logits, dataset.labels, ks=(1,))["acc1"]
 
     def ood(self, dataset: ClassificationDataset, ood_images: Sequence[Any], ood_name: str) -> TaskResult:
-        """MCM scores (softmax of raw cosines to the class heads, T = 1): AUROC and FPR at 95% TPR, ROC plot."""
-        concepts = self.classifier(dataset).T
-        id_scores = mcm_score(self.image_features(dataset), concepts)
-        ood_scores = mcm_score(self.embed(ood_images, ood_name), concepts)
-        metrics = {"auroc": auroc(id_scores, ood_scores), "fpr95": fpr_at_tpr(id_scores, ood_scores, 0.95),
-                   "id_samples": float(len(id_scores)), "ood_samples": float(len(ood_scores))}
-        result = TaskResult(dataset.name, TASKS["ood"], metrics, extra={"ood_dataset": ood_name})
+        """Every OOD score (``ood_scores``): AUROC, AUPR-In and FPR at 95% TPR each, ID = ``dataset``; MCM's are
+        also the headline ``auroc`` and ``fpr95``; a ROC plot of MCM (of ATD with a CLIPN no-encoder)."""
+        id_scores, ood_scores = self.ood_scores(dataset, self.image_features(dataset)), self.ood_scores(
+            dataset, self.embed(ood_images, ood_name))
+        metrics = {"auroc": auroc(id_scores["mcm"], ood_scores["mcm"]), "fpr95": fpr_at_tpr(id_scores["mcm"], ood_scores["mcm"])}
+        rows = []
+        for name in id_scores:
+            figures = {"auroc": auroc(id_scores[name], ood_scores[name]), "aupr": aupr_in(id_scores[name], ood_scores[name]),
+                       "fpr95": fpr_at_tpr(id_scores[name], ood_scores[name], 0.95)}
+            metrics.update({f"{metric}_{name}": value for metric, value in figures.items()})
+            rows.append([name, *figures.values()])
+        metrics.update({"id_samples": float(len(id_scores["mcm"])), "ood_samples": float(len(ood_scores["mcm"]))})
+        extra = {"ood_dataset": ood_name} | ({"no_encoder": self.no_encoder_name} if self.no_encoder is not None else {})
+        table = Table("OOD detection (ID positive)", ["score", "auroc", "aupr_in", "fpr95"], rows)
+        result = TaskResult(dataset.name, TASKS["ood"], metrics, [table], extra=extra)
         path = self._plot_path(dataset.name, "roc")
         if path is not None:
-            result.plots["OOD ROC curve (MCM)"] = roc_curve_plot(id_scores, ood_scores, path)
+            shown = "atd" if "atd" in id_scores else "mcm"
+            result.plots[f"OOD ROC curve ({shown.upper()})"] = roc_curve_plot(id_scores[shown], ood_scores[shown], path)
         return result
+
+    def ood_scores(self, dataset: ClassificationDataset, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MCM, MSP, energy and max-logit of ``features`` against the zero-shot head of ``dataset``; CTW and ATD too
+        when the evaluator has a CLIPN no-encoder (its head: the same class names and prompts)."""
+        head = self.classifier(dataset)
+        logits = zero_shot_logits(features, head)
+        scores = {"mcm": mcm_score(features, head.T), "msp": msp_score(logits), "energy": energy_score(logits),
+                  "max_logit": max_logit_score(logits)}
+        if self.no_encoder is not None:
+            no_logits = zero_shot_logits(features, self.no_classifier(dataset))
+            scores.update({"ctw": ctw_score(logits, no_logits), "atd": atd_score(logits, no_logits)})
+        return scores
+
+    def no_classifier(self, dataset: ClassificationDataset) -> torch.Tensor:
+        """The CLIPN no-encoder's head [D, C] for the dataset's class names and prompts."""
+        key = json.dumps(["no", dataset.classnames, dataset.templates])
+        if key not in self._classifiers:
+            self._classifiers[key] = zero_shot_head(self.no_encoder, dataset.classnames, dataset.templates)
+        return self._classifiers[key]
+
+    def detection(self, dataset: ClassificationDataset, fpr: float = 0.05) -> TaskResult:
+        """A real-vs-altered detector (the adapter, classes "real" and another): AUROC, accuracy and accuracy at
+        ``fpr`` of the real images flagged, on the logit difference altered − real."""
+        if self.adapter is None or len(self.adapter.classnames) != 2 or "real" not in self.adapter.classnames:
+            raise InputError("detection: give a detector adapter (clipforge adapt detector) with --adapter")
+        logits = self._adapted_logits(dataset)
+        real = dataset.classnames.index("real")
+        scores = logits[:, 1 - real] - logits[:, real]
+        labels = [int(label != real) for label in dataset.labels]
+        return TaskResult(dataset.name, TASKS["detection"], detection_metrics(scores, labels, fpr=fpr),
+                          extra={"adapter": self.adapter.method})
+
+    def reid(self, dataset: ClassificationDataset) -> TaskResult:
+        """Re-identification: each identity's first image queries the other images (``ranking``): rank-1, rank-5, mAP."""
+        queries, gallery = query_gallery_split(dataset.labels, dataset.name)
+        features, labels = self.image_features(dataset), dataset.labels
+        metrics = reid_metrics(features[queries], [labels[i] for i in queries], features[gallery],
+                               [labels[i] for i in gallery])
+        metrics.update({"queries": float(len(queries)), "gallery": float(len(gallery))})
+        return TaskResult(dataset.name, TASKS["reid"], metrics)
+
+    def adversarial(self, dataset: ClassificationDataset, samples: int = 200, epsilons: Sequence[float] = EPSILONS) -> TaskResult:
+        """FGSM, PGD and single-patch attacks on the zero-shot head (``clipforge.eval.adversarial``)."""
+        picked = np.unique(np.linspace(0, len(dataset) - 1, min(samples, len(dataset))).round().astype(int))
+        pixels = model_pixels(self.model, [read_rgb_image(dataset.images[i]) for i in picked])
+        labels = [dataset.labels[i] for i in picked]
+        metrics = adversarial_metrics(self.model, self.classifier(dataset), pixels, labels, epsilons, self.seed, self.batch_size)
+        return TaskResult(dataset.name, TASKS["adversarial"], metrics)
 
     def calibration(self, fit: ClassificationDataset, test: ClassificationDataset) -> TaskResult:
         """ECE (15 bins) and NLL of softmax(100·cos) before and after a temperature fitted on ``fit``."""
@@ -286,6 +362,7 @@ class DataOptions:
     ood_data: str | None = None
     method: str = "ensemble"
     context_file: str | None = None
+    epsilons: tuple[float, ...] = EPSILONS
 
 
 def _load(spec: str, options: DataOptions) -> ClassificationDataset:
@@ -315,6 +392,12 @@ def _run_task(
         return evaluator.zeroshot(dataset, method=options.method, context_factors=factors)
     if task == "robustness":
         return evaluator.robustness(dataset, options.robustness_samples)
+    if task == "detection":
+        return evaluator.detection(dataset)
+    if task == "reid":
+        return evaluator.reid(dataset)
+    if task == "adversarial":
+        return evaluator.adversarial(dataset, options.robustness_samples, options.epsilons)
     if task == "calibration":
         fit, test = (synthetic.dataset("val", options.samples), dataset) if synthetic else split_in_two(dataset, evaluator.seed)
         return evaluator.calibration(fit, test)
@@ -340,6 +423,8 @@ def run_tasks(
     unadapted = [task for task in tasks if task not in ADAPTER_TASKS]
     if evaluator.adapter is not None and unadapted:
         raise InputError(f"--adapter: {unadapted[0]} does not classify with it (only {', '.join(ADAPTER_TASKS)} do)")
+    if evaluator.no_encoder is not None and any(task != "ood" for task in tasks):
+        raise InputError(f"--adapter: a CLIPN adapter scores OOD detection only; run ood alone, not {', '.join(tasks)}")
     if not tasks or not data:
         raise InputError("eval: give at least one task and one dataset (--data)")
     for spec in data:  # checked before any image is encoded

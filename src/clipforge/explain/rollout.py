@@ -12,20 +12,13 @@ token-reduction hook, so no module is patched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
 from clipforge.encode import Encoder, encode_pixels
-from clipforge.errors import ConfigError, InputError
-from clipforge.layers.attention import AttentionOutput
-from clipforge.layers.token_reduction import (
-    AttentionRequest,
-    TokenReduction,
-    TokenState,
-)
+from clipforge.errors import InputError
+from clipforge.layers.attention_recorder import recording_attention
 
 HEAD_FUSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean": lambda weights: weights.mean(dim=1),
@@ -33,39 +26,6 @@ HEAD_FUSIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "min": lambda weights: weights.amin(dim=1),
 }
 """How the heads of a block's attention [B, heads, N, N] become one [B, N, N] map."""
-
-
-class AttentionRecorder(TokenReduction):
-    """A token "reduction" that keeps every block's post-softmax attention [B, heads, N, N] and reduces nothing."""
-
-    observes_every_block = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weights: list[torch.Tensor] = []
-
-    def request(self, layer: int) -> AttentionRequest:
-        return AttentionRequest(weights=True)
-
-    def forward(
-        self, layer: int, x: torch.Tensor, attention: AttentionOutput, state: TokenState
-    ) -> tuple[torch.Tensor, TokenState]:
-        assert attention.weights is not None
-        self.weights.append(attention.weights)
-        return x, state
-
-
-@contextmanager
-def recording_attention(visual: Any) -> Iterator[AttentionRecorder]:
-    """Record the attention of every block of the image tower ``visual`` while the block runs."""
-    if visual.token_reduction is not None:
-        raise ConfigError("attention maps need every image token: switch off token merging/pruning on this model first")
-    recorder = AttentionRecorder()
-    visual.token_reduction = recorder
-    try:
-        yield recorder
-    finally:
-        visual.token_reduction = None
 
 
 @torch.inference_mode()

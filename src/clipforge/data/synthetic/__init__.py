@@ -22,15 +22,19 @@ are imported on first use, so the world itself loads without torch.
 
 from typing import Any
 
+from clipforge.data.synthetic.alterations import ALTERATIONS, real_or_altered
 from clipforge.data.synthetic.config import SHIFTS, SPLITS, Shift, WorldConfig
+from clipforge.data.synthetic.identities import Identity, identities, identity_view
 from clipforge.data.synthetic.render import CORRUPTIONS, corrupt
 from clipforge.data.synthetic.shards import write_shards
 from clipforge.data.synthetic.tasks import CONTEXT_FACTORS, ZeroShotTask
 from clipforge.data.synthetic.world import RetrievalSet, Sample, SyntheticWorld
 
 __all__ = [
+    "ALTERATIONS",
     "CONTEXT_FACTORS",
     "CORRUPTIONS",
+    "Identity",
     "SHIFTS",
     "SPLITS",
     "RetrievalSet",
@@ -42,6 +46,9 @@ __all__ = [
     "WorldConfig",
     "ZeroShotTask",
     "corrupt",
+    "identities",
+    "identity_view",
+    "real_or_altered",
     "write_shards",
 ]
 

@@ -214,3 +214,25 @@ def test_variant_specs_round_trip_and_refuse_two_reductions() -> None:
     assert Variant.parse("base").steps == ()
     with pytest.raises(ConfigError, match="takes one token reduction"):
         Variant.parse("tome:r=2+pitome")
+
+
+def test_speed_accuracy_plot_names_every_variant_without_overlap(tmp_path, monkeypatch) -> None:
+    """Close points with long names (the report's usual case): every name stays whole, inside the picture, apart."""
+    import matplotlib.pyplot as plt
+
+    from clipforge.compress.study import VariantResult, write_report
+
+    names = ["base", "bf16", "tome:r=1", "tome:r=3", "tome:r=5", "pitome:keep_ratio=0.8125", "evit", "int8", "bf16+tome:r=3"]
+    results = [VariantResult(name, 100 + i, 1.0, 1.0, 0.5 + 0.001 * i, 1.0, 1.0) for i, name in enumerate(names)]
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    write_report(results, tmp_path, title="t")
+    figure = kept[0]
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    legend_texts = figure.legends[0].get_texts()
+    assert [text.get_text().split(None, 1)[1] for text in legend_texts] == names
+    boxes = [text.get_window_extent(renderer) for text in legend_texts]
+    inside = figure.bbox
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1 for b in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])

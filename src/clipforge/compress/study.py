@@ -217,18 +217,18 @@ def write_report(
     json_path, plot_path = out / "report.json", out / "speed_accuracy.png"
     with atomic_path(json_path) as tmp:
         tmp.write_text(json.dumps({"title": title, **(details or {}), "variants": [asdict(r) for r in results]}, indent=1) + "\n")
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for result in results:
+    figure, axes = plt.subplots(figsize=(9, 4.5), layout="constrained")
+    for number, result in enumerate(results, start=1):  # points carry a number, the legend the name: labels never overlap
         marker = "*" if result.name == BASE else "o"
-        axes.scatter(result.images_per_s, 100 * result.accuracy, marker=marker, s=120 if marker == "*" else 40)
-        axes.annotate(result.name, (result.images_per_s, 100 * result.accuracy), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        axes.scatter(result.images_per_s, 100 * result.accuracy, marker=marker, s=120 if marker == "*" else 40, label=f"{number}  {result.name}")
+        axes.annotate(str(number), (result.images_per_s, 100 * result.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    figure.legend(loc="outside right upper", fontsize=7, frameon=False, handletextpad=0.3)
     base = next(r for r in results if r.name == BASE)
     axes.axhline(100 * base.accuracy, color="grey", linestyle="--", linewidth=0.8)
     axes.set_xlabel("images / s (encode_image)")
     axes.set_ylabel("zero-shot top-1 accuracy (%)")
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    figure.tight_layout()
     with atomic_path(plot_path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)

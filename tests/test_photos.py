@@ -198,3 +198,13 @@ def test_search_from_a_subfolder_refreshes_first_and_answers_for_it_only(tmp_pat
     assert "0 new, 0 changed, 4 unchanged, 0 touched, 1 moved or renamed, 1 removed" in captured.err
     app(["search", "a red circle", "--index", str(folder), "--workers", "0", "-f", "--no-refresh"], standalone_mode=False)
     assert len(capsys.readouterr().out.split()) == 5  # the whole folder: a, b, d, trip/c, trip/f
+
+
+def test_excluded_folders_are_left_out_and_dropped(tmp_path, tiny):
+    model_path, model = tiny
+    folder = make_folder(tmp_path / "Photos")
+    reference = model_reference(str(model_path), None, None, "fp32")
+    update_photo_store(folder, model, reference, workers=0, progress=False)
+    update = update_photo_store(folder, model, reference, workers=0, progress=False, exclude_dirs=["trip"])
+    assert (update.unchanged, update.removed) == (4, 2)
+    assert sorted(stored(folder / ".clipforge")) == ["a.png", "b.png", "c.png", "d.png"]

@@ -36,6 +36,9 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 StoreModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint or Hugging Face directory (default: the model recorded in the store).")]
 StorePrecisionOption = Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: the store's, or fp32 with --model).")]
 KindOption = Annotated[str, typer.Option(help="Which embeddings to search: img, or text (captions).")]
+ExcludeDirOption = Annotated[
+    list[str] | None, typer.Option("--exclude-dir", help="Photo folders: leave out folders of this name (repeatable; hidden folders always are).")
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -110,6 +113,7 @@ def index_command(
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
     device: DeviceOption = "auto",
+    exclude_dir: ExcludeDirOption = None,
 ) -> None:
     """Build the search index of a store, or bring a photo folder's store and index up to date."""
     _passive_openmp()
@@ -123,7 +127,7 @@ def index_command(
         checked_output(root, directory=True, option="--store")
         _refresh_photos(
             directory, root, StoreModel(model, config, pretrained, precision, device), kind, budget, target_recall,
-            batch_size, workers, report=say,
+            batch_size, workers, report=say, exclude_dirs=exclude_dir,
         )
         return
     _build_index(directory, kind, budget, target_recall, say)
@@ -150,7 +154,7 @@ def _build_index(root: Path, kind: str, budget: int, target_recall: float, repor
 
 def _refresh_photos(
     folder: Path, root: Path, options: StoreModel, kind: str, budget: int, target_recall: float, batch_size: int,
-    workers: int | None, report: Callable[[str], None], quiet_when_unchanged: bool = False,
+    workers: int | None, report: Callable[[str], None], exclude_dirs: list[str] | None = None, quiet_when_unchanged: bool = False,
 ) -> Any:
     """Bring the photo folder's store ``root`` and its index up to date (rclip's incremental indexing); return the
     loaded model. ``report`` gets the summary lines (none when nothing changed and ``quiet_when_unchanged``)."""
@@ -163,6 +167,7 @@ def _refresh_photos(
     loaded = load_model(reference, device=options.device)
     update = update_photo_store(
         folder, loaded, reference, root, batch_size=batch_size, workers=default_workers() if workers is None else workers,
+        exclude_dirs=exclude_dirs or (),
     )
     for _, reason in update.skipped:
         warn("skipped", reason)
@@ -197,6 +202,7 @@ def search_command(
     memory_budget: Annotated[str, typer.Option(help="Photo folders: most memory a rebuilt index may use.")] = "4GB",
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = None,
+    exclude_dir: ExcludeDirOption = None,
 ) -> None:
     """The k nearest images (or captions) to a query: paths and cosine scores.
 
@@ -223,7 +229,7 @@ def search_command(
         if refresh or not is_store(root):
             options = StoreModel(model, config, pretrained, precision, device)
             loaded = _refresh_photos(folder, root, options, kind, parse_size(memory_budget, "--memory-budget"), 0.95,
-                                     batch_size, workers, report=log_line, quiet_when_unchanged=True)
+                                     batch_size, workers, report=log_line, exclude_dirs=exclude_dir, quiet_when_unchanged=True)
         within = target.relative_to(folder).as_posix() + "/" if target != folder else None
     _require_index(root, kind)
     searcher = SearchIndex(root, kind)

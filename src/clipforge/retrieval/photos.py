@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,16 +75,18 @@ def fingerprint(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def photo_files(folder: Path, unreadable: list[tuple[str, str]]) -> list[Path]:
-    """Image files under ``folder``, sorted, without hidden entries or excluded folders; sub-folders that
-    cannot be read are added to ``unreadable`` as (folder, reason)."""
+def photo_files(folder: Path, unreadable: list[tuple[str, str]], exclude_dirs: Sequence[str] = ()) -> list[Path]:
+    """Image files under ``folder``, sorted, without hidden entries, ``EXCLUDED_DIRS`` or folders named in
+    ``exclude_dirs`` (rclip's ``--exclude-dir``); sub-folders that cannot be read are added to ``unreadable``
+    as (folder, reason)."""
+    excluded = EXCLUDED_DIRS | set(exclude_dirs)
 
     def note(error: OSError) -> None:
         unreadable.append((str(error.filename), f"{error.filename}: cannot read folder ({error.strerror or one_line(error)})"))
 
     found = []
     for directory, subdirs, files in os.walk(folder, onerror=note):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in EXCLUDED_DIRS]
+        subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in excluded]
         found.extend(Path(directory) / name for name in files if not name.startswith(".") and is_image_path(name))
     return sorted(found)
 
@@ -134,8 +137,10 @@ def update_photo_store(
     batch_size: int = 64,
     workers: int = 0,
     progress: bool = True,
+    exclude_dirs: Sequence[str] = (),
 ) -> PhotoUpdate:
-    """Bring the store of the photo folder up to date (see the module docstring)."""
+    """Bring the store of the photo folder up to date (see the module docstring); photos in folders named in
+    ``exclude_dirs`` are left out (and dropped from the store)."""
     folder = Path(folder).absolute()
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
@@ -148,7 +153,7 @@ def update_photo_store(
     rows: list[dict[str, Any]] = []
     sources: list[int | None] = []  # old row of each new row, or None to embed
     unreadable: list[tuple[str, str]] = []
-    for photo in photo_files(folder, unreadable):
+    for photo in photo_files(folder, unreadable, exclude_dirs):
         try:
             stat = photo.stat()
         except OSError as error:  # e.g. a link to a file that is gone

@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "data.formats": BASE | {"_util"},
     "data": BASE | {"_util", "config", "preprocess", "data.formats", "data.synthetic"},
     "encode": BASE | {"_util", "data", "data.formats"},
+    "data.curate": BASE | {"_util", "config", "preprocess", "data", "data.formats", "data.synthetic", "encode"},
     "train": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic"},
     "distill": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
                        "encode", "train"},

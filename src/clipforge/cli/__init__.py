@@ -13,6 +13,7 @@ import typer
 from clipforge._util.progress import error_console, fail
 from clipforge.cli import adapt as adapt_cli
 from clipforge.cli import compress as compress_cli
+from clipforge.cli import curate as curate_cli
 from clipforge.cli import data as data_cli
 from clipforge.cli import distill as distill_cli
 from clipforge.cli import embed as embed_cli
@@ -33,6 +34,7 @@ app = typer.Typer(
 )
 models_cli.register(app)
 data_cli.register(app)
+curate_cli.register(app)
 embed_cli.register(app)
 train_cli.register(app)
 distill_cli.register(app)

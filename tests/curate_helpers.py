@@ -1,0 +1,62 @@
+"""A small noisy pool for the curation tests: synthetic shards with exact duplicates, planted near-duplicates
+(JPEG re-encodings), a corrupt image and a sample without caption; and a model-free pixel embedder."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clipforge.data.formats.images import read_rgb_image
+from clipforge.data.formats.shards import shard_index
+from clipforge.data.synthetic import SyntheticWorld, WorldConfig, write_shards
+
+WORLD = WorldConfig(image_size=32, duplicate_rate=0.25, caption_noise_rate=0.3, zipf_exponent=1.0)
+
+
+def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def build_pool(root: Path, n: int = 60, shard_size: int = 20, near_copies: int = 8) -> dict:
+    """Shards 0.. from the world, plus one shard of near-duplicates and bad samples; returns what was planted."""
+    world = SyntheticWorld(WORLD)
+    write_shards(world, "train", n, root, shard_size=shard_size)
+    metadata = [world.describe("train", i)[1] for i in range(n)]
+    exact = [i for i, m in enumerate(metadata) if m["duplicate_of"] is not None]
+    sources = [i for i in range(n) if metadata[i]["duplicate_of"] is None][:near_copies]
+    extra = root / f"{(n + shard_size - 1) // shard_size:05d}.tar"
+    with tarfile.open(extra, "w", format=tarfile.USTAR_FORMAT) as archive:
+        for number, source in enumerate(sources):
+            image = world.sample("train", source).image
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            _add(archive, f"near{number:03d}.jpg", buffer.getvalue())
+            _add(archive, f"near{number:03d}.txt", world.sample("train", source).caption.encode())
+        _add(archive, "corrupt.png", b"\x89PNG not really an image")
+        _add(archive, "corrupt.txt", b"a red star")
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), "white").save(buffer, format="PNG")
+        _add(archive, "nocaption.png", buffer.getvalue())
+    return {"n": n, "exact": exact, "duplicate_of": [m["duplicate_of"] for m in metadata], "near_sources": sources,
+            "extra": extra}
+
+
+def pixel_embedder(shards, pool, out, engine, captions=True):
+    """Model-free image embeddings: mean-centred, L2-normalised 16x16 grey pixels (NaN rows where unreadable)."""
+    vectors = np.full((len(pool), 256), np.nan, dtype=np.float32)
+    indexes = [shard_index(Path(shard)) for shard in shards]
+    for row, (position, key, error) in enumerate(zip(pool.column("shard").to_pylist(), pool.column("key").to_pylist(),
+                                                       pool.column("error").to_pylist())):
+        if error is None:
+            index = indexes[position]
+            image = read_rgb_image(index.image(index.keys.index(key))).convert("L").resize((16, 16))
+            x = np.asarray(image, dtype=np.float32).ravel()
+            x -= x.mean()
+            vectors[row] = x / (np.linalg.norm(x) + 1e-8)
+    return vectors, None

@@ -27,9 +27,9 @@ from pathlib import Path
 from clipforge.data.curate.tarfiles import sample_members, write_tar
 from clipforge.data.formats.samples import SampleError
 from clipforge.data.formats.shards import shard_index
+from clipforge.data.sources import MULTI_CAPTION_FIELD as CAPTIONS_FIELD
 from clipforge.errors import ConfigError, InputError, one_line
 
-CAPTIONS_FIELD = "captions.json"
 FRAMES = ("{}", "a photo of {}", "a picture of {}", "an image of {}", "there is {}", "a rendering of {}", "{}, a photo")
 _FRAME_PREFIX = re.compile(r"^(a photo of |a picture of |an image of |there is |there are |a photo of [a-z ]+: )")
 SYNONYMS = {"small": "little", "large": "big", "little": "small", "big": "large"}
@@ -56,7 +56,8 @@ class RuleRewriter:
         return FRAMES[draw[2] % len(FRAMES)].format(core)
 
     def __call__(self, captions: list[str]) -> list[list[str]]:
-        return [list(dict.fromkeys(self._one(caption, number) for number in range(self.count))) for caption in captions]
+        rewrites = [dict.fromkeys(self._one(caption, number) for number in range(self.count)) for caption in captions]
+        return [[text for text in texts if text != caption] for texts, caption in zip(rewrites, captions)]
 
 
 @dataclass(frozen=True)

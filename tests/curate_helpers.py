@@ -60,3 +60,30 @@ def pixel_embedder(shards, pool, out, engine, captions=True):
             x -= x.mean()
             vectors[row] = x / (np.linalg.norm(x) + 1e-8)
     return vectors, None
+
+
+class KillOnce:
+    """A task wrapper that SIGKILLs its own process ``delay`` seconds into the first attempt (``marker`` records
+    that it happened), as a crashed or pre-empted worker would die mid-task."""
+
+    def __init__(self, task, marker: str, delay: float = 0.05) -> None:
+        self.task, self.marker, self.delay = task, marker, delay
+
+    def __call__(self):
+        import os
+        import signal
+        import threading
+
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            threading.Timer(self.delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        return self.task()
+
+
+def same_files(first: Path, second: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Relative paths under ``first`` matching ``patterns``; asserts each is byte-identical under ``second``."""
+    names = sorted({path.relative_to(first) for pattern in patterns for path in first.glob(pattern)})
+    assert names, f"nothing matched {patterns} under {first}"
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), f"{name} differs"
+    return [str(name) for name in names]

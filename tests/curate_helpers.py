@@ -1,5 +1,5 @@
 """A small noisy pool for the curation tests: synthetic shards with exact duplicates, planted near-duplicates
-(JPEG re-encodings), a corrupt image and a sample without caption; and a model-free pixel embedder."""
+(JPEG re-encodings), a corrupt image and a sample without caption; a task killer; byte-for-byte comparisons."""
 
 from __future__ import annotations
 
@@ -7,11 +7,8 @@ import io
 import tarfile
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from clipforge.data.formats.images import read_rgb_image
-from clipforge.data.formats.shards import shard_index
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig, write_shards
 
 WORLD = WorldConfig(image_size=32, duplicate_rate=0.25, caption_noise_rate=0.3, zipf_exponent=1.0)
@@ -45,21 +42,6 @@ def build_pool(root: Path, n: int = 60, shard_size: int = 20, near_copies: int =
         _add(archive, "nocaption.png", buffer.getvalue())
     return {"n": n, "exact": exact, "duplicate_of": [m["duplicate_of"] for m in metadata], "near_sources": sources,
             "extra": extra}
-
-
-def pixel_embedder(shards, pool, out, engine, captions=True):
-    """Model-free image embeddings: mean-centred, L2-normalised 16x16 grey pixels (NaN rows where unreadable)."""
-    vectors = np.full((len(pool), 256), np.nan, dtype=np.float32)
-    indexes = [shard_index(Path(shard)) for shard in shards]
-    for row, (position, key, error) in enumerate(zip(pool.column("shard").to_pylist(), pool.column("key").to_pylist(),
-                                                       pool.column("error").to_pylist())):
-        if error is None:
-            index = indexes[position]
-            image = read_rgb_image(index.image(index.keys.index(key))).convert("L").resize((16, 16))
-            x = np.asarray(image, dtype=np.float32).ravel()
-            x -= x.mean()
-            vectors[row] = x / (np.linalg.norm(x) + 1e-8)
-    return vectors, None
 
 
 class KillOnce:

@@ -139,7 +139,8 @@ def dedup_command(
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
     precision: PrecisionOption = "fp32",
-    threshold: Annotated[float | None, typer.Option(min=-1.0, max=1.0, help="Near-duplicates: cosine >= this (needs --model).")] = None,
+    threshold: Annotated[float | None, typer.Option(min=-1.0, max=1.0, help="Near-duplicates: cosine of descriptors >= this.")] = None,
+    descriptor: Annotated[str, typer.Option(help="Near-duplicate descriptor: pixels (copy detection, no model) | model (--model's image embeddings).")] = "pixels",
     against: Annotated[list[str] | None, typer.Option(help="Evaluation shards: drop pool images this close to them (repeatable).")] = None,
     against_threshold: Annotated[float, typer.Option(min=-1.0, max=1.0)] = 0.95,
     subset: SubsetOption = None,
@@ -147,15 +148,20 @@ def dedup_command(
     address: AddressOption = None,
     workers: WorkersOption = None,
 ) -> None:
-    """Exact duplicates (SHA-256 of the image bytes) and, with --model, near-duplicate groups; one kept per group."""
+    """Exact duplicates (SHA-256 of the image bytes) and, with --threshold, near-duplicate groups; one kept per group."""
     from clipforge.data.curate.job import curate_dedup
+    from clipforge.errors import ConfigError
 
+    if descriptor not in ("pixels", "model"):
+        raise ConfigError(f"--descriptor {descriptor!r} is not pixels or model")
+    if descriptor == "model" and model is None:
+        raise ConfigError("--descriptor model compares the model's image embeddings: give --model")
     checked_output(out, directory=True)
-    runner, embed = _engine(engine, address, workers), _embedder(model, config, pretrained, precision)
-    if against and embed is None:
-        from clipforge.errors import ConfigError
-
-        raise ConfigError("--against compares embeddings: give --model")
+    runner = _engine(engine, address, workers)
+    if descriptor == "pixels":
+        from clipforge.data.curate.descriptors import pixel_embeddings as embed
+    else:
+        embed = _embedder(model, config, pretrained, precision)
     evaluation = _set_embeddings(embed, against, out / "against", runner) if against else None
     _done(curate_dedup(inputs, out, threshold=threshold, embed=embed, evaluation=evaluation,
                        evaluation_threshold=against_threshold, engine=runner, subset=subset), out)

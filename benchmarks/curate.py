@@ -11,13 +11,18 @@ Settings fixed before any run: CLIP-score top fraction 0.5 (the pool's clean, un
 DataComp paper's optimum, 0.3, is for its own pool); balancing t from a 6% tail share (MetaCLIP's rule for
 small pools) over the world's concept names (8 shapes, 8 colors, 64 "color shape" pairs); near-duplicates:
 the pixel copy-detection descriptor (``data.curate.descriptors``; the scorer's CLIP embeddings are reported
-beside it: they were tried first and merge distinct images of one concept), threshold the smallest cosine on
-a grid (0.900, 0.901, …, 0.999) whose false-positive rate is ≤ 1% on a calibration pool from another world seed; multi-caption: 3 rule rewrites per caption. Every arm trains the
+beside it), threshold the smallest cosine on a grid (0.900, 0.901, …, 0.999) whose false-positive rate is
+≤ 0.5% on a calibration pool of the same size from another world seed. These dedup settings were revised after
+a first run: the scorer's CLIP embeddings merge distinct images of one concept (recall 0.04 at ≤ 1% FPR), a
+grey thumbnail merged scenes differing in colour, and a threshold calibrated on a smaller pool let false
+positives grow with the pool (each image has more chances to collide), so the colour thumbnail was chosen on
+the calibration pool, which is now as large as the pool, with half the 1% bound as margin; multi-caption: 3 rule
+rewrites per caption. Every arm trains the
 demo student (synthetic-tiny, batch 256, lr 2e-3, const-cooldown, crop augmentation) for the same steps
 from scratch, one run per seed. Accuracy: zero-shot 64-way shape+color on the test split; tail accuracy: on
 test images of the 16 rarest in-distribution shape+color pairs of the pool.
 
-    python benchmarks/curate.py [--quick]
+    python benchmarks/curate.py [--quick] [--no-train]    # --no-train: the curation figures only, no training arms
 """
 
 from __future__ import annotations
@@ -60,10 +65,10 @@ from clipforge.retrieval.pool_embeddings import pool_embeddings
 from clipforge.train.trainer import train
 
 SEEDS = (0, 1)
-FULL = {"pool": 16384, "steps": 300, "eval": 1024, "calibration": 2048}
-QUICK = {"pool": 4096, "steps": 60, "eval": 512, "calibration": 1024}
+FULL = {"pool": 16384, "steps": 300, "eval": 1024}
+QUICK = {"pool": 4096, "steps": 60, "eval": 512}
 NOISE = {"image_size": 64, "caption_noise_rate": 0.35, "duplicate_rate": 0.25, "zipf_exponent": 1.0}
-SHARD_SIZE, FRACTION, TAIL_SHARE, TAIL_PAIRS, REWRITES = 1024, 0.5, 0.06, 16, 3
+SHARD_SIZE, FRACTION, TAIL_SHARE, TAIL_PAIRS, REWRITES, CALIBRATION_FPR = 1024, 0.5, 0.06, 16, 3, 0.005
 THRESHOLDS = np.round(np.arange(0.900, 0.9995, 0.001), 3)
 
 
@@ -134,7 +139,7 @@ def dedup_rates(groups: np.ndarray, sources: list[int | None], row_of: dict[int,
 
 
 def calibrated_threshold(embed, world_seed: int, n: int, root: Path) -> float:
-    """The smallest grid threshold with ≤ 1% false positives on a pool from another world."""
+    """The smallest grid threshold with ≤ 0.5% false positives on a pool of the same size from another world."""
     world = SyntheticWorld(WorldConfig(seed=world_seed, **NOISE))
     folder, metadata = noisy_pool(world, n, CACHE / f"curate-calibration-{n}")
     shards = pool_shards([folder])
@@ -143,7 +148,7 @@ def calibrated_threshold(embed, world_seed: int, n: int, root: Path) -> float:
     keys = [int(key) for key in table.column("key").to_pylist()]
     sources, row_of = [metadata[key]["duplicate_of"] for key in keys], {key: row for row, key in enumerate(keys)}
     for threshold in THRESHOLDS:
-        if dedup_rates(near_duplicate_groups(image, float(threshold)), sources, row_of)[1] <= 0.01:
+        if dedup_rates(near_duplicate_groups(image, float(threshold)), sources, row_of)[1] <= CALIBRATION_FPR:
             return float(threshold)
     return float(THRESHOLDS[-1])
 
@@ -169,11 +174,15 @@ def reused_embeddings(embed, store_out: Path, shards, pool, out, engine, caption
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
+    if not values:  # --no-train
+        return float("nan"), float("nan")
     return statistics.mean(values), (max(values) - min(values)) / 2
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    arguments = parser(__doc__.splitlines()[0])
+    arguments.add_argument("--no-train", action="store_true", help="curation figures only (dedup, balancing, throughput)")
+    args = arguments.parse_args()
     settings = QUICK if args.quick else FULL
     started = time.perf_counter()
     scorer, scorer_path = cached_teacher()
@@ -186,7 +195,7 @@ def main() -> None:
         reuse = partial(reused_embeddings, embed, root / "filter-local")  # the filter's store: nothing is embedded twice
         dedup = {}
         for name, descriptor in (("pixels", pixel_embeddings), ("clip", reuse)):
-            threshold = calibrated_threshold(descriptor if name == "pixels" else embed, 1, settings["calibration"], root / name)
+            threshold = calibrated_threshold(descriptor if name == "pixels" else embed, 1, settings["pool"], root / name)
             curate_dedup([folder], root / f"dedup-{name}", threshold=threshold, embed=descriptor)
             table = pq.read_table(root / f"dedup-{name}" / "decisions.parquet")
             keys = [int(key) for key in table.column("key").to_pylist()]
@@ -203,7 +212,7 @@ def main() -> None:
         arms = {"unfiltered": folder, "filtered": root / "filtered", "balanced": root / "balanced", "multicaption": root / "multicaption"}
         accuracy = {name: [] for name in arms}
         tail = {name: [] for name in arms}
-        for seed in SEEDS:
+        for seed in () if args.no_train else SEEDS:
             for name, data in arms.items():
                 config = student_config(root / f"run-{name}-{seed}", str(data), seed, settings["steps"])
                 overall, rare = evaluate(train(config, resume=False).model)
@@ -230,11 +239,10 @@ def main() -> None:
         "ray_identical_to_local": timings["identical"], "total_s": round(time.perf_counter() - started, 1),
     }
     rows = [[name, f"{acc[name][0]:.4f} ± {acc[name][1]:.4f}", f"{tails[name][0]:.4f} ± {tails[name][1]:.4f}",
-             ", ".join(f"{a:.3f}" for a in accuracy[name])] for name in arms]
+             ", ".join(f"{a:.3f}" for a in accuracy[name])] for name in arms if accuracy[name]]
     rows += [[f"near-dup detection ({name})", f"recall {rate:.4f}", f"FPR {false:.4f}", f"threshold {cut}"] for name, (cut, rate, false) in dedup.items()]
-    rows += [
-             ["curation throughput", f"local {figures['local_samples_per_s']}/s", f"ray {figures['ray_samples_per_s']}/s",
-              f"identical: {timings['identical']}"]]
+    rows += [["curation throughput", f"local {figures['local_samples_per_s']}/s", f"ray {figures['ray_samples_per_s']}/s",
+             f"identical: {timings['identical']}"]]
     report(f"Curation on a noisy synthetic pool ({settings['pool']} samples, {settings['steps']} steps × 256 per arm, {len(SEEDS)} seeds)",
            ["arm", "64-way acc (mean ± half-range)", "tail acc", "per seed"], rows, figures)
 

@@ -1,11 +1,13 @@
-"""A model-free copy-detection descriptor for near-duplicate search: the image in grey, shrunk to 16×16 (box
-filter), mean-centred and L2-normalised, so cosine similarity is the correlation of the two thumbnails.
+"""A model-free copy-detection descriptor for near-duplicate search: the image shrunk to 16×16 (box filter), its
+three colour channels mean-centred together and L2-normalised (768 numbers), so cosine similarity is the
+correlation of the two colour thumbnails.
 
 Copies re-encoded, resized or slightly re-lit keep a correlation near 1, while different images of the same
 concept do not, which a CLIP embedding cannot promise: it is built to map every picture of "a red star" to
 the same place. It is the idea of perceptual hashes (Zauner, "Implementation and Benchmarking of Perceptual
 Image Hash Functions", 2010; idealo/imagededup's ``PHash``/``AHash``) kept as real numbers so that faiss can
-search it. DataComp used a dedicated copy-detection network instead (Yokoo's ISC 2021 descriptor); any such
+search it. Colour matters: on the curation benchmark's calibration pool a grey thumbnail merged distinct
+scenes that differ only in their objects' colours. DataComp used a dedicated copy-detection network instead (Yokoo's ISC 2021 descriptor); any such
 model's embeddings can be given to ``dedup.near_duplicate_groups`` in its place.
 
 ``DescriptorTask`` writes the descriptors of one scanned shard to ``pixels/{position:05d}.npy`` (rows of the
@@ -31,12 +33,15 @@ from clipforge.data.formats.shards import shard_index
 SIDE = 16
 
 
+SIZE = 3 * SIDE * SIDE
+
+
 def pixel_descriptor(image: Image.Image) -> np.ndarray:
-    """The 256-d unit descriptor of an image (a flat image gets the constant unit vector)."""
-    grey = np.asarray(image.convert("L").resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float32).ravel()
-    grey -= grey.mean()
-    norm = float(np.linalg.norm(grey))
-    return grey / norm if norm > 1e-6 else np.full(SIDE * SIDE, 1 / SIDE, dtype=np.float32)
+    """The 768-d unit descriptor of an image (a flat image gets the constant unit vector)."""
+    pixels = np.asarray(image.convert("RGB").resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float32).ravel()
+    pixels -= pixels.mean()
+    norm = float(np.linalg.norm(pixels))
+    return pixels / norm if norm > 1e-6 else np.full(SIZE, 1 / np.sqrt(SIZE), dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class DescriptorTask:
         scan = pq.read_table(Path(self.out) / "scan" / f"{self.position:05d}.parquet", columns=["key", "error"])
         index = shard_index(Path(self.shard))
         row_of = {key: row for row, key in enumerate(index.keys)}
-        vectors = np.full((len(scan), SIDE * SIDE), np.nan, dtype=np.float32)
+        vectors = np.full((len(scan), SIZE), np.nan, dtype=np.float32)
         for row, (key, error) in enumerate(zip(scan.column("key").to_pylist(), scan.column("error").to_pylist())):
             if error is None:
                 vectors[row] = pixel_descriptor(read_rgb_image(index.image(row_of[key])))

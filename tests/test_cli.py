@@ -14,7 +14,7 @@ import clipforge
 from clipforge.cli import main
 from clipforge.retrieval.inputs import read_embeddings
 
-VERBS = ("models", "info", "convert", "embed", "train", "distill", "demo", "data", "index", "search", "serve", "eval", "explain", "compress")
+VERBS = ("models", "info", "convert", "embed", "train", "distill", "demo", "data", "curate", "index", "search", "serve", "eval", "explain", "compress")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

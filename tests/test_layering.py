@@ -28,6 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "data.formats": BASE | {"_util"},
     "data": BASE | {"_util", "config", "preprocess", "data.formats", "data.synthetic"},
     "encode": BASE | {"_util", "data", "data.formats"},
+    "data.curate": BASE | {"_util", "config", "preprocess", "data", "data.formats", "data.synthetic", "encode"},
     "train": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic"},
     "distill": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
                        "encode", "train"},
@@ -40,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "explain": BASE | {"_util", "layers", "models", "encode"},
     "adapt": BASE | {"_util", "config", "layers", "models", "preprocess", "io", "data", "data.formats", "data.synthetic",
                      "encode", "eval", "compress", "api"},
-    "retrieval": BASE | {"_util", "config", "models", "data", "data.formats", "encode", "api"},
+    "retrieval": BASE | {"_util", "config", "models", "data", "data.formats", "data.curate", "encode", "api"},
     "serve": BASE | {"_util", "data.formats", "encode", "retrieval", "api"},
     "demo": BASE | {"_util", "config", "data.synthetic", "encode", "eval", "io", "train", "api"},
     "cli": None,  # the top floor: anything

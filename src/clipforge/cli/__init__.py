@@ -16,6 +16,7 @@ from clipforge._util.progress import error_console, fail
 from clipforge.cli import adapt as adapt_cli
 from clipforge.cli import classify as classify_cli
 from clipforge.cli import compress as compress_cli
+from clipforge.cli import curate as curate_cli
 from clipforge.cli import data as data_cli
 from clipforge.cli import distill as distill_cli
 from clipforge.cli import embed as embed_cli
@@ -53,6 +54,7 @@ def _top_level(
 
 models_cli.register(app)
 data_cli.register(app)
+curate_cli.register(app)
 embed_cli.register(app)
 train_cli.register(app)
 distill_cli.register(app)

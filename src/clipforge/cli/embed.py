@@ -47,6 +47,8 @@ def embed_command(
     image_column: Annotated[str | None, typer.Option(help="Manifest column of image paths (default: image_path, filepath, path, image or file).")] = None,
     caption_column: Annotated[str | None, typer.Option(help="Manifest column of captions (default: caption, text or title).")] = None,
     device: DeviceOption = "auto",
+    engine: Annotated[str | None, typer.Option(help="Store: run the parts as tasks on local (a process pool) or ray (default: this process, or torchrun's ranks).")] = None,
+    address: Annotated[str | None, typer.Option(help="Store with --engine ray: the cluster's HOST:PORT (default: RAY_ADDRESS, else a local Ray).")] = None,
     tome: TomeOption = None,
     compress: CompressOption = None,
 ) -> None:
@@ -81,6 +83,9 @@ def embed_command(
 
     checked_output(out, directory=True, inputs=[model, *inputs])
     reference = model_reference(model, config, pretrained, precision)
+    if engine is not None or address is not None:
+        _embed_on_engine(reference, inputs, out, engine or "ray", address, workers, part_size=part_size, batch_size=batch_size, captions=captions)
+        return
     loaded = load_model(reference, device=device)
     rank, world_size = distributed_rank()
     report = embed_to_store(
@@ -96,6 +101,19 @@ def embed_command(
         f"{len(report.already_done)} parts were already done, {len(report.skipped)} images skipped{folders}; "
         f"the job has {report.num_parts} parts"
     )
+
+
+def _embed_on_engine(reference: dict[str, Any], inputs: list[str], out: Path, engine: str, address: str | None, workers: int,
+                     **settings: Any) -> None:
+    """The store's parts as idempotent tasks on the curation engine: task r of R embeds parts r, r + R, ..."""
+    from clipforge.data.curate.engine import Engine
+    from clipforge.data.curate.pool import run_task
+    from clipforge.retrieval.embed import store_info
+    from clipforge.retrieval.pool_embeddings import store_tasks
+
+    runner = Engine(engine, address=address, workers=workers if engine == "local" else None)
+    rows = sum(runner.map(run_task, store_tasks(reference, inputs, out, runner, **settings)))
+    say(f"wrote {rows} embeddings to {out} on the {engine} engine; the job has {store_info(out)['num_parts']} parts")
 
 
 def _embed_to_parquet(

@@ -20,10 +20,12 @@ import bisect
 import dataclasses
 import inspect
 import itertools
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from PIL import Image
 
 from clipforge._util.imageio import IMAGE_EXTENSIONS
@@ -46,6 +48,7 @@ from clipforge.data.formats.shards import (
 from clipforge.data.formats.tables import TABLE_SUFFIXES, read_caption_table
 from clipforge.data.synthetic import SPLITS, SyntheticWorld, WorldConfig
 from clipforge.errors import ConfigError, InputError, one_line
+from clipforge.preprocess.transforms import EvalTransform
 
 DEFAULT_SYNTHETIC_LENGTH = 100_000
 
@@ -184,6 +187,69 @@ class WebDatasetSource:
         return _decode_image(image.read(), key), caption
 
 
+MULTI_CAPTION_FIELD = "captions.json"
+MIN_CAPTION_WORDS = 2
+
+
+def caption_list(raw: bytes, key: str) -> list[str]:
+    """The texts of a ``captions.json`` member: ``original`` then every list under ``rewrites`` and ``synthetic``
+    (``{"original": [...], "rewrites": {name: [...]}, "synthetic": {name: [...]}}``), blanks dropped."""
+    try:
+        record = json.loads(raw)
+        groups = [record.get("original", []), *record.get("rewrites", {}).values(), *record.get("synthetic", {}).values()]
+    except (ValueError, AttributeError) as error:
+        raise SampleError(key, f"unreadable {MULTI_CAPTION_FIELD}", one_line(error)) from None
+    if not all(isinstance(group, list) and all(isinstance(text, str) for text in group) for group in groups):
+        raise SampleError(key, f"unreadable {MULTI_CAPTION_FIELD}", "caption groups must be lists of strings")
+    return [text.strip() for group in groups for text in group if text.strip()]
+
+
+class MultiCaptionSource:
+    """Shards whose samples carry several captions (a ``captions.json`` member: ``clipforge curate rewrite``).
+
+    LaCLIP (Fan et al., "Improving CLIP Training with Language Rewrites", NeurIPS 2023; LijieFan/LaCLIP
+    ``data.py: CsvDatasetAugCap``): every visit of a sample draws one of its captions uniformly, falling back to
+    the ``.txt`` caption when the drawn one has fewer than two words. The draw uses the sample's generator
+    (seeded by seed, epoch and index in ``clipforge.data.loader``), so runs are reproducible and resume exactly.
+    ``load`` (evaluation, embedding) gives the ``.txt`` caption, as for plain shards.
+    """
+
+    def __init__(self, shards: WebDatasetSource) -> None:
+        self.shards = shards
+        self.dropped = shards.dropped
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def key(self, index: int) -> str:
+        return self.shards.key(index)
+
+    def load(self, index: int) -> tuple[Image.Image, str]:
+        return self.shards.load(index)
+
+    def captions(self, index: int, caption: str) -> list[str]:
+        """The sample's captions: its ``captions.json`` texts (or just ``caption``, its ``.txt``, without one)."""
+        shard, row = self.shards._locate(index)
+        raw = self.shards.indexes[shard].read(row, MULTI_CAPTION_FIELD)
+        return (caption_list(raw, self.key(index)) if raw is not None else []) or [caption]
+
+    def load_train(self, index: int, transform: Callable[..., Any], generator: Any) -> tuple[Any, str]:
+        image, caption = self.load(index)
+        options = self.captions(index, caption)
+        chosen = options[int(torch.randint(len(options), (1,), generator=generator))]
+        if len(chosen.split()) < MIN_CAPTION_WORDS:
+            chosen = caption
+        return transform(image, generator=None if isinstance(transform, EvalTransform) else generator), chosen
+
+
+def _shard_source(shards: str | Sequence[str]) -> WebDatasetSource | MultiCaptionSource:
+    """Plain shards, or multi-caption ones when any shard has a ``captions.json`` member."""
+    source = WebDatasetSource(shards)
+    if any(MULTI_CAPTION_FIELD in index.field_names for index in source.indexes):
+        return MultiCaptionSource(source)
+    return source
+
+
 class SyntheticSource:
     """The first ``length`` samples of a split of the synthetic world (sample i = ``world.sample(split, i)``)."""
 
@@ -260,7 +326,7 @@ def open_source(spec: str | Path | dict[str, Any]) -> CaptionSource:
     text = str(spec)
     parts = text.split(SOURCE_LIST_SEPARATOR)
     if all(part.endswith(".tar") for part in parts):
-        return WebDatasetSource(parts)
+        return _shard_source(parts)
     if len(parts) > 1:
         return ConcatSource([open_source(part) for part in parts])
     return _open_one(text)
@@ -285,7 +351,7 @@ def _open_one(text: str) -> CaptionSource:
     path = Path(text)
     if path.is_dir():
         shards = sorted(str(shard) for shard in path.glob("*.tar"))
-        return WebDatasetSource(shards) if shards else FolderSource(path)
+        return _shard_source(shards) if shards else FolderSource(path)
     if path.suffix.lower() in TABLE_SUFFIXES:
         return ManifestSource(path)
     if not path.exists():

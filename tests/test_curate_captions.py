@@ -1,0 +1,105 @@
+"""Multi-caption samples: rewriters (rules keep the scene's concepts; a Python callable; a shell command), shards
+with captions.json, and the trainer's loader drawing one caption per visit, uniformly, seeded and resumable."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from curate_helpers import WORLD
+
+from clipforge.data.curate.engine import Engine
+from clipforge.data.curate.job import curate_rewrite
+from clipforge.data.curate.rewrite import CommandRewriter, RuleRewriter, parse_rewriter
+from clipforge.data.loader import build_train_loader, seeded_generator
+from clipforge.data.sources import MultiCaptionSource, open_source
+from clipforge.data.synthetic import SyntheticWorld, write_shards
+from clipforge.errors import ConfigError, InputError
+
+
+def upper(captions):
+    return [[caption.upper(), caption + " indeed"] for caption in captions]
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captions")
+    world = SyntheticWorld(WORLD)
+    write_shards(world, "train", 24, root / "pool", shard_size=12)
+    curate_rewrite([root / "pool"], root / "multi", RuleRewriter(3), engine=Engine(workers=1))
+    return root, world
+
+
+def test_rule_rewrites_keep_color_and_shape(multi):
+    root, world = multi
+    for index in range(24):
+        caption, metadata = world.describe("train", index)
+        if metadata["caption_noisy"]:
+            continue
+        for text in RuleRewriter(4)([caption])[0]:
+            words = text.replace(",", "").split()
+            assert metadata["color"] in words and any(word.startswith(metadata["shape"]) for word in words), (caption, text)
+
+
+def test_python_and_command_rewriters(tmp_path):
+    assert parse_rewriter("python:test_curate_captions:upper")(["a red star"]) == [["A RED STAR", "a red star indeed"]]
+    script = "import sys, json\nfor line in sys.stdin: print(json.dumps([line.strip()[::-1]]))"
+    command = CommandRewriter(f"{sys.executable} -c '{script}'")
+    assert command(["abc", "de f"]) == [["cba"], ["f ed"]]
+    with pytest.raises(InputError, match="exit status"):
+        CommandRewriter("exit 3")(["x"])
+    with pytest.raises(ConfigError):
+        parse_rewriter("llm")
+
+
+def test_shards_carry_every_caption_and_open_as_multi_caption(multi):
+    root, world = multi
+    source = open_source(str(root / "multi"))
+    assert isinstance(source, MultiCaptionSource) and len(source) == 24
+    _, caption = source.load(5)
+    assert caption == world.describe("train", 5)[0]
+    options = source.captions(5, caption)
+    assert options == [caption, *RuleRewriter(3)([caption])[0]]
+
+
+def test_one_caption_per_visit_uniform_and_seeded(multi):
+    root, _ = multi
+    source = open_source(str(root / "multi"))
+    options = source.captions(3, source.load(3)[1])
+    draws = Counter()
+    for epoch in range(600):
+        _, text = source.load_train(3, lambda image, generator=None: torch.zeros(1), seeded_generator(0, epoch, 3))
+        draws[text] += 1
+    expected = Counter(options)  # uniform over the list (LaCLIP draws among original + rewrites)
+    assert set(draws) == set(expected) and len(options) > 2
+    assert all(abs(draws[text] / 600 - expected[text] / len(options)) < 0.07 for text in expected)
+    first = source.load_train(3, lambda image, generator=None: torch.zeros(1), seeded_generator(1, 0, 3))[1]
+    assert first == source.load_train(3, lambda image, generator=None: torch.zeros(1), seeded_generator(1, 0, 3))[1]
+
+
+def test_loader_resumes_with_the_same_captions(multi):
+    root, _ = multi
+    source = open_source(str(root / "multi"))
+    texts: list[list[str]] = []
+
+    def tokenizer(captions):
+        texts.append(list(captions))
+        return torch.zeros(len(captions), 4, dtype=torch.long)
+
+    def transform(image, generator=None):
+        return torch.zeros(3, 8, 8)
+
+    loader = build_train_loader(source, transform, tokenizer, batch_size=4, workers=0, seed=2)
+    batches = iter(loader)
+    for _ in range(9):
+        next(batches)
+    position = build_train_loader(source, transform, tokenizer, batch_size=4, workers=0, seed=2).sampler.position_at(5)
+    uninterrupted = texts[5:9]
+    texts.clear()
+    resumed = iter(build_train_loader(source, transform, tokenizer, batch_size=4, workers=0, seed=2, start=position))
+    for _ in range(4):
+        next(resumed)
+    assert texts == uninterrupted
+    assert len({text for batch in uninterrupted for text in batch}) > 4  # rewrites are drawn, not only originals

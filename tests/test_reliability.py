@@ -292,7 +292,7 @@ def test_non_utf8_file_names_are_kept_exactly(micro, tmp_path, capsys) -> None:
         client = TestClient(create_app(store, clipforge.load(micro)))
         assert all(client.get(f"/api/thumbnail/{hit['id']}").status_code == 200 for hit in hits)
     code, text, _ = run(capsys, "index", str(folder), "--model", str(micro), "--workers", "0")
-    assert code == 0 and "0 new, 2 unchanged" in text and "up to date" in text
+    assert code == 0 and "0 new, 0 changed, 2 unchanged" in text and "up to date" in text
     code, _, err = run(capsys, "embed", "--text", os.fsdecode(b"caf\xe9"), "--model", str(micro), "--out", str(tmp_path / "t.parquet"))
     assert code == 2 and "text #0: not valid UTF-8 (caf\\xe9)" in one_error_line(err)
 

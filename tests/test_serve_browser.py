@@ -96,3 +96,47 @@ def test_an_error_is_shown_on_the_page(site):
     page.wait_for_selector("#status.error", timeout=60_000)
     assert "empty term" in page.text_content("#status")
     page.close()
+
+
+def test_image_search_clears_the_text_box_and_shows_the_uploaded_image(site):
+    root, base, browser = site
+    page = browser.new_page()
+    page.goto(base + "/?q=a+red+circle")
+    shown_results(page)
+    assert page.input_value("#query") == "a red circle"
+    page.set_input_files("#image-upload", str(root / "photos" / "img05.png"))
+    page.wait_for_function("() => document.getElementById('status-text').textContent.includes('img05.png')", timeout=60_000)
+    assert page.input_value("#query") == "" and "q=" not in page.url
+    page.wait_for_function("() => { const p = document.getElementById('query-preview'); return !p.hidden && p.complete && p.naturalWidth > 0; }", timeout=60_000)
+    assert page.eval_on_selector("#query-preview", "p => p.naturalWidth") == 64  # the uploaded picture itself
+    page.close()
+
+
+def test_an_error_clears_earlier_results(site):
+    _, base, browser = site
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.fill("#query", "a red circle")
+    page.press("#query", "Enter")
+    assert shown_results(page)
+    page.fill("#query", "yellow - yellow")
+    page.press("#query", "Enter")
+    page.wait_for_selector("#status.error", timeout=60_000)
+    assert page.eval_on_selector_all("#results .result", "figures => figures.length") == 0
+    page.close()
+
+
+def test_more_like_this_returns_the_clicked_image_first(site):
+    _, base, browser = site
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.fill("#count", "6")
+    page.fill("#query", "a blue square")
+    page.press("#query", "Enter")
+    shown = shown_results(page)
+    clicked = next(item["name"] for item in shown[1:] if item["width"])  # not the top hit, and a readable image
+    page.click(f"#results .result:has(.name:text-is('{clicked}')) .more")
+    page.wait_for_function(f"() => document.getElementById('status-text').textContent.includes('{clicked}')", timeout=60_000)
+    again = shown_results(page)
+    assert again[0]["name"] == clicked and float(again[0]["score"]) > 0.999
+    page.close()

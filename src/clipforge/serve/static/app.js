@@ -6,11 +6,32 @@ const queryInput = document.getElementById("query");
 const upload = document.getElementById("image-upload");
 const countInput = document.getElementById("count");
 const statusLine = document.getElementById("status");
+const statusText = document.getElementById("status-text");
+const preview = document.getElementById("query-preview");
 const grid = document.getElementById("results");
 
 function showStatus(message, isError = false) {
-  statusLine.textContent = message;
+  statusText.textContent = message;
   statusLine.classList.toggle("error", isError);
+}
+
+function showError(error) {
+  // A failed search leaves no results of an earlier one on screen.
+  grid.replaceChildren();
+  showStatus(error.message, true);
+}
+
+function showPreview(file) {
+  // The image searched for, beside the status line; a text search hides it.
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.hidden = !file;
+  preview.src = file ? URL.createObjectURL(file) : "";
+}
+
+async function moreLikeThis(result) {
+  // Search by the result's own image (the full file), as an upload would.
+  const blob = await (await fetch(result.image)).blob();
+  searchImage(new File([blob], fileName(result), { type: blob.type }));
 }
 
 function fileName(result) {
@@ -40,7 +61,18 @@ function render(results, what) {
     name.className = "name";
     name.textContent = fileName(result);
     name.title = result.path || "";
-    caption.append(score, name);
+    const more = document.createElement("button");
+    more.type = "button";
+    more.className = "more";
+    more.textContent = "more like this";
+    more.addEventListener("click", () => moreLikeThis(result).catch(showError));
+    caption.append(score, name, more);
+    if (result.caption) {
+      const text = document.createElement("span");
+      text.className = "caption-text";
+      text.textContent = result.caption;
+      caption.append(text);
+    }
     figure.append(link, caption);
     grid.append(figure);
   }
@@ -57,11 +89,12 @@ async function request(url, options) {
 async function searchText(query) {
   const params = new URLSearchParams({ q: query, k: countInput.value });
   history.replaceState(null, "", `?${new URLSearchParams({ q: query })}`);
+  showPreview(null);
   showStatus("searching…");
   try {
     render(await request(`/api/search?${params}`), `“${query}”`);
   } catch (error) {
-    showStatus(error.message, true);
+    showError(error);
   }
 }
 
@@ -69,11 +102,14 @@ async function searchImage(file) {
   const body = new FormData();
   body.append("image", file);
   body.append("k", countInput.value);
+  queryInput.value = "";  // the box no longer shows an earlier text query
+  history.replaceState(null, "", location.pathname);
+  showPreview(file);
   showStatus("searching…");
   try {
     render(await request("/api/search/image", { method: "POST", body }), file.name);
   } catch (error) {
-    showStatus(error.message, true);
+    showError(error);
   }
 }
 

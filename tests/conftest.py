@@ -40,6 +40,16 @@ def kill_when_written(process: subprocess.Popen, path: Path, timeout: float = 30
     process.wait()
 
 
+def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
+    """``clipforge ARGV...`` in this process: its exit code, stdout and stderr."""
+    from clipforge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> clipforge.CLIP:
     """The trained demo model (slow tests): ``$CLIPFORGE_DEMO_MODEL``, else ``runs/demo/model.safetensors``, else

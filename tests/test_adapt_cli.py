@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli as run
 from PIL import Image
 
 import clipforge
@@ -21,19 +22,12 @@ from clipforge.adapt import (
     model_fingerprint,
     sample_few_shot,
 )
-from clipforge.cli import main
 from clipforge.cli.adapt import METHOD_NAMES
 from clipforge.errors import CheckpointError
 from clipforge.eval.datasets import folder_dataset
 
 MICRO = str(Path(__file__).parent / "data" / "micro-clip.json")
 
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

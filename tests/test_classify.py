@@ -9,12 +9,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import run_cli as run
 from PIL import Image
 from test_clip_benchmark_parity import open_clip_tokenize, open_clip_twins
 
 import clipforge
 import clipforge.eval.classify
-from clipforge.cli import main
 
 LABELS = ["a red circle", "a blue square", "a photo of a dog"]
 
@@ -45,18 +45,12 @@ def open_clip_probabilities(reference: open_clip.CLIP, preprocess, images, label
         return (100.0 * image_features @ text_features.T).softmax(dim=-1).numpy()
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["classify", *args])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
 
 def test_json_probabilities_equal_open_clip(twins, capsys) -> None:
     reference, ours, checkpoint, images = twins
     preprocess = open_clip.image_transform(ours.config.vision.image_size, is_train=False)
     expected = open_clip_probabilities(reference, preprocess, images, LABELS)
-    code, out, _ = run(capsys, *map(str, images), "--model", str(checkpoint), "--labels", ",".join(LABELS), "--top", "3", "--json")
+    code, out, _ = run(capsys, "classify", *map(str, images), "--model", str(checkpoint), "--labels", ",".join(LABELS), "--top", "3", "--json")
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert [row["image"] for row in rows] == [str(path) for path in images]
@@ -69,7 +63,7 @@ def test_json_probabilities_equal_open_clip(twins, capsys) -> None:
 def test_table_is_readable_at_80_columns(twins, capsys, monkeypatch) -> None:
     _, _, checkpoint, images = twins
     monkeypatch.setenv("COLUMNS", "80")
-    code, out, _ = run(capsys, str(images[0].parent), "-m", str(checkpoint), "-l", ",".join(LABELS), "-k", "2")
+    code, out, _ = run(capsys, "classify", str(images[0].parent), "-m", str(checkpoint), "-l", ",".join(LABELS), "-k", "2")
     assert code == 0
     lines = out.splitlines()
     assert max(map(len, lines)) <= 80 and "…" not in out  # nothing cut
@@ -89,7 +83,7 @@ def test_table_is_readable_at_80_columns(twins, capsys, monkeypatch) -> None:
 )
 def test_bad_labels_are_one_line(twins, capsys, labels: str, message: str) -> None:
     _, _, checkpoint, images = twins
-    code, out, err = run(capsys, str(images[0]), "-m", str(checkpoint), "--labels", labels)
+    code, out, err = run(capsys, "classify", str(images[0]), "-m", str(checkpoint), "--labels", labels)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
 
 
@@ -97,6 +91,6 @@ def test_unreadable_image_is_skipped_and_counted(twins, capsys, tmp_path) -> Non
     _, _, checkpoint, images = twins
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a picture")
-    code, out, err = run(capsys, str(images[0]), str(broken), "-m", str(checkpoint), "-l", "dog,cat")
+    code, out, err = run(capsys, "classify", str(images[0]), str(broken), "-m", str(checkpoint), "-l", "dog,cat")
     assert code == 0
     assert "broken.png" in err and "1 images classified over 2 labels; 1 skipped" in out

@@ -8,20 +8,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli as run
 from PIL import Image
 
 import clipforge
-from clipforge.cli import main
 from clipforge.retrieval.inputs import read_embeddings
 
 VERBS = ("models", "info", "convert", "embed", "train", "distill", "demo", "data", "curate", "index", "search", "serve", "eval", "explain", "compress")
 
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def test_help_lists_the_verbs() -> None:

@@ -6,6 +6,7 @@ import importlib.metadata
 
 import pytest
 import typer
+from conftest import run_cli as run
 
 from clipforge.cli import app, main
 
@@ -20,20 +21,15 @@ def verbs(command=None, prefix=()) -> list[tuple[str, ...]]:
     return found
 
 
-def run(capsys, *args: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    return exit_info.value.code, capsys.readouterr().out
-
 
 def test_version_is_the_installed_distributions(capsys) -> None:
-    assert run(capsys, "--version") == (0, f"clipforge {importlib.metadata.version('clipforge')}\n")
+    assert run(capsys, "--version")[:2] == (0, f"clipforge {importlib.metadata.version('clipforge')}\n")
 
 
 @pytest.mark.parametrize("path", verbs(), ids="-".join)
 def test_help_of_every_verb_is_conventional_at_80_columns(capsys, monkeypatch, path: tuple[str, ...]) -> None:
     monkeypatch.setenv("COLUMNS", "80")
-    code, short = run(capsys, *path, "-h")
+    code, short, _ = run(capsys, *path, "-h")
     assert code == 0 and short == run(capsys, *path, "--help")[1]
     lines = short.splitlines()
     assert max(map(len, lines)) <= 80, "a help line is wider than 80 columns"
@@ -143,7 +139,7 @@ def test_offline_pretrained_request_fails_at_once_naming_the_file(tmp_path, monk
 )
 def test_tables_are_whole_at_80_columns(capsys, monkeypatch, tmp_path, argv: list[str]) -> None:
     monkeypatch.setenv("COLUMNS", "80")
-    code, out = run(capsys, *(part.format(tmp=tmp_path) for part in argv))
+    code, out, _ = run(capsys, *(part.format(tmp=tmp_path) for part in argv))
     assert code == 0
     shown = [line for line in out.splitlines() if not line.startswith("results: ")]  # a path to copy stays whole
     assert max(map(len, shown)) <= 80 and "…" not in out

@@ -7,9 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
+from conftest import run_cli as run
 
-from clipforge.cli import main
 from clipforge.data.synthetic import SyntheticWorld
 from clipforge.demo import POOL, example_queries
 
@@ -18,12 +17,6 @@ FEW_STEPS = [
     "run.log_every=2", "eval.samples=64",
 ]
 
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import sklearn.metrics as skm
 import torch
+from conftest import run_cli as run
 from PIL import Image
 
 import clipforge
 from clipforge.adapt import load_adapter, model_fingerprint
 from clipforge.adapt.clipn import load_no_encoder
 from clipforge.adapt.recipes import RECIPES
-from clipforge.cli import main
 from clipforge.cli.adapt import RECIPE_NAMES
 from clipforge.encode import embed_images
 from clipforge.eval.datasets import load_dataset, synthetic_task
@@ -27,12 +27,6 @@ from clipforge.eval.zeroshot import zero_shot_head, zero_shot_logits
 
 MICRO = str(Path(__file__).parent / "data" / "micro-clip.json")
 
-
-def run(capsys, *argv: object) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

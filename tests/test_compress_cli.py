@@ -20,7 +20,6 @@ from PIL import Image
 import clipforge
 from clipforge.cli import main
 from clipforge.compress.early_exit import load_exit_heads
-from clipforge.compress.export_onnx import OnnxCLIP
 from clipforge.compress.quant.int8 import quantize_dynamic_int8
 from clipforge.compress.records import describe_steps, parse_steps
 from clipforge.compress.reduction.registry import apply_token_reduction, estimate_flops
@@ -154,17 +153,29 @@ def test_eval_with_tome_names_the_compression_and_scores_the_merged_model(tmp_pa
     assert result["metrics"]["acc1"] == pytest.approx((predictions == torch.tensor(dataset.labels)).float().mean().item())
 
 
-def test_onnx_export_matches_pytorch_and_refuses_compressed_models(tmp_path, capsys, base, checkpoint) -> None:
-    code, out, err = run(capsys, "compress", "onnx", "-m", checkpoint, "-o", tmp_path / "onnx")
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_exports_load_as_models_and_embed_like_pytorch(tmp_path, capsys, base, checkpoint, engine) -> None:
+    code, out, err = run(capsys, "compress", engine, "-m", checkpoint, "-o", tmp_path / "export", "--tome", "2")
     assert code == 0, err
-    assert "fp32: max |onnx - torch|" in out
-    onnx = OnnxCLIP(tmp_path / "onnx")
+    assert "fp32: max |export - torch|" in out and "tome:r=2" in out
+    merged = copy.deepcopy(base)
+    apply_token_reduction(merged, "tome", r=2)
     with torch.inference_mode():
-        expected = base.encode_image(PIXELS).numpy()
-    assert np.abs(onnx.encode_image(PIXELS.numpy()) - expected).max() <= 1e-4
-    run(capsys, "compress", "bf16", "-m", checkpoint, "-o", tmp_path / "bf16.safetensors")
-    code, _, err = run(capsys, "compress", "onnx", "-m", tmp_path / "bf16.safetensors", "-o", tmp_path / "onnx2")
-    assert code == 2 and "records bf16" in err
+        expected = merged.encode_image(PIXELS)
+    assert (clipforge.load(tmp_path / "export").encode_image(PIXELS) - expected).abs().max() <= 1e-4
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    reloaded = [Image.open(folder / f"{index}.png").convert("RGB") for index in range(3)]
+    code, _, err = run(capsys, "embed", folder, "-m", tmp_path / "export", "-o", tmp_path / "e.parquet", "--workers", "0")
+    assert code == 0, err
+    _, vectors = read_embeddings(tmp_path / "e.parquet")
+    assert np.abs(vectors - image_embeddings(merged, reloaded).numpy()).max() <= 1e-4
+    run(capsys, "compress", "int8", "-m", checkpoint, "-o", tmp_path / "int8.safetensors")
+    code, _, err = run(capsys, "compress", engine, "-m", tmp_path / "int8.safetensors", "-o", tmp_path / "export2")
+    assert code == 2 and "cannot be exported" in err
 
 
 def test_early_exit_trains_and_saves_heads(tmp_path, capsys, base, checkpoint) -> None:

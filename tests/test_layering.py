@@ -167,7 +167,7 @@ ENCODER_EXCEPTIONS = {
     "clipforge.compress.quant.int8": {"quantize_static_int8"},  # calibration passes feed observers, no embeddings
     "clipforge.compress.quant.simulated": {"_calibrate"},  # calibration passes, as above
     "clipforge.compress.quant.mixed_precision": {"block_relevance"},  # needs gradients (encode.py runs without)
-    "clipforge.compress.export_onnx": {"forward", "check_export"},  # the traced graph; ONNX Runtime's own sessions
+    "clipforge.compress.exported": {"forward"},  # the graphs traced for ONNX and OpenVINO
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from clipforge.compress.exported import ExportedCLIP, is_export_dir, load_exported
 from clipforge.compress.records import checkpoint_tensors, restore_compression
 from clipforge.config import ModelConfig
 from clipforge.errors import ConfigError
@@ -34,15 +35,20 @@ def load(
     *,
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
-) -> CLIP:
+) -> CLIP | ExportedCLIP:
     """A ready-to-use model (eval mode) from a checkpoint file, a directory, a config name or a pretrained tag.
 
     ``config`` overrides the architecture read from the source (needed for bare open_clip state dicts);
     ``image_size`` runs the model at another resolution; ``pretrained`` names an open_clip tag of the config
     ``source`` (downloaded on request). A checkpoint that records bf16 or int8 decides the precision.
+    An export directory (``clipforge compress onnx|openvino``) loads as an ``ExportedCLIP`` on the CPU.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if is_export_dir(source):
+        if config is not None or image_size is not None or pretrained is not None:
+            raise ConfigError(f"{source}: an export directory fixes its architecture and size; drop config, image_size and pretrained")
+        return load_exported(source, precision, device)
     model, compression = read_checkpoint(source, config, image_size, pretrained=pretrained)
     model = model.to(device=device, dtype=PRECISIONS[precision]).eval()
     if compression is not None:

@@ -14,8 +14,9 @@ once for the package:
 - bad images: skipped and reported by position with a one-line reason, or the first one raised under ``strict``;
   the embeddings of the good ones keep their input order.
 
-Any model with the ``Encoder`` surface works: a clipforge ``CLIP``, a quantized copy of one, or an open_clip
-model with ``preprocess``, ``tokenize`` and ``config.embed_dim`` attached.
+Any model with the ``Encoder`` surface works: a clipforge ``CLIP``, a quantized copy of one, an exported model
+(``clipforge.compress.exported.ExportedCLIP``: onnxruntime or OpenVINO), or an open_clip model with
+``preprocess``, ``tokenize`` and ``config.embed_dim`` attached.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Encoder(Protocol):
 
     def tokenize(self, texts: str | list[str]) -> torch.Tensor: ...
 
-    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...  # or a ``device`` attribute
 
 
 @dataclass
@@ -63,8 +64,9 @@ class EmbeddingResult:
 
 
 def model_device(model: Encoder) -> torch.device:
-    """The device of the model's parameters (where its inputs must go)."""
-    return next(model.parameters()).device
+    """Where the model's inputs must go: its ``device`` (an exported model) or its parameters' device."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
 def default_workers() -> int:

@@ -1,4 +1,4 @@
-"""``clipforge compress``: token merging and pruning, bf16, int8, ONNX, early-exit heads, and a report of what each costs.
+"""``clipforge compress``: token merging and pruning, bf16, int8, ONNX and OpenVINO exports, early-exit heads, and a report of what each costs.
 
 ``compress tome|pitome|evit|bf16|int8`` records the method and its settings in the output checkpoint, so
 ``clipforge.load`` (and every command) restores it; applied to a compressed checkpoint they stack (one token
@@ -23,13 +23,15 @@ from clipforge.cli.options import (
     PretrainedOption,
     SamplesOption,
     SetOption,
+    TomeOption,
     checked_output,
+    compression_options,
     load_model,
 )
 from clipforge.cli.tables import table as table_of
 
 compress_app = typer.Typer(
-    help="Make a model cheaper (token merging/pruning, bf16, int8, ONNX, early exit) and measure what it costs.",
+    help="Make a model cheaper (token merging/pruning, bf16, int8, ONNX, OpenVINO, early exit) and measure what it costs.",
     no_args_is_help=True,
 )
 
@@ -147,24 +149,67 @@ def int8_command(
     _compress("int8-dynamic", {"per_channel": False if per_tensor else None}, None, model, out, config, pretrained)
 
 
+ExportOut = Annotated[Path, typer.Option("--out", "-o", help="Output directory (clipforge.load reads it as a model).")]
+
+
+def _export(engine: str, model: str, out: Path, tome: int | None, config: str | None, pretrained: str | None, write: Any) -> None:
+    """Load ``model`` (with its recorded steps, plus ``--tome``), ``write(model)`` the export, check it, summarise."""
+    from clipforge.compress.exported import check_export
+    from clipforge.compress.records import compression_steps, describe_steps
+
+    checked_output(out, directory=True, inputs=[model])
+    loaded = load_model(model, config, pretrained, steps=compression_options(tome, None))
+    write(loaded)
+    for check in check_export(loaded, out):
+        say(f"{engine} {check.label}: max |export - torch| {check.max_abs_difference:.2e}, min cosine {check.min_cosine:.5f}")
+    steps = compression_steps(loaded)
+    say(f"wrote {out}" + (f" ({describe_steps(steps)} in the graphs)" if steps else "") + f"; use it as --model {out}")
+
+
 @compress_app.command("onnx")
 def onnx_command(
     model: ModelOption,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory for image_encoder.onnx, text_encoder.onnx, clipforge_onnx.json.")],
-    int8: Annotated[bool, typer.Option(help="Also write *.int8.onnx (onnxruntime dynamic int8).")] = False,
+    out: ExportOut,
+    int8: Annotated[bool, typer.Option(help="Also write *.int8.onnx (onnxruntime dynamic int8) and load those by default.")] = False,
+    tome: TomeOption = None,
     opset: Annotated[int, typer.Option(min=14)] = 17,
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
 ) -> None:
-    """Export both towers to ONNX (dynamic batch and text length), then check them in onnxruntime against PyTorch."""
-    from clipforge.compress.export_onnx import check_export, export_onnx
+    """Export both towers to ONNX (dynamic batch and text length) for onnxruntime; check them against PyTorch."""
+    from clipforge.compress.export_onnx import export_onnx
 
-    checked_output(out, directory=True, inputs=[model])
-    loaded = _load_uncompressed(model, config, pretrained, "export the uncompressed model (and --int8 for int8 ONNX)")
-    export_onnx(loaded, out, opset, int8=int8)
-    for check in check_export(loaded, out, int8=int8):
-        say(f"{check.label}: max |onnx - torch| {check.max_abs_difference:.2e}, min cosine {check.min_cosine:.5f}")
-    say(f"wrote {out}")
+    _export("onnx", model, out, tome, config, pretrained, lambda loaded: export_onnx(loaded, out, opset, int8=int8))
+
+
+@compress_app.command("openvino")
+def openvino_command(
+    model: ModelOption,
+    out: ExportOut,
+    int8: Annotated[bool, typer.Option(help="Also write NNCF post-training int8 IR (needs --calibration) and load it by default.")] = False,
+    calibration: Annotated[str | None, typer.Option("--calibration", help="Calibration images and prompts for --int8: any eval --data (synthetic:TASK, folder, table, shards).")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Calibration images (NNCF's default subset is 300).")] = 256,
+    tome: TomeOption = None,
+    config: ConfigOption = None,
+    pretrained: PretrainedOption = None,
+) -> None:
+    """Export both towers to OpenVINO IR (dynamic batch and text length), int8 with NNCF; check them against PyTorch."""
+    from clipforge.compress.export_openvino import (
+        calibration_set,
+        export_openvino,
+        require_openvino,
+    )
+    from clipforge.errors import ConfigError
+
+    require_openvino()
+    if int8 and calibration is None:
+        raise ConfigError("--int8: NNCF needs calibration data; add --calibration DATA (e.g. synthetic:shape or a folder of images)")
+
+    def write(loaded: Any) -> None:
+        images, texts = calibration_set(loaded, calibration, samples) if int8 else (None, None)
+        export_openvino(loaded, out, int8=int8, calibration_images=images, calibration_texts=texts, progress=True)
+
+    _export("openvino", model, out, tome, config, pretrained, write)
 
 
 @compress_app.command("early-exit")

@@ -97,7 +97,7 @@ def eval_command(
     pretrained_label = pretrained or (model if Path(model).exists() else "random-init")
     write_results(results, out, model_name, pretrained_label, language)
     markdown, _ = write_report(results, out, f"clipforge eval: {model_name} ({pretrained_label})")
-    table = table_of("dataset", "task", "metric", "value", title=f"clipforge eval ({precision})")
+    table = table_of("dataset", "task", "metric", "value", title=f"clipforge eval ({getattr(loaded, 'label', precision)})")
     for row in headline_rows(results):
         table.add_row(*map(escape, row))
     console.print(table)

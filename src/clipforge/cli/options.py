@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face directory or config name.")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="Checkpoint, Hugging Face or export directory, or config name.")]
 ConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict.")]
 PretrainedOption = Annotated[str | None, typer.Option(help="open_clip pretrained tag when --model is a config name.")]
 PrecisionOption = Annotated[str, typer.Option(help="fp32 | bf16 | fp16.")]
@@ -61,10 +61,14 @@ def load_model(
     steps: Sequence[dict[str, Any]] = (),
 ) -> Any:
     """``clipforge.load`` of ``--model`` (with ``--config``, ``--pretrained``, ``--precision``), then the
-    compression ``steps`` (``compression_options``) on top of those the checkpoint records."""
+    compression ``steps`` (``compression_options``) on top of those the checkpoint records. An export
+    directory (``clipforge compress onnx|openvino``) loads on the CPU."""
     import clipforge
+    from clipforge.compress.exported import is_export_dir
     from clipforge.compress.records import apply_steps
 
+    if is_export_dir(model):
+        device = "cpu"  # onnxruntime and OpenVINO exports run on the CPU whatever --device auto found
     loaded = clipforge.load(model, config=config, precision=precision, pretrained=pretrained, device=device)
     return apply_steps(loaded, steps)
 

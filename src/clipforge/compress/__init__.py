@@ -13,7 +13,8 @@ reduction off (``r=0``, ``keep_ratio=1``, ``keep_rate=1``) the model's output is
     model = apply_compression(model, "int8")                 # any step; recorded, so clipforge.save/load keep it
     model = apply_steps(model, parse_steps("bf16+tome:r=8")) # steps as data (``records``)
 
-Also: ``quantize`` (torch.ao int8), ``simquant`` and ``mixed_precision`` (simulated PTQ), ``export_onnx``,
+Also: ``quantize`` (torch.ao int8), ``simquant`` and ``mixed_precision`` (simulated PTQ), ``export_onnx`` and
+``export_openvino`` (directories ``clipforge.load`` runs in onnxruntime or OpenVINO: ``exported``),
 ``early_exit`` (LGViT exit heads) and ``report`` (speed and accuracy of variants side by side).
 """
 

@@ -168,7 +168,7 @@ def _check_files(directory: Path, names: Sequence[str], digests: dict[str, str])
             )
 
 
-def _onnx_runner(directory: Path, names: Sequence[str], threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+def _onnx_runner(directory: Path, names: Sequence[str], threads: int, precision: str, static: bool) -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime
 
     if precision not in ("fp32", "default"):
@@ -185,19 +185,45 @@ def _onnx_runner(directory: Path, names: Sequence[str], threads: int, precision:
     return lambda array: session.run(None, {input_name: array})[0]
 
 
-def _openvino_runner(directory: Path, names: Sequence[str], threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
-    import openvino
+class _OpenVinoGraph:
+    """One IR graph compiled for the CPU; with ``static``, compiled once per input shape (the last few kept).
 
-    path = directory / names[0]
+    OpenVINO's CPU plugin runs static shapes faster than dynamic ones (its performance guide says so; on
+    ViT-B-32 int8, batch 32: 34 → 38 images/s), so the image graph is reshaped to each batch shape it
+    meets; text keeps its dynamic length (every batch has another).
+    """
+
+    KEEP = 4
+
+    def __init__(self, path: Path, settings: dict[str, Any], static: bool) -> None:
+        import openvino
+
+        self.core, self.settings, self.static = openvino.Core(), settings, static
+        try:
+            self.graph = self.core.read_model(str(path))
+            self.requests = {None: self._compile(self.graph)} if not static else {}
+        except RuntimeError as error:
+            raise CheckpointError(f"{path}: OpenVINO cannot read it ({str(error).strip().splitlines()[0]})") from None
+
+    def _compile(self, graph: Any) -> Any:
+        return self.core.compile_model(graph, "CPU", self.settings).create_infer_request()
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        key = array.shape if self.static else None
+        if key not in self.requests:
+            graph = self.graph.clone()
+            graph.reshape(list(array.shape))
+            if len(self.requests) >= self.KEEP:
+                self.requests.pop(next(iter(self.requests)))
+            self.requests[key] = self._compile(graph)
+        return self.requests[key].infer([array])[0].copy()
+
+
+def _openvino_runner(directory: Path, names: Sequence[str], threads: int, precision: str, static: bool) -> Callable[[np.ndarray], np.ndarray]:
     settings: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
     if precision != "default":
         settings["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
-    try:
-        compiled = openvino.Core().compile_model(str(path), "CPU", settings)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: OpenVINO cannot read it ({str(error).strip().splitlines()[0]})") from None
-    request = compiled.create_infer_request()
-    return lambda array: request.infer([array])[0].copy()
+    return _OpenVinoGraph(directory / names[0], settings, static)
 
 
 RUNNERS = {"onnxruntime": _onnx_runner, "openvino": _openvino_runner}
@@ -241,7 +267,7 @@ class ExportedCLIP:
         runners = {}
         for tower in TOWERS:
             _check_files(self.directory, files[tower], record["digests"])
-            runners[tower] = RUNNERS[self.engine](self.directory, files[tower], threads, self.precision)
+            runners[tower] = RUNNERS[self.engine](self.directory, files[tower], threads, self.precision, tower == "image")
         self._image, self._text = runners["image"], runners["text"]
         self._transform = image_transform(self.preprocess_cfg)
         self._tokenizer = get_tokenizer(self.context_length)

@@ -1,111 +1,215 @@
-"""Encoding speed: clipforge vs open_clip on identical ViT-B-32 random weights, in one process.
+"""Encoding speed against the strongest CPU peers: identical ViT-B-32 random weights, real photos, one process.
 
-open_clip runs as a user runs it (fp32, ``torch.no_grad``, its tokenizer pads every caption to 77);
-clipforge runs fp32 and bf16 (weights cast once), encoding text only up to the batch's last end token.
-Also reports how close clipforge-bf16 features are to open_clip fp32 (mean cosine).
+Peers (``_peers.py``): open_clip fp32 and bf16, ONNX Runtime fp32 and int8, OpenVINO fp32, bf16 and NNCF
+int8 — each at the setting its users choose for speed. clipforge: PyTorch fp32, bf16 and torch.ao int8,
+and its exported models (``clipforge compress onnx|openvino``, loaded with ``clipforge.load``): ONNX Runtime
+int8, OpenVINO bf16 and int8, and OpenVINO int8 with ToMe. Everything sees the same 32 photo crops (text:
+256 captions of 5–15 words), the same 8 calibration batches for int8, the same threads; variants are timed
+in turn after a warm-up, medians. Cosine is to open_clip fp32 on the same inputs.
 
-    python benchmarks/encode.py [--quick]
+Decided before any run:
+- ``best_peer``: the fastest peer whose mean cosine to open_clip fp32 is ≥ 0.999; ``clipforge_best``: the
+  fastest clipforge path under the same rule, without token reduction.
+- ToMe: the smallest FLOPs fraction in (0.7, 0.6, 0.5) at which the trained demo model, exported to
+  OpenVINO int8 with ToMe at that fraction, keeps ≥ 0.98 of its PyTorch fp32 zero-shot accuracy on
+  ``synthetic:shape_color``; ViT-B-32 then runs ToMe with the smallest r reaching that fraction.
+- Text: peers tokenize to 77 positions, as open_clip does; clipforge runs each batch to its last end token.
+
+    python benchmarks/encode.py [--quick] [--demo-model runs/demo/model.safetensors]
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from _common import interleaved_medians, parser, report
+from _common import interleaved_medians, parser, print_table
+from _machine import library_versions, machine_limits, machine_line, roofline_fraction
+from _peers import all_peers
+from PIL import Image
 
 import clipforge
+from clipforge.compress.export_onnx import export_onnx
+from clipforge.compress.export_openvino import export_openvino
+from clipforge.compress.exported import ExportedCLIP
+from clipforge.compress.records import apply_compression
+from clipforge.compress.reduction.registry import estimate_flops
+from clipforge.data.formats.images import read_image
+from clipforge.eval.datasets import load_dataset
+from clipforge.eval.runner import Evaluator
 
+IMAGE_BATCH, TEXT_BATCH, CALIBRATION_BATCHES = 32, 64, 8
+COSINE_FLOOR, ACCURACY_KEPT, FLOPS_FRACTIONS = 0.999, 0.98, (0.7, 0.6, 0.5)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat", "camera", "moon", "horse", "brick")
 WORDS = (
     "a the photo of small large red blue green yellow dog cat bird car tree house street person people "
     "sitting standing running on in near with under next to two three old young white black wooden field"
 ).split()
 
 
-def captions(count: int, seed: int = 0) -> list[str]:
+def photo_crops(count: int, seed: int) -> list[Image.Image]:
+    """Random crops (a third to all of each side) of scikit-image's bundled photographs."""
+    import skimage.data
+
+    rng = random.Random(seed)
+    photos = [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in PHOTOS]
+    crops = []
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        width, height = int(photo.width * rng.uniform(0.33, 1)), int(photo.height * rng.uniform(0.33, 1))
+        left, top = rng.randint(0, photo.width - width), rng.randint(0, photo.height - height)
+        crops.append(photo.crop((left, top, left + width, top + height)))
+    return crops
+
+
+def captions(count: int, seed: int) -> list[str]:
     """Captions of 5–15 words, like alt-text."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 15))) for _ in range(count)]
 
 
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a / np.linalg.norm(a, axis=-1, keepdims=True), b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return float((a * b).sum(-1).mean())
+
+
+def tome_r_for(model: clipforge.CLIP, fraction: float) -> int:
+    """The smallest ToMe r whose estimated FLOPs are at most ``fraction`` of the model's."""
+    base = estimate_flops(model)
+    return next(r for r in range(1, 64) if estimate_flops(model, "tome", r=r) <= fraction * base)
+
+
+def tome_fraction(demo_path: Path, samples: int, scratch: Path) -> tuple[float, dict[float, float]]:
+    """The ToMe FLOPs fraction by the rule in the module docstring, and the accuracy kept at each fraction tried."""
+    demo = clipforge.load(demo_path)
+    test = load_dataset("synthetic:shape_color", samples=samples)
+    calibration = torch.stack([demo.preprocess(read_image(source)) for source in load_dataset("synthetic:shape", samples=256).images])
+    prompts = [f"a photo of a {word}." for word in ("red circle", "blue square", "green star", "yellow heart")]
+    baseline = Evaluator(demo, workers=0).zeroshot(test).metrics["acc1"]
+    kept, chosen = {}, None
+    for fraction in FLOPS_FRACTIONS:
+        merged = apply_compression(clipforge.load(demo_path), "tome", r=tome_r_for(demo, fraction))
+        out = export_openvino(merged, scratch / f"demo-{fraction}", int8=True, calibration_images=calibration, calibration_texts=prompts)
+        kept[fraction] = round(Evaluator(ExportedCLIP(out), workers=0).zeroshot(test).metrics["acc1"] / baseline, 4)
+        if kept[fraction] >= ACCURACY_KEPT:
+            chosen = fraction
+    if chosen is None:
+        raise SystemExit(f"no ToMe fraction in {FLOPS_FRACTIONS} keeps {ACCURACY_KEPT} of the demo model's accuracy: {kept}")
+    return chosen, kept
+
+
+def clipforge_variants(ours: clipforge.CLIP, state: dict, calibration: torch.Tensor, texts: list[str], tome_r: int, scratch: Path) -> dict[str, tuple[str, object]]:
+    """clipforge's paths: name → (precision, model with encode_image/encode_text/tokenize)."""
+    bf16 = clipforge.load("ViT-B-32")
+    bf16.load_state_dict(state)
+    onnx_dir = export_onnx(ours, scratch / "onnx", int8=True)
+    ov_dir = export_openvino(ours, scratch / "ov", int8=True, calibration_images=calibration, calibration_texts=texts)
+    merged = apply_compression(clipforge.load("ViT-B-32"), "tome", r=tome_r)
+    merged.load_state_dict(state)
+    tome_dir = export_openvino(merged, scratch / "ov-tome", int8=True, calibration_images=calibration, calibration_texts=texts)
+    return {
+        "clipforge fp32": ("fp32", ours),
+        "clipforge bf16": ("bf16", bf16.to(torch.bfloat16)),
+        "clipforge int8 (torch.ao)": ("int8", apply_compression(ours, "int8-dynamic")),
+        "clipforge onnxruntime int8": ("int8", ExportedCLIP(onnx_dir)),
+        "clipforge openvino bf16": ("bf16", ExportedCLIP(ov_dir, variant="fp32", precision="bf16")),
+        "clipforge openvino int8": ("int8", ExportedCLIP(ov_dir)),
+        f"clipforge openvino int8 + ToMe r={tome_r}": ("int8", ExportedCLIP(tome_dir)),
+    }
+
+
+def timed(runs: dict[str, object], repeats: int, batch: int) -> dict[str, float]:
+    return {name: batch / seconds for name, seconds in interleaved_medians(runs, repeats).items()}
+
+
+def summarise(kind: str, speeds: dict[str, float], cosines: dict[str, float], precisions: dict[str, str], peers: set[str]) -> dict:
+    eligible = [name for name in speeds if cosines[name] >= COSINE_FLOOR]
+    best_peer = max((n for n in eligible if n in peers), key=speeds.get)
+    best_ours = max((n for n in eligible if n not in peers and "ToMe" not in n), key=speeds.get)
+    rows = [[n, precisions[n], speeds[n], speeds[n] / speeds["open_clip fp32"], speeds[n] / speeds[best_peer], cosines[n]] for n in speeds]
+    print_table(f"{kind}: per second, vs open_clip fp32, vs the best peer ({best_peer})", ["variant", "precision", f"{kind}/s", "vs open_clip", "vs best peer", "cosine"], rows)
+    return {"best_peer": best_peer, "best_peer_per_s": round(speeds[best_peer], 2), "clipforge_best": best_ours,
+            "clipforge_best_per_s": round(speeds[best_ours], 2), "vs_best_peer": round(speeds[best_ours] / speeds[best_peer], 3)}
+
+
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    arguments = parser(__doc__.splitlines()[0])
+    arguments.add_argument("--demo-model", type=Path, default=Path(os.environ.get("CLIPFORGE_DEMO_MODEL", "runs/demo/model.safetensors")))
+    args = arguments.parse_args()
+    if not args.demo_model.is_file():
+        raise SystemExit(f"--demo-model {args.demo_model}: missing; run `clipforge demo` (or set CLIPFORGE_DEMO_MODEL)")
     import open_clip
 
+    limits = machine_limits(args.quick)
+    print(machine_line(limits))
+    threads, repeats = torch.get_num_threads(), 5 if args.quick else 9
     torch.manual_seed(0)
     reference = open_clip.create_model("ViT-B-32").eval()
-    ref_tokenizer = open_clip.get_tokenizer("ViT-B-32")
     state = reference.state_dict()
+    reference_bf16 = open_clip.create_model("ViT-B-32", precision="bf16").eval()
+    reference_bf16.load_state_dict(state)
     ours = clipforge.load("ViT-B-32")
     ours.load_state_dict(state)
-    ours_bf16 = clipforge.load("ViT-B-32")
-    ours_bf16.load_state_dict(state)
-    ours_bf16 = ours_bf16.to(torch.bfloat16)
+    preprocess, tokenizer = ours.preprocess, open_clip.get_tokenizer("ViT-B-32")
+    pixels = torch.stack([preprocess(image) for image in photo_crops(IMAGE_BATCH, seed=0)])
+    calibration = torch.stack([preprocess(image) for image in photo_crops(IMAGE_BATCH * CALIBRATION_BATCHES, seed=1)])
+    texts, calibration_texts = captions(TEXT_BATCH, seed=0), captions(4 * TEXT_BATCH, seed=1)
+    with tempfile.TemporaryDirectory() as scratch:
+        fraction, kept = tome_fraction(args.demo_model, 500 if args.quick else 1000, Path(scratch))
+        tome_r = tome_r_for(ours, fraction)
+        image_peers = all_peers(reference, reference_bf16, "image", pixels, list(calibration.split(IMAGE_BATCH)), threads)
+        text_peers = all_peers(reference, reference_bf16, "text", tokenizer(texts), list(tokenizer(calibration_texts).split(TEXT_BATCH)), threads)
+        ours_variants = clipforge_variants(ours, state, calibration, calibration_texts, tome_r, Path(scratch))
 
-    image_batch, text_batch = 32, 256
-    repeats = 3 if args.quick else 10
-    pixels = torch.randn(image_batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    texts = captions(text_batch)
-
-    def openclip_image() -> torch.Tensor:
-        with torch.no_grad():
-            return reference.encode_image(pixels)
-
-    def openclip_text() -> torch.Tensor:
-        with torch.no_grad():
-            return reference.encode_text(ref_tokenizer(texts))
-
-    def clipforge_image(model: clipforge.CLIP) -> torch.Tensor:
+    def our_image(model) -> np.ndarray:
         with torch.inference_mode():
-            return model.encode_image(pixels)
+            return model.encode_image(pixels).float().numpy()
 
-    def clipforge_text(model: clipforge.CLIP) -> torch.Tensor:
+    def our_text(model) -> np.ndarray:
         with torch.inference_mode():
-            return model.encode_text(model.tokenize(texts))
+            return model.encode_text(model.tokenize(texts)).float().numpy()
 
-    image_s = interleaved_medians(
-        {
-            "open_clip fp32": openclip_image,
-            "clipforge fp32": lambda: clipforge_image(ours),
-            "clipforge bf16": lambda: clipforge_image(ours_bf16),
-        },
-        repeats,
-    )
-    text_s = interleaved_medians(
-        {
-            "open_clip fp32": openclip_text,
-            "clipforge fp32": lambda: clipforge_text(ours),
-            "clipforge bf16": lambda: clipforge_text(ours_bf16),
-        },
-        repeats,
-    )
-    cosine_image = F.cosine_similarity(clipforge_image(ours_bf16).float(), openclip_image()).mean().item()
-    cosine_text = F.cosine_similarity(clipforge_text(ours_bf16).float(), openclip_text()).mean().item()
+    image_runs = {name: (lambda peer=peer: peer.run(pixels)) for name, peer in image_peers.items()}
+    text_runs = {name: (lambda peer=peer: peer.run(tokenizer(texts))) for name, peer in text_peers.items()}
+    image_runs.update({name: (lambda model=model: our_image(model)) for name, (_, model) in ours_variants.items()})
+    text_runs.update({name: (lambda model=model: our_text(model)) for name, (_, model) in ours_variants.items() if "ToMe" not in name})
+    precisions = {**{n: p.precision for n, p in image_peers.items()}, **{n: precision for n, (precision, _) in ours_variants.items()}}
+    image_reference, text_reference = image_runs["open_clip fp32"](), text_runs["open_clip fp32"]()
+    image_cosines = {name: mean_cosine(run(), image_reference) for name, run in image_runs.items()}
+    text_cosines = {name: mean_cosine(run(), text_reference) for name, run in text_runs.items()}
+    image_speed, text_speed = timed(image_runs, repeats, IMAGE_BATCH), timed(text_runs, repeats, TEXT_BATCH)
 
-    rows, figures = [], {"benchmark": "encode", "model": "ViT-B-32", "threads": torch.get_num_threads()}
-    base_image, base_text = image_s["open_clip fp32"], text_s["open_clip fp32"]
-    for name in image_s:
-        rows.append([name, image_batch / image_s[name], base_image / image_s[name], text_batch / text_s[name], base_text / text_s[name]])
-    figures.update(
-        image_per_s_openclip=round(image_batch / base_image, 2),
-        image_per_s_fp32=round(image_batch / image_s["clipforge fp32"], 2),
-        image_per_s_bf16=round(image_batch / image_s["clipforge bf16"], 2),
-        text_per_s_openclip=round(text_batch / base_text, 1),
-        text_per_s_bf16=round(text_batch / text_s["clipforge bf16"], 1),
-        image_bf16_vs_openclip=round(base_image / image_s["clipforge bf16"], 3),
-        image_fp32_vs_openclip=round(base_image / image_s["clipforge fp32"], 3),
-        text_bf16_vs_openclip=round(base_text / text_s["clipforge bf16"], 3),
-        text_fp32_vs_openclip=round(base_text / text_s["clipforge fp32"], 3),
-        cosine_bf16=round(cosine_image, 6),
-        cosine_bf16_text=round(cosine_text, 6),
-    )
-    report(
-        f"ViT-B-32 encoding ({image_batch} images at 224 px, {text_batch} captions of 5–15 words; medians of {repeats})",
-        ["variant", "images/s", "vs open_clip", "texts/s", "vs open_clip"],
-        rows,
-        figures,
-    )
+    peers = set(image_peers)
+    image = summarise("images", image_speed, image_cosines, precisions, peers)
+    text = summarise("texts", text_speed, text_cosines, precisions, peers)
+    tome_name = next(name for name in image_speed if "ToMe" in name)
+    flops = 2 * estimate_flops(ours)  # multiply-accumulates of the image blocks, x2
+    fractions = {name: round(roofline_fraction(flops, image_speed[name], precisions[name], limits), 3) for name in image_speed if "ToMe" not in name}
+    figures = {
+        "benchmark": "encode", "model": "ViT-B-32", "image_batch": IMAGE_BATCH, "text_batch": TEXT_BATCH, "repeats": repeats,
+        "threads": {"torch": threads, "onnxruntime": threads, "openvino": threads}, "versions": library_versions(),
+        "precision": precisions,
+        "best_peer": image["best_peer"], "best_peer_img_s": image["best_peer_per_s"],
+        "clipforge_best": image["clipforge_best"], "clipforge_best_img_s": image["clipforge_best_per_s"],
+        "clipforge_vs_best_peer": image["vs_best_peer"],
+        "clipforge_tome_vs_best_peer": round(image_speed[tome_name] / image_speed[image["best_peer"]], 3),
+        "tome": {"variant": tome_name, "flops_fraction": fraction, "demo_accuracy_kept": kept, "cosine": round(image_cosines[tome_name], 5)},
+        "text_best_peer": text["best_peer"], "text_best_peer_per_s": text["best_peer_per_s"],
+        "text_clipforge_best": text["clipforge_best"], "text_vs_best_peer": text["vs_best_peer"],
+        "vs_openclip_fp32": {name: round(speed / image_speed["open_clip fp32"], 3) for name, speed in image_speed.items()},
+        "image_per_s": {name: round(speed, 2) for name, speed in image_speed.items()},
+        "text_per_s": {name: round(speed, 1) for name, speed in text_speed.items()},
+        "image_cosine": {name: round(value, 6) for name, value in image_cosines.items()},
+        "text_cosine": {name: round(value, 6) for name, value in text_cosines.items()},
+        "gemm_gflops": limits["gemm_gflops"], "cpu": limits["cpu"], "isa": limits["isa"],
+        "image_gflop_per_img": round(flops / 1e9, 3), "roofline_fraction": fractions,
+    }
+    print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

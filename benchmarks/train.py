@@ -304,7 +304,6 @@ def open_clip_demo(name: str, start: torch.nn.Module, config: TrainConfig, every
 def main() -> None:
     arguments = parser(__doc__.splitlines()[0])
     arguments.add_argument("--demo", action="store_true", help="race the demo recipe to 0.85 shape+color accuracy instead")
-    arguments.add_argument("--demo", action="store_true", help="race the demo recipe to 0.85 shape+color accuracy instead")
     args = arguments.parse_args()
     if args.demo:
         demo_race(args.quick)

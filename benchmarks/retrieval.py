@@ -210,7 +210,7 @@ def embedding_figures(work: Path, count: int, workers: int, repeats: int, limits
         "sides": sides,
     }
     rows = [
-        [f"{name.replace('_', ' ', 1)}, {count} JPEGs → store (img/s; GFLOP/s, of limit; cosine to open_clip fp32)",
+        [f"{' '.join(name.rsplit('_', 1))}, {count} JPEGs → store (img/s; GFLOP/s, of limit; cosine to open_clip fp32)",
          f"{s['img_s']:.1f}; {s['achieved_gflops']:.1f}, {s['roofline_fraction']:.0%}; {s['mean_cosine_to_openclip_fp32']:.5f}"]
         for name, s in sides.items()
     ]

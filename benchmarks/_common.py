@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+TABLE_WIDTH = 140
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -43,7 +46,7 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     table = Table(*columns, title=title)
     for row in rows:
         table.add_row(*[f"{value:,.3f}" if isinstance(value, float) else str(value) for value in row])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else TABLE_WIDTH).print(table)  # piped: wider than rich's 80 columns
 
 
 def report(title: str, columns: list[str], rows: list[list[Any]], figures: dict[str, Any]) -> None:

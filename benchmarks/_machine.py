@@ -75,6 +75,26 @@ def achieved_gflops(flops_per_item: float, items_per_s: float) -> float:
     return flops_per_item * items_per_s / 1e9
 
 
+def clip_forward_flops(model: torch.nn.Module, text_tokens: float | None = None) -> float:
+    """Forward matmul FLOPs per sample of a clipforge CLIP: 2 × Σ (weight-matrix parameters × tokens through them).
+
+    The image tower's blocks see every patch plus the class token, the patch embedding every patch and the
+    projection one token; the text tower's blocks see ``text_tokens`` (None: the image tower only).
+    Attention scores (2·L²·width per block) are left out, as in the 6·N·D rule of Kaplan et al., "Scaling
+    Laws for Neural Language Models" (2020): forward + backward is 3 × this figure.
+    """
+    visual = model.visual
+    patches = int(visual.positional_embedding.shape[0]) - 1
+    flops = _block_matrices(visual) * (patches + 1) + visual.conv1.weight.numel() * patches + visual.proj.numel()
+    if text_tokens is not None:
+        flops += _block_matrices(model) * text_tokens + model.text_projection.numel()
+    return 2.0 * flops
+
+
+def _block_matrices(tower: torch.nn.Module) -> int:
+    return sum(p.numel() for p in tower.transformer.parameters() if p.dim() == 2)
+
+
 def roofline_fraction(flops_per_item: float, items_per_s: float, precision: str, limits: dict[str, Any]) -> float:
     """Achieved GFLOP/s over this machine's GEMM limit at ``precision`` (fp32, bf16 or int8)."""
     return achieved_gflops(flops_per_item, items_per_s) / limits["gemm_gflops"][precision]

@@ -29,7 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import interleaved_medians, parser, print_table
-from _machine import library_versions, machine_limits, machine_line, roofline_fraction
+from _machine import (
+    clip_forward_flops,
+    library_versions,
+    machine_limits,
+    print_machine,
+    roofline_fraction,
+)
 from _peers import all_peers
 from PIL import Image
 
@@ -146,7 +152,7 @@ def main() -> None:
     import open_clip
 
     limits = machine_limits(args.quick)
-    print(machine_line(limits))
+    print_machine(limits)
     threads, repeats = torch.get_num_threads(), 5 if args.quick else 9
     torch.manual_seed(0)
     reference = open_clip.create_model("ViT-B-32").eval()
@@ -160,6 +166,7 @@ def main() -> None:
     calibration = torch.stack([preprocess(image) for image in photo_crops(IMAGE_BATCH * CALIBRATION_BATCHES, seed=1)])
     texts, calibration_texts = captions(TEXT_BATCH, seed=0), captions(4 * TEXT_BATCH, seed=1)
     with tempfile.TemporaryDirectory() as scratch:
+        print("choosing the ToMe setting on the demo model; exporting and quantizing every peer and clipforge path", flush=True)
         fraction, kept = tome_fraction(args.demo_model, 500 if args.quick else 1000, Path(scratch))
         tome_r = tome_r_for(ours, fraction)
         image_peers = all_peers(reference, reference_bf16, "image", pixels, list(calibration.split(IMAGE_BATCH)), threads)
@@ -182,13 +189,13 @@ def main() -> None:
     image_reference, text_reference = image_runs["open_clip fp32"](), text_runs["open_clip fp32"]()
     image_cosines = {name: mean_cosine(run(), image_reference) for name, run in image_runs.items()}
     text_cosines = {name: mean_cosine(run(), text_reference) for name, run in text_runs.items()}
-    image_speed, text_speed = timed(image_runs, repeats, IMAGE_BATCH), timed(text_runs, repeats, TEXT_BATCH)
-
     peers = set(image_peers)
+    image_speed = timed(image_runs, repeats, IMAGE_BATCH)
     image = summarise("images", image_speed, image_cosines, precisions, peers)
+    text_speed = timed(text_runs, repeats, TEXT_BATCH)
     text = summarise("texts", text_speed, text_cosines, precisions, peers)
     tome_name = next(name for name in image_speed if "ToMe" in name)
-    flops = 2 * estimate_flops(ours)  # multiply-accumulates of the image blocks, x2
+    flops = clip_forward_flops(ours)
     fractions = {name: round(roofline_fraction(flops, image_speed[name], precisions[name], limits), 3) for name in image_speed if "ToMe" not in name}
     figures = {
         "benchmark": "encode", "model": "ViT-B-32", "image_batch": IMAGE_BATCH, "text_batch": TEXT_BATCH, "repeats": repeats,

@@ -128,6 +128,7 @@ def _token_batches(model: CLIP, texts: Sequence[str]) -> list[torch.Tensor]:
 
 def _quantize(graph: Any, batches: list[torch.Tensor], progress: bool) -> Any:
     """NNCF post-training int8 of one graph on ``batches`` (every batch used for statistics)."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # nncf's import warns there is no CUDA
     import nncf
 
     logging.getLogger("nncf").setLevel(logging.INFO if progress else logging.ERROR)

@@ -178,6 +178,13 @@ def test_exports_load_as_models_and_embed_like_pytorch(tmp_path, capsys, base, c
     assert code == 2 and "cannot be exported" in err
 
 
+def test_openvino_int8_needs_readable_calibration_data(tmp_path, capsys, checkpoint) -> None:
+    code, _, err = run(capsys, "compress", "openvino", "-m", checkpoint, "-o", tmp_path / "a", "--int8")
+    assert code == 2 and "--calibration" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "compress", "openvino", "-m", checkpoint, "-o", tmp_path / "b", "--int8", "--calibration", tmp_path / "none")
+    assert code == 2 and "none" in err and len(err.strip().splitlines()) == 1
+
+
 def test_early_exit_trains_and_saves_heads(tmp_path, capsys, base, checkpoint) -> None:
     argv = ("compress", "early-exit", "-m", checkpoint, "-o", tmp_path / "heads.safetensors", "--steps", "3", "--samples", "16",
             "--batch-size", "8", "--threshold", "0.5", "-d", "synthetic:color")

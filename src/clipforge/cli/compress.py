@@ -187,7 +187,7 @@ def openvino_command(
     model: ModelOption,
     out: ExportOut,
     int8: Annotated[bool, typer.Option(help="Also write NNCF post-training int8 IR (needs --calibration) and load it by default.")] = False,
-    calibration: Annotated[str | None, typer.Option("--calibration", help="Calibration images and prompts for --int8: any eval --data (synthetic:TASK, folder, table, shards).")] = None,
+    calibration: Annotated[str | None, typer.Option("--calibration", metavar="DATA", help="Calibration images and prompts for --int8: any eval --data (synthetic:TASK, folder, table, shards).")] = None,
     samples: Annotated[int, typer.Option(min=1, help="Calibration images (NNCF's default subset is 300).")] = 256,
     tome: TomeOption = None,
     config: ConfigOption = None,

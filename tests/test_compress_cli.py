@@ -172,7 +172,16 @@ def test_exports_load_as_models_and_embed_like_pytorch(tmp_path, capsys, base, c
     code, _, err = run(capsys, "embed", folder, "-m", tmp_path / "export", "-o", tmp_path / "e.parquet", "--workers", "0")
     assert code == 0, err
     _, vectors = read_embeddings(tmp_path / "e.parquet")
-    assert np.abs(vectors - image_embeddings(merged, reloaded).numpy()).max() <= 1e-4
+    expected_vectors = image_embeddings(merged, reloaded).numpy()
+    assert np.abs(vectors - expected_vectors).max() <= 1e-4
+    run(capsys, "embed", folder, "-m", tmp_path / "export", "-o", tmp_path / "store", "--workers", "0")
+    run(capsys, "index", tmp_path / "store")
+    code, out, err = run(capsys, "search", "a red circle", "--index", tmp_path / "store", "-k", "3", "--json")
+    assert code == 0, err
+    with torch.inference_mode():
+        query = F.normalize(merged.encode_text(merged.tokenize(["a red circle"])), dim=-1).numpy()[0]
+    scores = sorted(expected_vectors @ query, reverse=True)
+    np.testing.assert_allclose([hit["score"] for hit in json.loads(out)], scores, atol=1e-4)
     run(capsys, "compress", "int8", "-m", checkpoint, "-o", tmp_path / "int8.safetensors")
     code, _, err = run(capsys, "compress", engine, "-m", tmp_path / "int8.safetensors", "-o", tmp_path / "export2")
     assert code == 2 and "cannot be exported" in err

@@ -19,6 +19,7 @@ as ``CLIP.encode_text`` does: 5–15-word captions run ~20 positions, not 77.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -185,6 +186,15 @@ def _onnx_runner(directory: Path, names: Sequence[str], threads: int, precision:
     return lambda array: session.run(None, {input_name: array})[0]
 
 
+@functools.cache
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core``: OpenVINO expects one per application, and creating many in one
+    process has crashed it (ultralytics/ultralytics#25864, openvinotoolkit/openvino#35338)."""
+    import openvino
+
+    return openvino.Core()
+
+
 class _OpenVinoGraph:
     """One IR graph compiled for the CPU; with ``static``, compiled once per input shape (the last few kept).
 
@@ -196,9 +206,7 @@ class _OpenVinoGraph:
     KEEP = 4
 
     def __init__(self, path: Path, settings: dict[str, Any], static: bool) -> None:
-        import openvino
-
-        self.core, self.settings, self.static = openvino.Core(), settings, static
+        self.core, self.settings, self.static = openvino_core(), settings, static
         try:
             self.graph = self.core.read_model(str(path))
             self.requests = {None: self._compile(self.graph)} if not static else {}

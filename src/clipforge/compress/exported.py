@@ -19,6 +19,7 @@ as ``CLIP.encode_text`` does: 5–15-word captions run ~20 positions, not 77.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -99,8 +100,6 @@ def float_copy_for_export(model: CLIP, engine: str) -> tuple[CLIP, list[dict[str
             f"the model is torch.ao-quantized ({describe_steps(steps) or 'no record'}), which cannot be exported; "
             "export the float model and ask the export for int8 (--int8)"
         )
-    import copy
-
     return copy.deepcopy(model).float().cpu().eval(), steps
 
 
@@ -206,15 +205,19 @@ class _OpenVinoGraph:
     KEEP = 4
 
     def __init__(self, path: Path, settings: dict[str, Any], static: bool) -> None:
-        self.core, self.settings, self.static = openvino_core(), settings, static
+        self.core, self.settings, self.static, self.path = openvino_core(), settings, static, path
         try:
             self.graph = self.core.read_model(str(path))
-            self.requests = {None: self._compile(self.graph)} if not static else {}
         except RuntimeError as error:
             raise CheckpointError(f"{path}: OpenVINO cannot read it ({str(error).strip().splitlines()[0]})") from None
+        self.requests = {None: self._compile(self.graph)} if not static else {}
 
     def _compile(self, graph: Any) -> Any:
-        return self.core.compile_model(graph, "CPU", self.settings).create_infer_request()
+        """An inference request of ``graph`` compiled for the CPU; a graph the plugin rejects is one line naming the file."""
+        try:
+            return self.core.compile_model(graph, "CPU", self.settings).create_infer_request()
+        except RuntimeError as error:
+            raise CheckpointError(f"{self.path}: OpenVINO cannot compile it ({str(error).strip().splitlines()[0]})") from None
 
     def __call__(self, array: np.ndarray) -> np.ndarray:
         key = array.shape if self.static else None

@@ -18,40 +18,21 @@ limit of its precision — a model-FLOPs utilization in the sense of Chowdhery e
 from __future__ import annotations
 
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from clipforge._util.machine import PRECISIONS, gemm_gflops
+
 GEMM_SIZE = 2048
 ISA_FLAGS = ("avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 LIBRARIES = {"torch": "torch", "open_clip": "open_clip_torch", "onnxruntime": "onnxruntime", "openvino": "openvino", "nncf": "nncf"}
 
 
-def _seconds(run: Callable[[], Any], repeats: int) -> float:
-    run()  # the first call JIT-compiles oneDNN kernels and touches the memory
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _gemm_gflops(quick: bool) -> dict[str, float]:
-    n, repeats = GEMM_SIZE, 3 if quick else 7
-    generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=generator), torch.randn(n, n, generator=generator)
-    a8 = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=generator)
-    b8 = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=generator)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    products = {"fp32": lambda: torch.mm(a, b), "bf16": lambda: torch.mm(a16, b16), "int8": lambda: torch._int_mm(a8, b8)}
-    return {precision: round(2 * n**3 / _seconds(run, repeats) / 1e9, 1) for precision, run in products.items()}
+    return {precision: round(gemm_gflops(precision, GEMM_SIZE, 3 if quick else 7), 1) for precision in PRECISIONS}
 
 
 def _cpu() -> tuple[str, list[str]]:

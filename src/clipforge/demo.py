@@ -80,7 +80,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, resume: bool =
     loss_curve(run_dir, run_dir / "loss.png")
     figures = {key: result.evaluation.get(key) for key in SUMMARY_KEYS}
     summary = {"wall_s": round(time.perf_counter() - started, 1), **figures, "run_dir": str(run_dir)}
-    details = {"steps": result.steps, "final_loss": round(result.final_loss, 4), "train_samples_per_s": round(result.samples_per_s, 1)}
+    details = {"precision": result.precision, "steps": result.steps, "final_loss": round(result.final_loss, 4), "train_samples_per_s": round(result.samples_per_s, 1)}
     write_report(run_dir / "report.md", config, world, {**summary, **details}, dict(zip(queries, recalls)))
     if result.skips:
         (run_dir / "skipped.txt").write_text(result.skips + "\n")
@@ -170,7 +170,7 @@ def write_report(path: Path, config: TrainConfig, world: SyntheticWorld, figures
         "",
         f"A {config.model.name} CLIP trained from scratch on the synthetic world: {schedule.steps} steps of "
         f"{schedule.batch_size} image-caption pairs, lr {config.optimizer.lr:g} ({schedule.kind}, warm-up {schedule.warmup}), "
-        f"{config.precision.amp} autocast, {figures['train_samples_per_s']} samples/s on this machine, "
+        f"{figures['precision']} (precision.amp = {config.precision.amp}), {figures['train_samples_per_s']} samples/s on this machine, "
         f"{figures['wall_s']:.0f} s in all (training, evaluation and this report). Final loss {figures['final_loss']}.",
         "",
         "| figure | value | chance | what it measures |",

@@ -36,7 +36,7 @@ def train_command(
     if result.skips:
         warn("skipped samples", "\n" + result.skips)
     say(
-        f"trained {result.steps} steps in {result.wall_s:.0f} s ({result.samples_per_s:.0f} samples/s), "
+        f"trained {result.steps} steps in {result.wall_s:.0f} s ({result.samples_per_s:.0f} samples/s, {result.precision}), "
         f"final loss {result.final_loss:.4f}; model: {result.run_dir / 'model.safetensors'}"
     )
 

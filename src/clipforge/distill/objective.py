@@ -28,7 +28,7 @@ from clipforge.models.clip import CLIP
 from clipforge.train.config import TrainConfig
 from clipforge.train.distributed import rank_and_world_size
 from clipforge.train.objective import Objective
-from clipforge.train.step import AMP_DTYPES
+from clipforge.train.step import AMP_DTYPES, resolve_amp
 
 TINYCLIP_LOGIT_SCALE = 50.0  # TinyCLIP's scripts: --logit-scale 50 (τ = 0.02) for teacher and student
 
@@ -75,7 +75,7 @@ class Distillation(Objective):
         self.teacher_dims = list(teacher_dims)
         own_scales = [float(t.logit_scale.detach().exp()) for t in self.teachers] or [float(s) for s in stored_scales]
         self.teacher_scales = [settings.teacher_scale] * len(own_scales) if settings.teacher_scale else own_scales
-        self.amp_dtype = AMP_DTYPES[config.precision.amp]
+        self.amp = config.precision.amp
         self._loss = AffinityMimickingLoss(
             settings.distill_weight,
             self.teacher_scales,
@@ -94,6 +94,7 @@ class Distillation(Objective):
             check_teacher(teacher, model)
             teacher.to(device).eval().requires_grad_(False)
         self.device = device
+        self.amp_dtype = AMP_DTYPES[resolve_amp(self.amp, device)]
         if self.settings.student_scale is not None:
             model.logit_scale.data.fill_(math.log(self.settings.student_scale))
             model.logit_scale.requires_grad_(False)

@@ -76,11 +76,12 @@ class ScheduleSection:
 
 
 SCHEDULE_KINDS = ("cosine", "const", "const-cooldown")
+AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
 @dataclass
 class PrecisionSection:
-    amp: str = "bf16"  # bf16 | fp16 | fp32 autocast
+    amp: str = "bf16"  # bf16 | fp16 | fp32 autocast, or auto: the fastest on this machine (train.step.resolve_amp)
     fsdp: bool = False  # shard parameters across ranks (FSDP2) instead of DDP
 
 
@@ -124,7 +125,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         checks = [
             (self.loss.kind in ("clip", "siglip"), "loss.kind", "clip or siglip"),
-            (self.precision.amp in ("bf16", "fp16", "fp32"), "precision.amp", "bf16, fp16 or fp32"),
+            (self.precision.amp in AMP_CHOICES, "precision.amp", ", ".join(AMP_CHOICES[:-1]) + " or " + AMP_CHOICES[-1]),
             (self.schedule.kind in SCHEDULE_KINDS, "schedule.kind", " or ".join(SCHEDULE_KINDS)),
             (self.schedule.steps > 0, "schedule.steps", "positive"),
             (0 <= self.schedule.warmup, "schedule.warmup", "≥ 0"),

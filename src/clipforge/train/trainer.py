@@ -60,6 +60,7 @@ class TrainResult:
     samples_per_s: float
     evaluation: dict[str, float]
     skips: str
+    precision: str  # the autocast precision trained in (``auto`` resolved for this machine)
 
 
 def train(
@@ -164,6 +165,7 @@ def train(
         steps_run * config.schedule.batch_size / wall if wall > 0 else 0.0,
         evaluation,
         loader.skips.summary(),
+        step_fn.amp,
     )
 
 

@@ -422,3 +422,11 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, files, a
     code, _, err = run(capsys, "merge", *[a.format(**names) for a in argv], "--base", files["base"], "--out", out)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_cli_checks_out_before_reading_held_out_data(tmp_path, capsys, files) -> None:
+    """A bad --out is reported before --data is loaded (which can take minutes), whatever --data holds."""
+    for method in ("ties", "task-arithmetic", "greedy-soup"):
+        argv = ["merge", method, files["ft0"], files["ft1"], "--base", files["base"], "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and f"{tmp_path}: is a directory; give a file name" in err, (method, err)

@@ -54,10 +54,15 @@ def _held_out(data: list[str] | None, samples: int, device: str) -> Any:
     return HeldOut([load_dataset(spec, samples=samples) for spec in data], device=device)
 
 
-def _merge(method: Any, base: str, models: list[str], out: Path, **settings: Any) -> None:
-    """Check ``--out`` before any model is read (it may be one of the models: OPCM continues a merge in place),
+def _merge(
+    method: Any, base: str, models: list[str], out: Path, held_out: tuple[list[str] | None, int, str] | None = None, **settings: Any
+) -> None:
+    """Check ``--out`` before any model or data is read (it may be one of the models: OPCM continues a merge
+    in place), read the held-out data of a method that takes it (``held_out``: --data, --samples, --device),
     run ``method`` and print its provenance."""
     note = checked_output(out, inputs=[base])
+    if held_out is not None:
+        settings["held_out"] = _held_out(*held_out)
     _summarise(method(base, models, out=out, progress=True, **settings), out, note)
 
 
@@ -97,10 +102,9 @@ def greedy_soup_command(
     from clipforge.errors import InputError
     from clipforge.merge import greedy_soup
 
-    held_out = _held_out(data, samples, device)
-    if held_out is None:
+    if not data:
         raise InputError("greedy-soup: --data is required (held-out data to choose the ingredients on)")
-    _merge(greedy_soup, base, models, out, held_out=held_out, device=device)
+    _merge(greedy_soup, base, models, out, held_out=(data, samples, device), device=device)
 
 
 @merge_app.command("task-arithmetic")
@@ -117,8 +121,7 @@ def task_arithmetic_command(
     """Task arithmetic (Ilharco et al., ICLR 2023): θ₀ + λ Σ τᵢ, λ in (0, 1] chosen on --data (else 0.3)."""
     from clipforge.merge import task_arithmetic
 
-    held_out = _held_out(data, samples, device)
-    _merge(task_arithmetic, base, models, out, scaling=scaling, held_out=held_out)
+    _merge(task_arithmetic, base, models, out, held_out=(data, samples, device), scaling=scaling)
 
 
 @merge_app.command("ties")
@@ -136,8 +139,7 @@ def ties_command(
     """TIES-merging (Yadav et al., NeurIPS 2023): trim, elect signs, disjoint mean; λ in (0, 3] chosen on --data (else 1)."""
     from clipforge.merge import ties
 
-    held_out = _held_out(data, samples, device)
-    _merge(ties, base, models, out, keep=keep, scaling=scaling, held_out=held_out)
+    _merge(ties, base, models, out, held_out=(data, samples, device), keep=keep, scaling=scaling)
 
 
 @merge_app.command("opcm")

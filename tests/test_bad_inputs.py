@@ -156,6 +156,7 @@ def cases() -> list[tuple[str, object]]:
     found += [
         ("missing-embed-input", lambda c, out: (("embed", missing(c), "--model", m(c), "--out", str(out / "e.parquet")), ("no-such-path",))),
         ("missing-index", lambda c, out: (("index", missing(c)), ("no-such-path",))),
+        ("index-store-with-a-model", lambda c, out: (("index", str(c / "store"), "--model", "synthetic-tiny"), ("--model", "embedding store"))),
         ("missing-search-index", lambda c, out: (("search", "red", "--index", missing(c)), ("no-such-path",))),
         ("missing-serve-index", lambda c, out: (("serve", "--index", missing(c)), ("no-such-path",))),
         ("missing-eval-data", lambda c, out: (("eval", "zeroshot", "--model", m(c), "--data", missing(c)), ("no-such-path",))),

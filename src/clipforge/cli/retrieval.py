@@ -130,6 +130,12 @@ def index_command(
             batch_size, workers, report=say, exclude_dirs=exclude_dir,
         )
         return
+    given = [name for name, value in (("--model", model), ("--config", config), ("--pretrained", pretrained), ("--precision", precision)) if value]
+    if given:
+        raise InputError(
+            f"{given[0]}: {directory} is an embedding store, indexed from the vectors it holds; model options apply "
+            "to photo folders (re-embed with `clipforge embed` to change the model)"
+        )
     _build_index(directory, kind, budget, target_recall, say)
 
 

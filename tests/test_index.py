@@ -270,6 +270,22 @@ def test_search_index_over_a_store(tmp_path):
         SearchIndex(tmp_path)
 
 
+def test_results_under_a_prefix_are_the_exact_top_k_of_those_rows(tmp_path):
+    rng = np.random.default_rng(7)
+    expected = write_store(tmp_path, rng, [300, 500, 200])
+    searcher = SearchIndex.build(tmp_path, progress=False)
+    uids = np.array([f"p{part}r{row}" for part, size in enumerate([300, 500, 200]) for row in range(size)])
+    query = unit_vectors(rng, 1)[0]
+    for prefix in ("p1r4", "p2", "p0r29"):  # rows spread over a part, a whole part, a few rows
+        rows = np.flatnonzero(np.char.startswith(uids, prefix))
+        scores, order = brute_force(query[None], expected["img"][rows], 7)
+        hits = searcher.results_under(query, prefix, k=7)
+        assert [hit["id"] for hit in hits] == rows[order[0]].tolist()
+        assert all(hit["uid"].startswith(prefix) for hit in hits)
+        np.testing.assert_allclose([hit["score"] for hit in hits], scores[0], atol=1e-5)
+    assert searcher.results_under(query, "nowhere/", k=3) == []
+
+
 def test_search_index_adds_the_held_out_tuning_rows(tmp_path):
     rng = np.random.default_rng(6)
     expected = write_store(tmp_path, rng, [12_000, 8_000])

@@ -242,8 +242,8 @@ def search_command(
     vector = query_vector(loaded or _load(root, model, config, pretrained, precision, device), terms)
     if within is None:
         hits = searcher.results(vector, k)
-    else:  # a subfolder: rank every photo, keep those under it
-        hits = [hit for hit in searcher.results(vector, searcher.store.num_vectors) if hit["uid"].startswith(within)][:k]
+    else:  # a subfolder: only the photos under it
+        hits = searcher.results_under(vector, within, k)
     if json_output:
         print(json.dumps(hits))
         return

@@ -93,8 +93,29 @@ class SearchIndex:
         """
         scores, ids = self.search(np.asarray(query_vector).reshape(1, -1), k)
         found = ids[0] >= 0
-        records = self.store.metadata(ids[0][found])
+        return self._records(ids[0][found], scores[0][found])
+
+    def results_under(self, query_vector: np.ndarray, prefix: str, k: int = 10) -> list[dict]:
+        """``results`` among the rows whose ``uid`` starts with ``prefix`` only (a subfolder of a photo folder).
+
+        Exact: inner products with just those rows, read from the memory-mapped store, so the cost follows
+        the subfolder's size and no hit of it is lost to an approximate index's candidate list.
+        """
+        query = as_float32(np.asarray(query_vector).reshape(1, -1))
+        check_vectors(query, self.store.dim, "queries")
+        if k < 1:
+            raise InputError(f"k must be at least 1, got {k}")
+        rows = self.store.rows_under(prefix)
+        scores = np.empty(len(rows), dtype=np.float32)
+        for part, embeddings in self.store.iter_parts(self.kind):
+            inside = (rows >= part.offset) & (rows < part.offset + part.num_rows)
+            scores[inside] = embeddings[rows[inside] - part.offset].astype(np.float32) @ query[0]
+        best = np.argsort(-scores, kind="stable")[:k]
+        return self._records(rows[best], scores[best])
+
+    def _records(self, rows: np.ndarray, scores: np.ndarray) -> list[dict]:
+        records = self.store.metadata(rows)
         return [
             {**{key: value for key, value in record.items() if not key.endswith("_bytes")}, "id": int(row), "score": float(score)}
-            for record, row, score in zip(records, ids[0][found], scores[0][found])
+            for record, row, score in zip(records, rows, scores)
         ]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipforge._util.fileio import atomic_path
@@ -150,6 +151,16 @@ class EmbeddingStore:
             records = self._read_rows(part, wanted)
             found.update((part.offset + local, record) for local, record in zip(wanted.tolist(), records))
         return [dict(found[row]) for row in rows.tolist()]
+
+    def rows_under(self, prefix: str) -> np.ndarray:
+        """Global row numbers whose ``uid`` starts with ``prefix`` (in a photo folder's store: the photos
+        under a subfolder), reading only the ``uid`` column."""
+        rows = []
+        for part in self.parts:
+            uids = pq.read_table(metadata_path(self.root, part.index), columns=["uid"]).column("uid")
+            matches = pc.starts_with(uids, prefix).to_numpy(zero_copy_only=False)
+            rows.append(part.offset + np.flatnonzero(matches))
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
 
     def _read_rows(self, part: StorePart, local_rows: np.ndarray) -> list[dict]:
         """Sorted local rows of one part, decoding only the row groups that contain them."""

@@ -140,3 +140,24 @@ def test_more_like_this_returns_the_clicked_image_first(site):
     again = shown_results(page)
     assert again[0]["name"] == clicked and float(again[0]["score"]) > 0.999
     page.close()
+
+
+def test_more_results_pages_through_the_api_order_until_the_store_ends(site):
+    _, base, browser = site
+    page = browser.new_page()
+    page.goto(base + "/")
+    page.fill("#count", "6")
+    page.fill("#query", "a green triangle")
+    page.press("#query", "Enter")
+    first = shown_results(page)
+    assert len(first) == 6 and page.is_visible("#more-results")
+    page.click("#more-results")
+    page.wait_for_function("() => document.querySelectorAll('#results .result').length === 12", timeout=60_000)
+    second = shown_results(page)
+    expected = api(base, "/api/search?" + urllib.parse.urlencode({"q": "a green triangle", "k": 12}))
+    assert [item["name"] for item in second] == [Path(hit["path"]).name for hit in expected]
+    assert second[:6] == first  # the next page follows the first, which stays as it was
+    page.click("#more-results")  # 17 pictures: the third page is short, so there is no fourth
+    page.wait_for_function("() => document.querySelectorAll('#results .result').length === 17", timeout=60_000)
+    assert page.is_hidden("#more-results")
+    page.close()

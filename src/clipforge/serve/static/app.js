@@ -9,6 +9,9 @@ const statusLine = document.getElementById("status");
 const statusText = document.getElementById("status-text");
 const preview = document.getElementById("query-preview");
 const grid = document.getElementById("results");
+const moreButton = document.getElementById("more-results");
+let maxResults = Infinity;  // the server's max_k
+let current = null;  // the search on screen: {run(k) → results, what, k}
 
 function showStatus(message, isError = false) {
   statusText.textContent = message;
@@ -18,6 +21,7 @@ function showStatus(message, isError = false) {
 function showError(error) {
   // A failed search leaves no results of an earlier one on screen.
   grid.replaceChildren();
+  moreButton.hidden = true;
   showStatus(error.message, true);
 }
 
@@ -86,32 +90,46 @@ async function request(url, options) {
   return body.results;
 }
 
-async function searchText(query) {
-  const params = new URLSearchParams({ q: query, k: countInput.value });
-  history.replaceState(null, "", `?${new URLSearchParams({ q: query })}`);
-  showPreview(null);
+async function show(search, k) {
+  // Run a search for its top k and render them; "more results" offers the next page while the server
+  // returned all k asked for and its max_k allows more.
+  current = { ...search, k };
+  moreButton.hidden = true;
   showStatus("searching…");
   try {
-    render(await request(`/api/search?${params}`), `“${query}”`);
+    const results = await search.run(k);
+    render(results, search.what);
+    moreButton.hidden = results.length < k || k >= maxResults;
   } catch (error) {
     showError(error);
   }
 }
 
-async function searchImage(file) {
-  const body = new FormData();
-  body.append("image", file);
-  body.append("k", countInput.value);
+function pageSize() {
+  return Math.max(1, Number(countInput.value) || 1);
+}
+
+function searchText(query) {
+  history.replaceState(null, "", `?${new URLSearchParams({ q: query })}`);
+  showPreview(null);
+  const run = (k) => request(`/api/search?${new URLSearchParams({ q: query, k })}`);
+  return show({ run, what: `“${query}”` }, Math.min(pageSize(), maxResults));
+}
+
+function searchImage(file) {
   queryInput.value = "";  // the box no longer shows an earlier text query
   history.replaceState(null, "", location.pathname);
   showPreview(file);
-  showStatus("searching…");
-  try {
-    render(await request("/api/search/image", { method: "POST", body }), file.name);
-  } catch (error) {
-    showError(error);
-  }
+  const run = (k) => {
+    const body = new FormData();
+    body.append("image", file);
+    body.append("k", k);
+    return request("/api/search/image", { method: "POST", body });
+  };
+  return show({ run, what: file.name }, Math.min(pageSize(), maxResults));
 }
+
+moreButton.addEventListener("click", () => show(current, Math.min(current.k + pageSize(), maxResults)));
 
 form.addEventListener("submit", (event) => {
   event.preventDefault();
@@ -126,6 +144,7 @@ async function start() {
   // The server's limit on results, then the search named in the address (shared links).
   try {
     const health = await (await fetch("/api/health")).json();
+    maxResults = health.max_k;
     countInput.max = health.max_k;
     countInput.value = Math.min(Number(countInput.value), health.max_k);
     showStatus(`${health.vectors} images`);

@@ -57,6 +57,7 @@ from clipforge.data.synthetic import SyntheticStream, SyntheticWorld, WorldConfi
 from clipforge.demo import recipe_path
 from clipforge.train.config import TrainConfig, load_config
 from clipforge.train.metrics_log import read_metrics
+from clipforge.train.step import resolve_amp
 from clipforge.train.trainer import train
 
 WINDOW = 5
@@ -226,7 +227,8 @@ def throughput(quick: bool) -> None:
 
 
 def demo_race(quick: bool) -> None:
-    """The demo recipe (bf16 autocast, batch 256, const-cooldown rate, 600 steps) in clipforge and in open_clip's loop.
+    """The demo recipe (batch 256, const-cooldown rate, 600 steps) in clipforge and in open_clip's loop, both in the
+    precision the recipe's ``precision.amp = "auto"`` chooses on this machine (bf16 autocast or fp32).
 
     Both start from the trainer's initial weights (seed 0) and see the synthetic world's training scenes
     (open_clip in stream order through its ``preprocess_val``, clipforge in its seeded permutation); open_clip
@@ -262,7 +264,8 @@ def demo_race(quick: bool) -> None:
         train(config, resume=False, evaluator=timed)
         elapsed = [row["elapsed_s"] for row in read_metrics(Path(tmp) / "run") if "elapsed_s" in row]
         ours = [(elapsed[i] - sum(c[0] for c in calls[:i]), calls[i][1]) for i in range(len(calls))]
-        theirs = open_clip_demo(open_clip_config(Path(tmp)), start, config, every, benchmark, const_lr_cooldown)
+        precision = resolve_amp(config.precision.amp, torch.device("cpu"))
+        theirs = open_clip_demo(open_clip_config(Path(tmp)), start, config, every, benchmark, const_lr_cooldown, precision)
     figures = {"benchmark": "train_demo", "steps": config.schedule.steps, "eval_every": every, "target": DEMO_TARGET}
     for side, curve in (("clipforge", ours), ("openclip", theirs)):
         reached = next((seconds for seconds, accuracy in curve if accuracy >= DEMO_TARGET), None)
@@ -271,23 +274,23 @@ def demo_race(quick: bool) -> None:
     mine, peer = figures["clipforge_time_to_target_s"], figures["openclip_time_to_target_s"]
     figures["demo_time_vs_openclip"] = round(peer / mine, 3) if mine and peer else None
     figures["demo_time_vs_openclip_at_least"] = round(figures["openclip_train_s"] / mine, 3) if mine and not peer else None
-    figures |= {"precision": "bf16 autocast (both)", "threads": torch.get_num_threads(), "versions": library_versions()}
+    figures |= {"precision": {"clipforge": precision, "openclip": precision}, "threads": torch.get_num_threads(), "versions": library_versions()}
     report(
         f"Demo recipe race to {DEMO_TARGET} shape+color accuracy ({config.schedule.steps} steps, evaluated every {every})",
         ["loop", "time to target (s)", "training time (s)", "final shape+color"],
         [[side, figures[f"{key}_time_to_target_s"] or "not reached", figures[f"{key}_train_s"], figures[f"{key}_final_acc_shape_color"]]
-         for side, key in (("clipforge trainer", "clipforge"), ("open_clip loop, amp_bf16", "openclip"))],
+         for side, key in ((f"clipforge trainer, {precision}", "clipforge"), (f"open_clip loop, {precision}", "openclip"))],
         figures,
     )
 
 
-def open_clip_demo(name: str, start: torch.nn.Module, config: TrainConfig, every: int, benchmark: Callable, schedule: Callable
-                   ) -> list[tuple[float, float]]:
+def open_clip_demo(name: str, start: torch.nn.Module, config: TrainConfig, every: int, benchmark: Callable, schedule: Callable,
+                   precision: str) -> list[tuple[float, float]]:
     """(training seconds, shape+color accuracy) at every ``every`` steps of the open_clip loop."""
     cfg = config.schedule
     scheduler = functools.partial(schedule, base_lr=config.optimizer.lr, warmup_length=cfg.warmup, steps=cfg.steps,
                                   cooldown_steps=cfg.cooldown, cooldown_power=cfg.cooldown_power, cooldown_end_lr=cfg.cooldown_end_lr)
-    model, steps = open_clip_steps(name, start.state_dict(), config, "bf16", False, scheduler)
+    model, steps = open_clip_steps(name, start.state_dict(), config, precision, False, scheduler)
     judged = clipforge.load(config.model.name)
     curve, evaluating, began = [], 0.0, time.perf_counter()
     for step in steps:

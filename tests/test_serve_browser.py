@@ -54,6 +54,17 @@ def shown_results(page) -> list[dict]:
     )
 
 
+def typed_search(browser, base: str, query: str, count: str | None = None):
+    """A new page at the site's start with ``query`` typed and submitted (``count`` results per page, if given)."""
+    page = browser.new_page()
+    page.goto(base + "/")
+    if count is not None:
+        page.fill("#count", count)
+    page.fill("#query", query)
+    page.press("#query", "Enter")
+    return page
+
+
 def api(base: str, path: str) -> list[dict]:
     with urllib.request.urlopen(base + path, timeout=60) as response:
         return json.loads(response.read())["results"]
@@ -61,11 +72,7 @@ def api(base: str, path: str) -> list[dict]:
 
 def test_typed_query_shows_thumbnails_in_the_api_order(site):
     _, base, browser = site
-    page = browser.new_page()
-    page.goto(base + "/")
-    page.fill("#count", "6")
-    page.fill("#query", "a red circle")
-    page.press("#query", "Enter")
+    page = typed_search(browser, base, "a red circle", "6")
     shown = shown_results(page)
     expected = api(base, "/api/search?" + urllib.parse.urlencode({"q": "a red circle", "k": 6}))
     assert [item["name"] for item in shown] == [Path(hit["path"]).name for hit in expected]
@@ -89,10 +96,7 @@ def test_uploaded_image_finds_itself_first(site):
 
 def test_an_error_is_shown_on_the_page(site):
     _, base, browser = site
-    page = browser.new_page()
-    page.goto(base + "/")
-    page.fill("#query", "dog +")
-    page.press("#query", "Enter")
+    page = typed_search(browser, base, "dog +")
     page.wait_for_selector("#status.error", timeout=60_000)
     assert "empty term" in page.text_content("#status")
     page.close()
@@ -114,10 +118,7 @@ def test_image_search_clears_the_text_box_and_shows_the_uploaded_image(site):
 
 def test_an_error_clears_earlier_results(site):
     _, base, browser = site
-    page = browser.new_page()
-    page.goto(base + "/")
-    page.fill("#query", "a red circle")
-    page.press("#query", "Enter")
+    page = typed_search(browser, base, "a red circle")
     assert shown_results(page)
     page.fill("#query", "yellow - yellow")
     page.press("#query", "Enter")
@@ -128,11 +129,7 @@ def test_an_error_clears_earlier_results(site):
 
 def test_more_like_this_returns_the_clicked_image_first(site):
     _, base, browser = site
-    page = browser.new_page()
-    page.goto(base + "/")
-    page.fill("#count", "6")
-    page.fill("#query", "a blue square")
-    page.press("#query", "Enter")
+    page = typed_search(browser, base, "a blue square", "6")
     shown = shown_results(page)
     clicked = next(item["name"] for item in shown[1:] if item["width"])  # not the top hit, and a readable image
     page.click(f"#results .result:has(.name:text-is('{clicked}')) .more")
@@ -144,11 +141,7 @@ def test_more_like_this_returns_the_clicked_image_first(site):
 
 def test_more_results_pages_through_the_api_order_until_the_store_ends(site):
     _, base, browser = site
-    page = browser.new_page()
-    page.goto(base + "/")
-    page.fill("#count", "6")
-    page.fill("#query", "a green triangle")
-    page.press("#query", "Enter")
+    page = typed_search(browser, base, "a green triangle", "6")
     first = shown_results(page)
     assert len(first) == 6 and page.is_visible("#more-results")
     page.click("#more-results")

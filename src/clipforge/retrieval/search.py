@@ -79,11 +79,15 @@ class SearchIndex:
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Inner-product top-k for each query row: (scores [q, k], ids [q, k]); ids are store rows, −1 if none."""
+        return self.index.search(self._checked(queries, k), k)
+
+    def _checked(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Query rows as float32 of the store's dimension, and k ≥ 1, or an ``InputError`` naming what is wrong."""
         queries = np.asarray(queries)
         check_vectors(queries, self.store.dim, "queries")
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
-        return self.index.search(as_float32(queries), k)
+        return as_float32(queries)
 
     def results(self, query_vector: np.ndarray, k: int = 10) -> list[dict]:
         """The top-k rows for one query vector: their metadata plus ``id`` (store row) and ``score``.
@@ -101,10 +105,7 @@ class SearchIndex:
         Exact: inner products with just those rows, read from the memory-mapped store, so the cost follows
         the subfolder's size and no hit of it is lost to an approximate index's candidate list.
         """
-        query = as_float32(np.asarray(query_vector).reshape(1, -1))
-        check_vectors(query, self.store.dim, "queries")
-        if k < 1:
-            raise InputError(f"k must be at least 1, got {k}")
+        query = self._checked(np.asarray(query_vector).reshape(1, -1), k)
         rows = self.store.rows_under(prefix)
         scores = np.empty(len(rows), dtype=np.float32)
         for part, embeddings in self.store.iter_parts(self.kind):

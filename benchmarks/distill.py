@@ -1,18 +1,21 @@
 """Distillation on the synthetic world: TinyCLIP's inheritance + affinity mimicking, progressive compression and
 MobileCLIP's reinforced data, against the same student trained with the CLIP loss.
 
-The teacher is the demo recipe (``configs/synthetic-tiny.toml``, 600 steps) at twice the width (image tower
-192 = 6 heads × 32, text 256 = 8 × 32, embeddings 256), trained once and cached (its time is not counted).
+The teachers are MobileCLIP's ensemble of two: the demo recipe (``configs/synthetic-tiny.toml``) at twice the
+width (image tower 192 = 6 heads × 32, text 256 = 8 × 32, embeddings 256) trained for 1,200 steps (5x a full
+student's budget: the papers' teachers have seen far more data than their students) from seeds 0 and 1, once,
+and cached (their time is not counted). Students inherit from the first; every distilled arm averages both
+teachers' distributions (online: both run on every batch).
 Every student trains for the same number of steps on the same shards of the world's train split (batch 256,
 lr 2e-3, const-cooldown as the demo, open_clip's crop augmentation), one run per seed:
 
 - ``inherit_affinity`` (= ``online``): the 50% student (``inherit:0.5``: both towers narrowed; manual
   inheritance, uniform layers, importance order), TinyCLIP's loss (λ = 1, scale 50 for teacher and student),
-  the teacher run on every batch;
+  the teachers run on every batch;
 - ``scratch``: the same architecture, random weights, the CLIP loss (λ = 0: bitwise the plain recipe);
 - ``student_clip_only``: the inherited student, the CLIP loss only;
 - ``reinforced``: the inherited student on reinforced shards (MobileCLIP: 5 stored crops, 4 extra captions
-  and the teacher's embeddings per image, reinforced once beforehand; no teacher runs), the same loss;
+  and both teachers' embeddings per image, reinforced once beforehand; no teacher runs), the same loss;
 - ``progressive_25``: 100% → 75% → 50% → 25% in three stages of a third of the steps each, online;
 - ``oneshot_25``: straight to 25%, the same total steps, online.
 
@@ -60,6 +63,7 @@ FULL = {"steps": 240, "shards": 8, "eval_samples": 1024}
 QUICK = {"steps": 60, "shards": 3, "eval_samples": 512}
 TINYCLIP = DistillSettings(1.0, 50.0, 50.0)
 CLIP_ONLY = DistillSettings(0.0, 50.0, None)
+TEACHER_SEEDS, TEACHER_STEPS = (0, 1), 1200
 
 
 def teacher_config() -> ModelConfig:
@@ -71,18 +75,23 @@ def teacher_config() -> ModelConfig:
     return ModelConfig.from_dict(spec, name="synthetic-tiny-2x")
 
 
-def cached_teacher() -> tuple[clipforge.CLIP, str]:
-    """The demo recipe at twice the width, trained once (600 steps) and kept in the cache."""
-    path = CACHE / "distill-teacher-synthetic-tiny-2x.safetensors"
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        spec = CACHE / "synthetic-tiny-2x.json"
-        spec.write_text(json.dumps(teacher_config().to_dict()))
-        run = CACHE / "distill-teacher-run"
-        config = load_config(recipe_path("synthetic-tiny.toml"), [f"model.name={json.dumps(str(spec))}", f"run.dir={json.dumps(str(run))}"])
-        result = train(config, resume=True)
-        clipforge.save(result.model, path)
-    return clipforge.load(str(path)), str(path)
+def cached_teachers() -> list[tuple[clipforge.CLIP, str]]:
+    """MobileCLIP's ensemble of two teachers: the demo recipe at twice the width, trained for TEACHER_STEPS (5x a
+    full student's budget) from seeds 0 and 1, once, and kept in the cache. Students inherit from the first."""
+    spec = CACHE / "synthetic-tiny-2x.json"
+    teachers = []
+    for seed in TEACHER_SEEDS:
+        path = CACHE / f"distill-teacher-2x-{TEACHER_STEPS}-seed{seed}.safetensors"
+        if not path.exists():
+            CACHE.mkdir(parents=True, exist_ok=True)
+            spec.write_text(json.dumps(teacher_config().to_dict()))
+            run = CACHE / f"distill-teacher-2x-{TEACHER_STEPS}-seed{seed}-run"
+            settings = {"model.name": json.dumps(str(spec)), "run.dir": json.dumps(str(run)), "run.seed": str(seed),
+                        "schedule.steps": str(TEACHER_STEPS), "schedule.cooldown": str(TEACHER_STEPS // 4)}
+            config = load_config(recipe_path("synthetic-tiny.toml"), [f"{key}={value}" for key, value in settings.items()])
+            clipforge.save(train(config, resume=True).model, path)
+        teachers.append((clipforge.load(str(path)), str(path)))
+    return teachers
 
 
 def cached_shards(world: SyntheticWorld) -> Path:
@@ -92,13 +101,14 @@ def cached_shards(world: SyntheticWorld) -> Path:
     return out
 
 
-def cached_reinforcement(teacher: clipforge.CLIP, teacher_path: str, shards: Path) -> tuple[Path, float]:
-    """MobileCLIP's offline step, done once per teacher (5 crops, 4 extra captions); returns its folder and time."""
-    out = CACHE / "distill-reinforced"
+def cached_reinforcement(teachers: list[tuple[clipforge.CLIP, str]], shards: Path) -> tuple[Path, float]:
+    """MobileCLIP's offline step, done once with the ensemble (5 crops, 4 extra captions); returns its folder and time."""
+    out = CACHE / f"distill-reinforced-2x-{TEACHER_STEPS}-ensemble"
     timing = out / "timing.json"
     if not timing.exists():
         started = time.perf_counter()
-        reinforce([teacher], [teacher_path], [shards], out, augmentations=5, caption_count=4, progress=False)
+        models, paths = zip(*teachers)
+        reinforce(list(models), list(paths), [shards], out, augmentations=5, caption_count=4, progress=False)
         timing.write_text(json.dumps({"reinforce_s": time.perf_counter() - started}))
     return out, json.loads(timing.read_text())["reinforce_s"]
 
@@ -129,12 +139,13 @@ def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     settings = QUICK if args.quick else FULL
     steps = settings["steps"]
-    teacher, teacher_path = cached_teacher()
+    teachers = cached_teachers()
+    (teacher, teacher_path), ensemble = teachers[0], teachers[1:]
     world = SyntheticWorld(WorldConfig(image_size=64))
     evaluator = SyntheticBenchmark(world, samples=settings["eval_samples"], tasks=("shape_color",), heldout_samples=0, retrieval_samples=0)
-    acc_teacher = evaluator(teacher)["acc_shape_color"]
+    acc_teachers = [evaluator(model)["acc_shape_color"] for model, _ in teachers]
     shards = cached_shards(world)
-    reinforced_dir, reinforce_s = cached_reinforcement(teacher, teacher_path, shards)
+    reinforced_dir, reinforce_s = cached_reinforcement(teachers, shards)
     names = [f"{number:05d}.tar" for number in range(settings["shards"])]
     plain_data = "::".join(str(shards / name) for name in names)
     reinforced = ReinforcedData([str(reinforced_dir / name) for name in names])
@@ -156,7 +167,7 @@ def main() -> None:
         for seed in SEEDS:
             for name, (job, data) in arms.items():
                 config = student_config(root / f"{name}-{seed}", plain_data, seed, steps)
-                result = distill(teacher, teacher_path, job, config, reinforced=data, evaluator=evaluator, resume=False)
+                result = distill(teacher, teacher_path, job, config, ensemble=ensemble, reinforced=data, evaluator=evaluator, resume=False)
                 accuracy[name].append(result.evaluation["acc_shape_color"])
                 wall[name].append(result.wall_s)
                 students[name] = result.model
@@ -172,7 +183,9 @@ def main() -> None:
         "quick": args.quick,
         "steps": steps,
         "seeds": len(SEEDS),
-        "acc_teacher": acc_teacher,
+        "acc_teacher": acc_teachers[0],
+        "acc_teachers": acc_teachers,
+        "teacher_steps": TEACHER_STEPS,
         **{f"acc_{name}": round(mean, 4) for name, (mean, _) in means.items()},
         **{f"spread_{name}": round(spread, 4) for name, (_, spread) in means.items()},
         "acc_online": round(means["inherit_affinity"][0], 4),
@@ -187,7 +200,7 @@ def main() -> None:
         "images": settings["shards"] * SHARD_SIZE,
         "total_s": round(total_s, 1),
     }
-    rows = [["teacher (2x demo, 600 steps)", f"{acc_teacher:.4f}", "", "1.00", "", ""]]
+    rows = [[f"teacher {number} (2x demo, {TEACHER_STEPS} steps)", f"{acc:.4f}", "", "1.00", "", ""] for number, acc in enumerate(acc_teachers, start=1)]
     for name in arms:
         mean, spread = means[name]
         rows.append([name, f"{mean:.4f}", f"± {spread:.4f}", f"{parameters[name] / teacher_parameters:.2f}", f"{walls[name]:.0f}",

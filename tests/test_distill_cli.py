@@ -79,6 +79,21 @@ def test_data_reinforce_then_distill_without_the_teacher_running(tmp_path, setup
     assert code == 2 and "reinforced by teacher" in err and "not by the given teacher 1" in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_ensemble_reinforces_and_distils_with_every_teacher_named(tmp_path, setup, capsys) -> None:
+    second = tmp_path / "second.safetensors"
+    clipforge.save(clipforge.load(str(setup["root"] / "teacher.json")), second)  # same shape, other weights
+    out = tmp_path / "reinforced"
+    code, _, err = run(capsys, "data", "reinforce", str(setup["shards"]), "--teacher", str(setup["teacher"]), "--teacher", str(second),
+                       "--out", str(out), "--augmentations", "2", "--caption-count", "1")
+    assert code == 0, err
+    code, _, err = run(capsys, *distill_argv({**setup, "shards": out}, tmp_path / "one", 2, "--student", "inherit:0.5"))
+    assert code == 2 and "reinforced by 2 teacher(s), but 1 given" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, *distill_argv({**setup, "shards": out}, tmp_path / "both", 2, "--student", "inherit:0.5", "--teacher", str(second)))
+    assert code == 0, err
+    record = clipforge.load(str(tmp_path / "both" / "model.safetensors")).provenance["distill"]
+    assert record["teacher"]["source"] == str(setup["teacher"]) and [t["source"] for t in record["ensemble"]] == [str(second)]
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--student", "inherit:1.5"], "--student inherit:1.5: 1.5 is outside (0, 1)"),
     (["--student", "synthetic-tiny", "--stages", "0.5"], "--stages needs --student inherit or auto"),

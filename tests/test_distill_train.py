@@ -4,6 +4,7 @@ resume per shard and refuse other teachers."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import shutil
@@ -75,6 +76,25 @@ def test_automatic_inheritance_reaches_its_target_size(tmp_path, teacher) -> Non
     saved = clipforge.load(str(tmp_path / "auto" / "model.safetensors"))
     assert saved.provenance["distill"]["inheritance"].startswith("automatic")
     assert saved.provenance["distill"]["teacher"]["parameters"] == count_parameters(teacher.config)
+
+
+def test_an_ensemble_averages_its_teachers_distributions(tmp_path, teacher) -> None:
+    """MobileCLIP averages the teachers' distributions after the softmax: a teacher twice is the teacher once,
+    bitwise ((p + p) / 2 = p), while a second, different teacher changes the student."""
+    job = DistillJob(parse_student("inherit:0.5"), [0.5])
+    steps = {"checkpoint.every": "0"}
+    alone = distill(teacher, "teacher.json", job, config(tmp_path / "alone", 4, **steps))
+    twice = distill(teacher, "teacher.json", job, config(tmp_path / "twice", 4, **steps), ensemble=[(teacher, "again.json")])
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(7)))
+    mixed = distill(teacher, "teacher.json", job, config(tmp_path / "mixed", 4, **steps), ensemble=[(other, "other.json")])
+    first, second, third = (run.model.state_dict() for run in (alone, twice, mixed))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert not all(torch.equal(first[key], third[key]) for key in first)
+    recorded = clipforge.load(str(tmp_path / "mixed" / "model.safetensors")).provenance["distill"]
+    assert [entry["source"] for entry in recorded["ensemble"]] == ["other.json"] and recorded["teacher"]["source"] == "teacher.json"
 
 
 @pytest.fixture(scope="module")

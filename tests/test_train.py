@@ -223,6 +223,35 @@ def test_auto_precision_is_the_faster_on_this_cpu(monkeypatch, fp32: float, bf16
         step_module._cpu_prefers_bf16.cache_clear()
 
 
+def _auto_precision_on_rank(rank: int, port: int, out_dir: str) -> None:
+    """Spawned rank of a 2-rank gloo group whose CPUs disagree: rank 0 has AMX, rank 1 only AVX512-BF16."""
+    import torch.distributed as dist
+
+    measured = [{"fp32": 192.0, "bf16": 1910.0}, {"fp32": 285.0, "bf16": 148.0}][rank]
+    calls = []
+    step_module.gemm_gflops = lambda precision, size, repeats: calls.append(precision) or measured[precision]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        answer = resolve_amp("auto", torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"amp": answer, "measured": calls}))
+
+
+def test_under_torchrun_every_rank_trains_in_rank_0s_precision(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_auto_precision_on_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    answers = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [answer["amp"] for answer in answers] == ["bf16", "bf16"]
+    assert answers[1]["measured"] == []  # only rank 0 times the GEMMs
+
+
 def test_a_run_reports_the_precision_auto_chose(tmp_path: Path) -> None:
     from clipforge.train.trainer import train
 

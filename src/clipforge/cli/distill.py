@@ -29,7 +29,7 @@ def _scale(text: str, name: str, keyword: str) -> float | None:
 
 
 def distill_command(
-    teacher: Annotated[str, typer.Option(help="Teacher checkpoint (anything clipforge.load reads).")],
+    teacher: Annotated[list[str], typer.Option(help="Teacher checkpoint (anything clipforge.load reads); repeat for an ensemble (MobileCLIP), the student inherits from the first.")],
     student: Annotated[str, typer.Option(help="inherit:RATIO (manual inheritance), auto:RATIO (learned masks), inherit/auto with --stages, or a config name/JSON.")],
     data: Annotated[str, typer.Option(help="Training data: 'synthetic', shards, a folder or a manifest; reinforced shards (clipforge data reinforce) train without running the teacher.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory (stages, checkpoints, final model.safetensors).")] = Path("runs/distill"),
@@ -72,11 +72,11 @@ def distill_command(
     )
     overrides = [*(set_ or []), f"data.train={json.dumps(data)}", f"run.dir={json.dumps(str(out))}"]
     experiment = load_config(config or recipe_path(DEMO_CONFIG), overrides)
-    teacher_model = load_model(teacher)
+    first, *others = [(load_model(source), source) for source in teacher]
     reinforced = detect_reinforced(data)
     result = distill(
-        teacher_model, teacher, job, experiment, reinforced=reinforced,
-        evaluator=_evaluator(experiment, teacher_model), resume=resume,
+        *first, job, experiment, ensemble=others, reinforced=reinforced,
+        evaluator=_evaluator(experiment, first[0]), resume=resume,
     )
     table = table_of("stage", "parameters", "steps", *sorted(result.evaluation), title=f"clipforge distill → {out}")
     for number, (stage, count) in enumerate(zip(result.stages, result.parameters), start=1):

@@ -8,8 +8,9 @@ gets a fresh schedule (warm-up and cool-down scaled down with it), as TinyCLIP r
 A run directory holds ``distill.json`` (the job, so a rerun with other settings is refused), one trainer run
 per stage (``stage_1/``, …: ``init.safetensors`` is the inherited student, then the trainer's checkpoints and
 ``model.safetensors``), ``masks/`` inside a stage trained with automatic inheritance, and the final
-``model.safetensors``, an ordinary clipforge checkpoint whose provenance records the teacher, the method and the
-stages. Rerunning the same command resumes: finished stages are kept, an interrupted one resumes exactly.
+``model.safetensors``, an ordinary clipforge checkpoint whose provenance records the teacher (and an
+ensemble's others), the method and the stages. Rerunning the same command resumes: finished stages are kept,
+an interrupted one resumes exactly.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import copy
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,22 +64,28 @@ def distill(
     job: DistillJob,
     config: TrainConfig,
     *,
+    ensemble: Sequence[tuple[CLIP, str]] = (),
     reinforced: ReinforcedData | None = None,
     evaluator: Callable[[CLIP], dict[str, float]] | None = None,
     resume: bool = True,
 ) -> DistillResult:
     """Distil ``teacher`` into the student of ``job`` on ``config``'s data and schedule (see the module docstring).
 
-    ``reinforced``: train from shards that store the teachers' embeddings (no teacher runs; ``teacher`` is then
-    only checked against their record). ``evaluator`` runs periodically and after each stage.
+    ``ensemble``: further teachers (model, source) whose affinities are averaged with ``teacher``'s after the
+    softmax (MobileCLIP's ensemble of two); the student inherits from ``teacher`` alone. ``reinforced``: train
+    from shards that store the teachers' embeddings (no teacher runs; the teachers are then only checked against
+    their record). ``evaluator`` runs periodically and after each stage.
     """
     if job.init not in ("inherit", "scratch"):
         raise ConfigError(f"init: {job.init!r} is not inherit or scratch")
     out = Path(config.run.dir)
+    teachers = [teacher, *(model for model, _ in ensemble)]
     record = teacher_record(teacher, teacher_source)
-    _claim(out, {"teacher": record, "job": _jsonable(job), "steps": config.schedule.steps}, resume)
+    ensemble_records = [teacher_record(model, source) for model, source in ensemble]
+    extra = {"ensemble": ensemble_records} if ensemble_records else {}
+    _claim(out, {"teacher": record, **extra, "job": _jsonable(job), "steps": config.schedule.steps}, resume)
     if reinforced is not None:
-        reinforced.check_teachers([teacher])
+        reinforced.check_teachers(teachers)
     configs = _stage_configs(teacher.config, job)
     steps = split_steps(config.schedule.steps, len(configs))
     previous, results, parameters, wall = teacher, [], [], 0.0
@@ -93,10 +100,10 @@ def distill(
             initial = _initial(previous, student_config, job, config.run.seed)
         init_path = stage_dir / "init.safetensors"
         if not init_path.exists():
-            initial.provenance = {"distill": _provenance(record, job, number, len(configs), reinforced is not None)}
+            initial.provenance = {"distill": {**_provenance(record, job, number, len(configs), reinforced is not None), **extra}}
             write_checkpoint(initial, init_path)
         stage.model.name = str(init_path)
-        objective = _objective(stage, job, teacher, reinforced)
+        objective = _objective(stage, job, teachers, reinforced)
         result = train(stage, resume=resume, evaluator=evaluator, objective=objective)
         results.append(result)
         parameters.append(count_parameters(result.model.config))
@@ -105,18 +112,18 @@ def distill(
     final = out / "model.safetensors"
     if not final.exists() or not resume:
         stage_record = _provenance(record, job, len(configs), len(configs), reinforced is not None)
-        provenance = {"distill": {**stage_record, "stage_parameters": parameters}}
+        provenance = {"distill": {**stage_record, **extra, "stage_parameters": parameters}}
         write_checkpoint(previous, final, provenance=provenance)
     return DistillResult(previous, out, results, parameters, wall)
 
 
-def _objective(stage: TrainConfig, job: DistillJob, teacher: CLIP, reinforced: ReinforcedData | None) -> Objective:
+def _objective(stage: TrainConfig, job: DistillJob, teachers: list[CLIP], reinforced: ReinforcedData | None) -> Objective:
     """The stage's objective; λ = 0 with a learned student scale is the plain CLIP recipe (no teacher runs)."""
     if job.settings.distill_weight == 0 and job.settings.student_scale is None:
         return Objective(stage.loss)
     if reinforced is not None:
         return reinforced.objective(stage, job.settings)
-    return Distillation(stage, job.settings, teachers=[copy.deepcopy(teacher)])
+    return Distillation(stage, job.settings, teachers=[copy.deepcopy(teacher) for teacher in teachers])
 
 
 def _stage_configs(teacher: ModelConfig, job: DistillJob) -> list[ModelConfig]:

@@ -15,9 +15,11 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from clipforge._util.machine import gemm_gflops
+from clipforge.train.distributed import rank_and_world_size
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 BF16_GAIN_NEEDED = 1.5  # bf16 GEMMs must beat fp32 by this much to pay for autocast's casts
@@ -29,7 +31,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     ``auto`` on CUDA is bf16 where the GPU supports it, else fp16; on a CPU it is bf16 when a bf16 GEMM
     runs ≥ 1.5x as fast as an fp32 one (AMX, or AVX512-BF16 on AMD Zen 4), else fp32 (AVX512-BF16 on
     some Xeons runs bf16 at half the fp32 rate; measured there, the trainer is 17% faster in fp32). The
-    CPU's answer is measured once per process, in about 0.1 s.
+    CPU's answer is measured once per process, in about 0.1 s; under torchrun rank 0 measures and every rank
+    takes its answer, so ranks near the threshold cannot train in different precisions.
     """
     if amp != "auto":
         return amp
@@ -42,7 +45,13 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 
 @functools.cache
 def _cpu_prefers_bf16() -> bool:
-    return gemm_gflops("bf16", 1024, 5) >= BF16_GAIN_NEEDED * gemm_gflops("fp32", 1024, 5)
+    rank, world_size = rank_and_world_size()
+    faster = rank == 0 and gemm_gflops("bf16", 1024, 5) >= BF16_GAIN_NEEDED * gemm_gflops("fp32", 1024, 5)
+    if world_size == 1:
+        return faster
+    answer = torch.tensor([float(faster)])
+    dist.broadcast(answer, src=0)
+    return bool(answer.item())
 
 
 class ContrastiveStep:

@@ -60,7 +60,10 @@ def test_lambda_zero_is_bitwise_the_plain_clip_recipe(tmp_path, teacher) -> None
     distilled = config(tmp_path / "lambda0", 6)
     small_teacher = clipforge.load(MICRO)
     objective = Distillation(distilled, DistillSettings(0.0, teacher_scale=50.0, student_scale=None), teachers=[small_teacher])
+    teacher_calls = []
+    small_teacher.register_forward_pre_hook(lambda *_: teacher_calls.append(1))
     train(distilled, resume=False, objective=objective)
+    assert not teacher_calls  # λ = 0 needs no teacher
     plain, zero = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "lambda0" / "model.safetensors")
     assert plain.keys() == zero.keys() and all(torch.equal(plain[k], zero[k]) for k in plain)
     rows = [json.loads(line) for line in (tmp_path / "lambda0" / "metrics.jsonl").read_text().splitlines()]

@@ -36,7 +36,8 @@ class AffinityMimickingLoss(ClipLoss):
     teacher_text_features=...)`` with normalised features; the teacher arguments are a tensor [B, D] or a
     sequence of them (an ensemble; widths may differ), and ``teacher_scales`` holds each teacher's
     (exponentiated) logit scale. The student's ``logit_scale`` is whatever the model returns (fixed by the
-    objective for TinyCLIP). ``parts`` keeps the last call's two terms, detached, for logging.
+    objective for TinyCLIP). With λ = 0 it is the CLIP loss and needs no teacher features. ``parts`` keeps the
+    last call's terms, detached, for logging.
     """
 
     def __init__(
@@ -80,16 +81,21 @@ class AffinityMimickingLoss(ClipLoss):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
         *,
-        teacher_image_features: torch.Tensor | Sequence[torch.Tensor],
-        teacher_text_features: torch.Tensor | Sequence[torch.Tensor],
+        teacher_image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        teacher_text_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         student = self.logits(image_features, text_features, logit_scale, logit_bias)
+        clip = self.contrastive(*student)
+        self.parts = {"loss_clip": float(clip.detach())}
+        if self.distill_weight == 0.0:  # the plain CLIP loss: no teacher features needed
+            return clip
+        if teacher_image_features is None or teacher_text_features is None:
+            raise ValueError(f"λ = {self.distill_weight}: the teachers' image and text features are needed")
         teacher = self.teacher_probabilities(
             _as_list(teacher_image_features), _as_list(teacher_text_features), image_features.dtype
         )
         distill = sum(soft_cross_entropy(s, t) for s, t in zip(student, teacher)) / 2
-        clip = self.contrastive(*student)
-        self.parts = {"loss_clip": float(clip.detach()), "loss_distill": float(distill.detach())}
+        self.parts["loss_distill"] = float(distill.detach())
         return (1.0 - self.distill_weight) * clip + self.distill_weight * distill
 
 

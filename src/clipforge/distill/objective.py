@@ -100,6 +100,8 @@ class Distillation(Objective):
             model.logit_scale.requires_grad_(False)
 
     def targets(self, images: torch.Tensor, texts: torch.Tensor, extras: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        if self.settings.distill_weight == 0.0:  # λ = 0: the CLIP loss alone, no teacher runs
+            return {}
         if self.reinforced is not None:
             if extras is None:
                 raise ConfigError("reinforced training: the data source handed over no stored embeddings")

@@ -51,6 +51,7 @@ from clipforge.distill import (
     parse_student,
     reinforce,
 )
+from clipforge.distill.reinforced import REINFORCE_FORMAT
 from clipforge.encode import encode_pixels, encode_texts
 from clipforge.eval.synthetic import SyntheticBenchmark
 from clipforge.train.config import load_config
@@ -103,7 +104,7 @@ def cached_shards(world: SyntheticWorld) -> Path:
 
 def cached_reinforcement(teachers: list[tuple[clipforge.CLIP, str]], shards: Path) -> tuple[Path, float]:
     """MobileCLIP's offline step, done once with the ensemble (5 crops, 4 extra captions); returns its folder and time."""
-    out = CACHE / f"distill-reinforced-2x-{TEACHER_STEPS}-ensemble"
+    out = CACHE / f"distill-reinforced-2x-{TEACHER_STEPS}-ensemble-format{REINFORCE_FORMAT}"
     timing = out / "timing.json"
     if not timing.exists():
         started = time.perf_counter()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ from clipforge.distill.plan import parse_student
 from clipforge.distill.reinforce import reinforce
 from clipforge.distill.reinforced import ReinforcedData
 from clipforge.distill.runner import distill
-from clipforge.errors import ConfigError
+from clipforge.errors import ConfigError, InputError
 from clipforge.preprocess.transforms import TrainTransform
 from clipforge.train.config import load_config
 from clipforge.train.trainer import train
@@ -115,7 +117,8 @@ def test_reinforced_shards_store_the_teachers_view_of_each_crop_and_caption(tmp_
     row = index.keys.index(shard_index(shards / "00000.tar").keys[5])
     crops = json.loads(index.read(row, "paug.json"))["crops"]
     captions = [index.caption(row), *json.loads(index.read(row, "syn.json"))["captions"]]
-    stored = np.load(io.BytesIO(index.read(row, "emb.npz")))
+    stored = np.frombuffer(index.read(row, "emb.f16"), dtype="<f2").reshape(3 + len(captions), 32)  # the documented layout
+    stored = {"image": stored[:3], "text": stored[3:]}
     world = SyntheticWorld(WorldConfig(image_size=32))
     metadata = json.loads(index.read(row, "json"))
     assert captions == world.retrieval_set("train", metadata["index"] + 1, 3).captions[-1]  # the sample's paraphrases
@@ -161,6 +164,37 @@ def test_reinforced_shards_refuse_other_teachers_and_other_jobs(tmp_path, shards
     shutil.copy(second / "00001.tar", out / "00001.tar")
     with pytest.raises(ConfigError, match=r"00001.tar: its teacher record differs from .*00000.tar's"):
         ReinforcedData(str(out / "{00000..00001}.tar"))
+
+
+def test_damaged_or_older_reinforced_shards_are_one_line_errors(tmp_path, shards, teacher) -> None:
+    out = tmp_path / "reinforced"
+    reinforce([teacher], ["teacher.json"], [shards / "00000.tar"], out, augmentations=2, caption_count=1, progress=False)
+    key = shard_index(out / "00000.tar").keys[3]
+    _rewrite_member(out / "00000.tar", f"{key}.emb.f16", lambda data: data[:-2])  # one value short
+    source = ReinforcedData(str(out / "00000.tar")).source
+    generator = torch.Generator().manual_seed(0)
+    transform = TrainTransform(teacher.preprocess_cfg)
+    source.load_train(0, transform, generator)  # an intact sample reads
+    damaged = next(index for index in range(len(source)) if source.key(index).endswith(key))
+    expected = "2 crops and 2 captions need 4 embeddings of 32 values, but emb.f16 holds 127 values"
+    with pytest.raises(InputError, match=rf"^{re.escape(source.key(damaged))}: {expected}$"):
+        source.load_train(damaged, transform, generator)
+
+    older = lambda data: json.dumps({**json.loads(data), "format": 1}).encode()  # noqa: E731
+    _rewrite_member(out / "00000.tar", "__reinforce__.json", older)
+    with pytest.raises(InputError, match=r"00000.tar: reinforced in format 1, this clipforge reads format 2; rerun"):
+        ReinforcedData(str(out / "00000.tar"))
+
+
+def _rewrite_member(shard: Path, name: str, change) -> None:
+    """Rewrite one member of a tar shard through ``change`` (bytes → bytes), keeping the others as they are."""
+    with tarfile.open(shard) as source:
+        members = [(info, source.extractfile(info).read()) for info in source.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as target:
+        for info, data in members:
+            data = change(data) if info.name == name else data
+            info.size = len(data)
+            target.addfile(info, io.BytesIO(data))
 
 
 def _same_shape_copy(model: clipforge.CLIP) -> clipforge.CLIP:

@@ -14,7 +14,6 @@ r, r + W, ….
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile
@@ -37,6 +36,7 @@ from clipforge.data.synthetic import SyntheticWorld, WorldConfig
 from clipforge.distill.reinforced import (
     AUGMENTATION_FIELD,
     CAPTIONS_FIELD,
+    EMBEDDING_DTYPE,
     EMBEDDINGS_FIELD,
     RECORD_KEY,
     REINFORCE_FORMAT,
@@ -240,14 +240,12 @@ def _reinforce_shard(
             chunk = samples[start : start + CHUNK]
             image_rows, text_rows = _embeddings(chunk, teachers, batch_size)
             for sample, image_embedding, text_embedding in zip(chunk, image_rows, text_rows):
-                stored = io.BytesIO()
-                np.savez(stored, image=image_embedding, text=text_embedding)
                 writer.write({
                     "__key__": sample.key,
                     **sample.members,
                     AUGMENTATION_FIELD: json.dumps({"crops": [list(c) for c in sample.crops]}).encode(),
                     CAPTIONS_FIELD: json.dumps({"captions": sample.texts[1:]}).encode(),
-                    EMBEDDINGS_FIELD: stored.getvalue(),
+                    EMBEDDINGS_FIELD: np.concatenate([image_embedding, text_embedding]).astype(EMBEDDING_DTYPE).tobytes(),
                 })
         writer.close()
     report.samples += len(samples)

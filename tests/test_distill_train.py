@@ -117,7 +117,7 @@ def test_reinforced_shards_store_the_teachers_view_of_each_crop_and_caption(tmp_
     row = index.keys.index(shard_index(shards / "00000.tar").keys[5])
     crops = json.loads(index.read(row, "paug.json"))["crops"]
     captions = [index.caption(row), *json.loads(index.read(row, "syn.json"))["captions"]]
-    stored = np.frombuffer(index.read(row, "emb.f16"), dtype="<f2").reshape(3 + len(captions), 32)  # the documented layout
+    stored = np.frombuffer(index.read(row, "emb.f16"), dtype="<f2").copy().reshape(3 + len(captions), 32)  # the documented layout
     stored = {"image": stored[:3], "text": stored[3:]}
     world = SyntheticWorld(WorldConfig(image_size=32))
     metadata = json.loads(index.read(row, "json"))

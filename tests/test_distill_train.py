@@ -66,6 +66,9 @@ def test_lambda_zero_is_bitwise_the_plain_clip_recipe(tmp_path, teacher) -> None
     small_teacher.register_forward_pre_hook(lambda *_: teacher_calls.append(1))
     train(distilled, resume=False, objective=objective)
     assert not teacher_calls  # λ = 0 needs no teacher
+    Distillation(distilled, DistillSettings(0.0))  # and may be given none
+    with pytest.raises(ConfigError, match="needs teachers to run or reinforced data"):
+        Distillation(distilled, DistillSettings(0.5))
     plain, zero = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "lambda0" / "model.safetensors")
     assert plain.keys() == zero.keys() and all(torch.equal(plain[k], zero[k]) for k in plain)
     rows = [json.loads(line) for line in (tmp_path / "lambda0" / "metrics.jsonl").read_text().splitlines()]
@@ -179,6 +182,12 @@ def test_damaged_or_older_reinforced_shards_are_one_line_errors(tmp_path, shards
     expected = "2 crops and 2 captions need 4 embeddings of 32 values, but emb.f16 holds 127 values"
     with pytest.raises(InputError, match=rf"^{re.escape(source.key(damaged))}: {expected}$"):
         source.load_train(damaged, transform, generator)
+
+    record = (out / "00000.tar").read_bytes()
+    _rewrite_member(out / "00000.tar", "__reinforce__.json", lambda data: json.dumps({**json.loads(data), "teachers": [{}]}).encode())
+    with pytest.raises(InputError, match=r"00000.tar: __reinforce__.json lists no teachers with their embedding widths$"):
+        ReinforcedData(str(out / "00000.tar"))
+    (out / "00000.tar").write_bytes(record)
 
     older = lambda data: json.dumps({**json.loads(data), "format": 1}).encode()  # noqa: E731
     _rewrite_member(out / "00000.tar", "__reinforce__.json", older)

@@ -52,7 +52,8 @@ class DistillSettings:
 
 class Distillation(Objective):
     """Affinity mimicking towards ``teachers`` run online, or towards the embeddings a reinforced ``source``
-    hands over with each batch (``extras`` ``teacher_image`` and ``teacher_text``, split by ``teacher_dims``)."""
+    hands over with each batch (``extras`` ``teacher_image`` and ``teacher_text``, split by ``teacher_dims``).
+    With λ = 0 neither is needed (the CLIP loss with the student's scale fixed); teachers given then never run."""
 
     def __init__(
         self,
@@ -65,8 +66,10 @@ class Distillation(Objective):
         stored_scales: Sequence[float] = (),
     ) -> None:
         super().__init__(config.loss)
-        if bool(teachers) == (source is not None):
-            raise ConfigError("distillation needs either teachers to run or reinforced data, and not both")
+        if teachers and source is not None:
+            raise ConfigError("distillation takes teachers to run or reinforced data, not both")
+        if settings.distill_weight > 0 and not teachers and source is None:
+            raise ConfigError("distillation needs teachers to run or reinforced data")
         if config.loss.kind != "clip":
             raise ConfigError(f"loss.kind: distillation builds on the CLIP loss, not {config.loss.kind!r}")
         self.settings = settings

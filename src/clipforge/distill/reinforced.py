@@ -82,7 +82,10 @@ class ReinforcedSource(WebDatasetSource):
                 f"{self.shards[0]}: reinforced in format {self.record.get('format')}, this clipforge reads format "
                 f"{REINFORCE_FORMAT}; rerun clipforge data reinforce into an empty directory"
             )
-        self.width = sum(teacher["embed_dim"] for teacher in self.record["teachers"])
+        try:
+            self.width = sum(int(teacher["embed_dim"]) for teacher in self.record["teachers"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{self.shards[0]}: {RECORD_MEMBER} lists no teachers with their embedding widths") from None
         self._crop_transforms: dict[Any, TrainTransform] = {}
 
     def _crop_transform(self, transform: Any) -> TrainTransform:

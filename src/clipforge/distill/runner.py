@@ -123,6 +123,8 @@ def _objective(stage: TrainConfig, job: DistillJob, teachers: list[CLIP], reinfo
         return Objective(stage.loss)
     if reinforced is not None:
         return reinforced.objective(stage, job.settings)
+    if job.settings.distill_weight == 0:  # a fixed student scale, the CLIP loss: the teachers never run
+        return Distillation(stage, job.settings)
     return Distillation(stage, job.settings, teachers=[copy.deepcopy(teacher) for teacher in teachers])
 
 

@@ -5,7 +5,7 @@ and the throughput of the curation job on the local engine and on a local Ray cl
 The pool: the first N train samples of a world with 35% mismatched captions, Zipf-skewed concepts (exponent 1)
 and 25% repeats; each repeat is written as a near-duplicate (JPEG quality 80, brightness × U(0.9, 1.1)) of the
 earlier sample it repeats, originals as PNG. The scorer (the role of DataComp's OpenAI CLIP) is the
-distillation benchmark's cached teacher: the demo recipe at twice the width, trained on the clean world stream.
+distillation benchmark's first cached teacher: the demo recipe at twice the width, trained on the clean world stream.
 
 Settings fixed before any run: CLIP-score top fraction 0.5 (the pool's clean, unique share is about half; the
 DataComp paper's optimum, 0.3, is for its own pool); balancing t from a 6% tail share (MetaCLIP's rule for
@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from _common import parser, report
-from distill import CACHE, cached_teacher, student_config
+from distill import CACHE, cached_teachers, student_config
 from PIL import ImageEnhance
 
 from clipforge.data.curate.dedup import first_of_groups, near_duplicate_groups
@@ -185,7 +185,7 @@ def main() -> None:
     args = arguments.parse_args()
     settings = QUICK if args.quick else FULL
     started = time.perf_counter()
-    scorer, scorer_path = cached_teacher()
+    _, scorer_path = cached_teachers()[0]
     embed = partial(pool_embeddings, model_reference(scorer_path, None, None, "fp32"))
     world = SyntheticWorld(WorldConfig(**NOISE))
     folder, metadata = noisy_pool(world, settings["pool"], CACHE / f"curate-pool-{settings['pool']}")

@@ -28,6 +28,7 @@ from clipforge.distill.plan import parse_student
 from clipforge.distill.reinforce import reinforce
 from clipforge.distill.reinforced import ReinforcedData
 from clipforge.distill.runner import distill
+from clipforge.distill.teacher import teacher_record
 from clipforge.errors import ConfigError, InputError
 from clipforge.preprocess.transforms import TrainTransform
 from clipforge.train.config import load_config
@@ -152,15 +153,15 @@ def test_reinforced_shards_refuse_other_teachers_and_other_jobs(tmp_path, shards
     out = tmp_path / "reinforced"
     reinforce([teacher], ["teacher.json"], [shards / "00000.tar"], out, augmentations=2, caption_count=1, progress=False)
     data = ReinforcedData(str(out / "00000.tar"))
-    data.check_teachers([teacher])
+    data.check_teachers([teacher_record(teacher, "teacher.json")])
     for change, message in (
         ({"embed_dim": 48}, "has embedding width 32, the given teacher 48"),
         ({"context_length": 16}, "has tokenizer context_length 24, the given teacher 16"),
     ):
         with pytest.raises(ConfigError, match=rf"00000.tar: teacher 1 \(teacher.json\) {message}$"):
-            data.check_teachers([_variant(teacher, tmp_path, **change)])
+            data.check_teachers([teacher_record(_variant(teacher, tmp_path, **change), "variant")])
     with pytest.raises(ConfigError, match=r"00000.tar: reinforced by teacher teacher.json \(fingerprint [0-9a-f]{16}\), not by the given teacher 1"):
-        data.check_teachers([_same_shape_copy(teacher)])
+        data.check_teachers([teacher_record(_same_shape_copy(teacher), "copy")])
 
     second = tmp_path / "second"
     reinforce([teacher], ["teacher.json"], [shards / "00001.tar"], second, augmentations=3, caption_count=1, progress=False)

@@ -40,7 +40,6 @@ from clipforge.data.sources import WebDatasetSource
 from clipforge.distill.objective import Distillation, DistillSettings
 from clipforge.distill.teacher import check_teachers_match
 from clipforge.errors import ConfigError, InputError
-from clipforge.models.clip import CLIP
 from clipforge.preprocess.transforms import TrainTransform
 from clipforge.train.config import TrainConfig
 
@@ -125,9 +124,10 @@ class ReinforcedData:
         self.source = ReinforcedSource(shards)
         self.teachers = self.source.record["teachers"]
 
-    def check_teachers(self, teachers: Sequence[CLIP]) -> None:
-        """Refuse teachers other than those the shards were reinforced with (width, tokenizer, weights)."""
-        check_teachers_match(self.teachers, teachers, str(self.source.shards[0]))
+    def check_teachers(self, records: Sequence[dict[str, Any]]) -> None:
+        """Refuse teachers other than those the shards were reinforced with (width, tokenizer, weights), given
+        the offered teachers' ``teacher_record``s."""
+        check_teachers_match(self.teachers, records, str(self.source.shards[0]))
 
     def objective_arguments(self) -> dict[str, Any]:
         return {

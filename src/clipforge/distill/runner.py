@@ -85,7 +85,7 @@ def distill(
     extra = {"ensemble": ensemble_records} if ensemble_records else {}
     _claim(out, {"teacher": record, **extra, "job": _jsonable(job), "steps": config.schedule.steps}, resume)
     if reinforced is not None:
-        reinforced.check_teachers(teachers)
+        reinforced.check_teachers([record, *ensemble_records])
     configs = _stage_configs(teacher.config, job)
     steps = split_steps(config.schedule.steps, len(configs))
     previous, results, parameters, wall = teacher, [], [], 0.0

@@ -35,24 +35,25 @@ def teacher_record(model: CLIP, source: str) -> dict[str, Any]:
     }
 
 
-def check_teachers_match(records: Sequence[dict[str, Any]], teachers: Sequence[CLIP], where: str) -> None:
-    """Refuse teachers other than the ones ``records`` (e.g. a reinforced shard's) were made with, naming the field."""
-    if len(records) != len(teachers):
-        raise ConfigError(f"{where}: reinforced by {len(records)} teacher(s), but {len(teachers)} given")
-    for number, (record, teacher) in enumerate(zip(records, teachers), start=1):
-        for field, value in (
-            ("embed_dim", teacher.config.embed_dim),
-            ("context_length", teacher.config.text.context_length),
-            ("vocab_size", teacher.config.text.vocab_size),
+def check_teachers_match(records: Sequence[dict[str, Any]], given: Sequence[dict[str, Any]], where: str) -> None:
+    """Refuse teachers other than the ones ``records`` (e.g. a reinforced shard's) were made with, naming the field.
+
+    ``given`` are the offered teachers' own ``teacher_record``s, so each fingerprint is computed once per run.
+    """
+    if len(records) != len(given):
+        raise ConfigError(f"{where}: reinforced by {len(records)} teacher(s), but {len(given)} given")
+    for number, (record, offered) in enumerate(zip(records, given), start=1):
+        for field, name in (
+            ("embed_dim", "embedding width"),
+            ("context_length", "tokenizer context_length"),
+            ("vocab_size", "tokenizer vocab_size"),
         ):
-            if record[field] != value:
-                name = "embedding width" if field == "embed_dim" else f"tokenizer {field}"
+            if record[field] != offered[field]:
                 raise ConfigError(
-                    f"{where}: teacher {number} ({record['source']}) has {name} {record[field]}, the given teacher {value}"
+                    f"{where}: teacher {number} ({record['source']}) has {name} {record[field]}, the given teacher {offered[field]}"
                 )
-        if record["fingerprint"] != fingerprint(teacher):
+        if record["fingerprint"] != offered["fingerprint"]:
             raise ConfigError(
                 f"{where}: reinforced by teacher {record['source']} (fingerprint {record['fingerprint']}), "
                 f"not by the given teacher {number}"
             )
-

@@ -3,6 +3,7 @@ with captions.json, and the trainer's loader drawing one caption per visit, unif
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
 
@@ -15,7 +16,8 @@ from clipforge.data.curate.job import curate_rewrite
 from clipforge.data.curate.rewrite import CommandRewriter, RuleRewriter, parse_rewriter
 from clipforge.data.loader import build_train_loader, seeded_generator
 from clipforge.data.sources import MultiCaptionSource, open_source
-from clipforge.data.synthetic import SyntheticWorld, write_shards
+from clipforge.data.synthetic import SyntheticWorld, WorldConfig, write_shards
+from clipforge.data.synthetic.concepts import RELATION_PHRASES, RELATIONS
 from clipforge.errors import ConfigError, InputError
 
 
@@ -41,6 +43,37 @@ def test_rule_rewrites_keep_color_and_shape(multi):
         for text in RuleRewriter(4)([caption])[0]:
             words = text.replace(",", "").split()
             assert metadata["color"] in words and any(word.startswith(metadata["shape"]) for word in words), (caption, text)
+
+
+def test_rule_rewrites_of_relations_say_the_scene_in_whole_phrases():
+    """Said from either object, a rewritten relation caption names both objects with their sizes and the
+    relation that holds from the object said first (the scene's metadata is the reference)."""
+    world = SyntheticWorld(WorldConfig())
+    sizes = {"small": "small", "little": "small", "large": "large", "big": "large"}
+    seen_from = {relation: {other for other, sides in RELATIONS.items() if sides == own[::-1]} for relation, own in RELATIONS.items()}
+    frame = re.compile(r"^(?:a photo of |a picture of |an image of |there is |a rendering of )?(.*?)(?:, a photo)?$")
+    size_word = "(?:(" + "|".join(sizes) + ") )?"
+    said = re.compile(rf"^a {size_word}(\w+) (\w+) (.+) a {size_word}(\w+) (\w+)$")
+    checked = 0
+    for index in range(300):
+        caption, scene = world.describe("train", index)
+        if scene["relation"] is None or scene["caption_noisy"]:
+            continue
+        first = (scene["size"], scene["color"], scene["shape"])
+        second = (scene["second_size"], scene["second_color"], scene["second_shape"])
+        for text in RuleRewriter(4)([caption])[0]:
+            parts = said.match(frame.match(text).group(1))
+            assert parts, (caption, text)
+            size_a, color_a, shape_a, phrase, size_b, color_b, shape_b = parts.groups()
+            objects = [(sizes.get(size_a), color_a, shape_a), (sizes.get(size_b), color_b, shape_b)]
+            if objects[0][1:] == first[1:]:
+                relations, expected = {scene["relation"]}, [first, second]
+            else:
+                relations, expected = seen_from[scene["relation"]], [second, first]
+            assert all(size in (None, want[0]) and (color, shape) == want[1:] for (size, color, shape), want in zip(objects, expected)), (caption, text)
+            assert any(phrase in RELATION_PHRASES[relation] for relation in relations), (caption, text)
+            checked += 1
+    assert checked > 50
 
 
 def test_python_and_command_rewriters(tmp_path):

@@ -28,12 +28,27 @@ from clipforge.data.curate.tarfiles import sample_members, write_tar
 from clipforge.data.formats.samples import SampleError
 from clipforge.data.formats.shards import shard_index
 from clipforge.data.sources import MULTI_CAPTION_FIELD as CAPTIONS_FIELD
+from clipforge.data.synthetic.concepts import RELATION_PHRASES, RELATIONS
 from clipforge.errors import ConfigError, InputError, one_line
 
 FRAMES = ("{}", "a photo of {}", "a picture of {}", "an image of {}", "there is {}", "a rendering of {}", "{}, a photo")
 _FRAME_PREFIX = re.compile(r"^(a photo of |a picture of |an image of |there is |there are |a photo of [a-z ]+: )")
 SYNONYMS = {"small": "little", "large": "big", "little": "small", "big": "large"}
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _said_from_the_other_object() -> dict[str, str]:
+    """Each relation phrase of the world → the same phrasing of the reverse relation, longest phrases first so
+    "to the left of" is swapped whole ("A to the left of B" → "B to the right of A"), never as "left of"."""
+    reverse = {relation: other for relation, sides in RELATIONS.items() for other, own in RELATIONS.items() if own == sides[::-1]}
+    swaps = {}
+    for relation, phrases in RELATION_PHRASES.items():
+        reversed_phrases = RELATION_PHRASES[reverse[relation]]
+        for number, phrase in enumerate(phrases):
+            swaps[phrase] = reversed_phrases[min(number, len(reversed_phrases) - 1)]
+    return dict(sorted(swaps.items(), key=lambda item: -len(item[0])))
+
+
+OPPOSITE = _said_from_the_other_object()
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def world_index(key: str) -> int:
 
 def test_dedup_finds_every_exact_and_planted_near_duplicate(pool, tmp_path):
     root, planted = pool
-    summary = curate_dedup([root / "pool"], tmp_path / "d", threshold=0.94, embed=pixel_embeddings, engine=LOCAL)
+    summary = curate_dedup([root / "pool"], tmp_path / "d", threshold=0.97, embed=pixel_embeddings, engine=LOCAL)
     rows = decisions(tmp_path / "d")
     by_key = {row["key"]: row for row in rows}
     key_of = {world_index(row["key"]): row["key"] for row in rows if world_index(row["key"]) >= 0}
@@ -158,7 +158,7 @@ def test_cli_refuses_bad_input_in_one_line(pool, tmp_path):
 
 def test_cli_dedup_with_pixel_descriptors(pool, tmp_path):
     root, planted = pool
-    result = CliRunner().invoke(app, ["curate", "dedup", str(root / "pool"), "--out", str(tmp_path / "d"), "--threshold", "0.94", "--workers", "1"])
+    result = CliRunner().invoke(app, ["curate", "dedup", str(root / "pool"), "--out", str(tmp_path / "d"), "--threshold", "0.97", "--workers", "1"])
     assert result.exit_code == 0, result.output
     kept = {row["key"] for row in decisions(tmp_path / "d") if row["kept"]}
     assert not any(key.startswith("near") for key in kept) and len(kept) == planted["n"] - len(planted["exact"])
@@ -169,9 +169,9 @@ def test_pixel_descriptor_is_the_thumbnail_correlation():
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
-    image = image.resize((32, 32))  # a multiple of 16, so the box filter is a 2x2 mean
+    image = image.resize((32, 32))  # a multiple of 8, so the box filter is a 4x4 mean
     pixels = np.asarray(image, dtype=np.float64)
-    thumb = pixels.reshape(16, 2, 16, 2, 3).mean(axis=(1, 3)).ravel()  # box filter by hand, channels last
+    thumb = pixels.reshape(8, 4, 8, 4, 3).mean(axis=(1, 3)).ravel()  # box filter by hand, channels last
     thumb -= thumb.mean()
     assert np.allclose(pixel_descriptor(image), thumb / np.linalg.norm(thumb), atol=1e-2)
     assert np.allclose(np.linalg.norm(pixel_descriptor(Image.new("RGB", (8, 8), "red"))), 1.0)

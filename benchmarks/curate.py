@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from _common import parser, report
-from distill import CACHE, cached_teachers, student_config
+from distill import CACHE, TEACHER_SEEDS, cached_teacher_path, student_config
 from PIL import ImageEnhance
 
 from clipforge.data.curate.dedup import first_of_groups, near_duplicate_groups
@@ -188,8 +188,7 @@ def main() -> None:
     args = arguments.parse_args()
     settings = QUICK if args.quick else FULL
     started = time.perf_counter()
-    _, scorer_path = cached_teachers()[0]
-    embed = partial(pool_embeddings, model_reference(scorer_path, None, None, "fp32"))
+    embed = partial(pool_embeddings, model_reference(str(cached_teacher_path(TEACHER_SEEDS[0])), None, None, "fp32"))
     world = SyntheticWorld(WorldConfig(**NOISE))
     folder, metadata = noisy_pool(world, settings["pool"], CACHE / f"curate-pool-{settings['pool']}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -76,23 +76,25 @@ def teacher_config() -> ModelConfig:
     return ModelConfig.from_dict(spec, name="synthetic-tiny-2x")
 
 
+def cached_teacher_path(seed: int) -> Path:
+    """The demo recipe at twice the width, trained for TEACHER_STEPS (5x a full student's budget) from ``seed``,
+    once, and kept in the cache; its checkpoint's path."""
+    path = CACHE / f"distill-teacher-2x-{TEACHER_STEPS}-seed{seed}.safetensors"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        spec = CACHE / "synthetic-tiny-2x.json"
+        spec.write_text(json.dumps(teacher_config().to_dict()))
+        run = CACHE / f"distill-teacher-2x-{TEACHER_STEPS}-seed{seed}-run"
+        settings = {"model.name": json.dumps(str(spec)), "run.dir": json.dumps(str(run)), "run.seed": str(seed),
+                    "schedule.steps": str(TEACHER_STEPS), "schedule.cooldown": str(TEACHER_STEPS // 4)}
+        config = load_config(recipe_path("synthetic-tiny.toml"), [f"{key}={value}" for key, value in settings.items()])
+        clipforge.save(train(config, resume=True).model, path)
+    return path
+
+
 def cached_teachers() -> list[tuple[clipforge.CLIP, str]]:
-    """MobileCLIP's ensemble of two teachers: the demo recipe at twice the width, trained for TEACHER_STEPS (5x a
-    full student's budget) from seeds 0 and 1, once, and kept in the cache. Students inherit from the first."""
-    spec = CACHE / "synthetic-tiny-2x.json"
-    teachers = []
-    for seed in TEACHER_SEEDS:
-        path = CACHE / f"distill-teacher-2x-{TEACHER_STEPS}-seed{seed}.safetensors"
-        if not path.exists():
-            CACHE.mkdir(parents=True, exist_ok=True)
-            spec.write_text(json.dumps(teacher_config().to_dict()))
-            run = CACHE / f"distill-teacher-2x-{TEACHER_STEPS}-seed{seed}-run"
-            settings = {"model.name": json.dumps(str(spec)), "run.dir": json.dumps(str(run)), "run.seed": str(seed),
-                        "schedule.steps": str(TEACHER_STEPS), "schedule.cooldown": str(TEACHER_STEPS // 4)}
-            config = load_config(recipe_path("synthetic-tiny.toml"), [f"{key}={value}" for key, value in settings.items()])
-            clipforge.save(train(config, resume=True).model, path)
-        teachers.append((clipforge.load(str(path)), str(path)))
-    return teachers
+    """MobileCLIP's ensemble of two teachers (``cached_teacher_path`` of seeds 0 and 1). Students inherit from the first."""
+    return [(clipforge.load(str(path)), str(path)) for path in map(cached_teacher_path, TEACHER_SEEDS)]
 
 
 def cached_shards(world: SyntheticWorld) -> Path:

@@ -47,6 +47,7 @@ def world_index(key: str) -> int:
 
 def test_dedup_finds_every_exact_and_planted_near_duplicate(pool, tmp_path):
     root, planted = pool
+    # 0.97 lies between the fixture's most similar distinct images (0.952) and its least similar copy (0.985)
     summary = curate_dedup([root / "pool"], tmp_path / "d", threshold=0.97, embed=pixel_embeddings, engine=LOCAL)
     rows = decisions(tmp_path / "d")
     by_key = {row["key"]: row for row in rows}

@@ -34,8 +34,6 @@ from clipforge.data.formats.images import read_rgb_image
 from clipforge.data.formats.shards import shard_index
 
 SIDE = 8
-
-
 SIZE = 3 * SIDE * SIDE
 
 

@@ -447,8 +447,9 @@ def test_estimate_flops_matches_flop_counter(vit_b32, pixels):
         assert estimate_flops(vit_b32) == counted_macs(visual, one)
         apply_token_reduction(vit_b32, "tome", r=8)
         counts = token_counts(vit_b32)
-        # ToMe's matching adds one |A| x |B| similarity matmul over the 64-wide mean key where it merges
-        matching = sum(math.ceil(n / 2) * (n // 2) * 64 for n, m in zip(counts, counts[1:]) if m < n)
+        # where it merges, ToMe's matching adds one |A| x |B| similarity matmul over the 64-wide mean key, and the
+        # merge multiplies the tokens (768 wide) and their sizes (1 wide) by the [m, n] assignment matrix
+        matching = sum(math.ceil(n / 2) * (n // 2) * 64 + m * n * (768 + 1) for n, m in zip(counts, counts[1:]) if m < n)
         assert estimate_flops(vit_b32) + matching == counted_macs(visual, one)
         assert estimate_flops(vit_b32, "tome", r=0) == 12 * (12 * 50 * 768**2 + 2 * 50**2 * 768)
     finally:

@@ -39,6 +39,9 @@ from clipforge.models.clip import CLIP
 
 IMAGE_FILE, TEXT_FILE = "image_encoder.xml", "text_encoder.xml"
 CALIBRATION_BATCH = 32
+TOKEN_REDUCTION_PATTERN = ".*token_reduction.*"
+"""Graph nodes NNCF leaves in float: the token reduction's similarity products (int8 there could change which
+tokens merge) and its merge product (a data movement: int8 there would round the residual stream)."""
 
 
 def ir_files(xml_name: str, prefix: str = "") -> list[str]:
@@ -127,12 +130,14 @@ def _token_batches(model: CLIP, texts: Sequence[str]) -> list[torch.Tensor]:
 
 
 def _quantize(graph: Any, batches: list[torch.Tensor], progress: bool) -> Any:
-    """NNCF post-training int8 of one graph on ``batches`` (every batch used for statistics)."""
+    """NNCF post-training int8 of one graph on ``batches`` (every batch used for statistics), token reduction
+    left out (``TOKEN_REDUCTION_PATTERN``)."""
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # nncf's import warns there is no CUDA
     import nncf
 
+    ignored = nncf.IgnoredScope(patterns=[TOKEN_REDUCTION_PATTERN], validate=False)
     logging.getLogger("nncf").setLevel(logging.INFO if progress else logging.ERROR)
     dataset = nncf.Dataset([batch.numpy() for batch in batches])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return nncf.quantize(graph, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
+        return nncf.quantize(graph, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches), ignored_scope=ignored)

@@ -34,7 +34,9 @@ from clipforge.compress.reduction.schedules import keep_ratio_schedule, margin_s
 from clipforge.compress.reduction.tome import (
     Merge,
     TokenMerging,
-    bipartite_soft_matching,
+    bipartite_destinations,
+    merge_by_destination,
+    take_rows,
 )
 from clipforge.errors import ConfigError
 from clipforge.layers.attention import AttentionOutput
@@ -69,7 +71,7 @@ def pitome_matching(
 ) -> Merge | None:
     """PiToMe's matching on ``metric`` [B, N, C]; returns the merge function, or None when nothing merges.
 
-    Both variants are ToMe's bipartite matching (``bipartite_soft_matching`` without a class token) run on
+    Both variants are ToMe's bipartite matching (``bipartite_destinations`` without a class token) run on
     tokens sorted by descending energy: on the ``2k`` highest-energy tokens with ``r = k`` (every A token
     merges: ``pitome``), or on all tokens with ``r = k`` (``bsm``: ``pitome_bsm``).
     """
@@ -80,20 +82,17 @@ def pitome_matching(
         if merges == 0:
             return None
         order = energy_scores(patches, margin, alpha).argsort(dim=-1, descending=True)
-        candidates, protected = (order, order[:, :0]) if bsm else (order[:, : 2 * merges], order[:, 2 * merges :])
-        inner = bipartite_soft_matching(_take(patches, candidates), merges, class_token=False)
-
-    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        tokens = x[:, prefix:]
-        merged = inner(_take(tokens, candidates), mode)
-        return torch.cat([x[:, :prefix], _take(tokens, protected), merged], dim=1)
-
-    return merge
-
-
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` [B, K] of ``x`` [B, N, C] → [B, K, C]."""
-    return x.gather(dim=1, index=index[..., None].expand(-1, -1, x.shape[-1]))
+        candidates = order if bsm else order[:, : 2 * merges]
+        inner, inner_out = bipartite_destinations(take_rows(patches, candidates), merges, class_token=False)
+        # output rows: [class token, protected tokens in energy order, the candidates' merge]
+        batch, protected = patches.shape[0], patches.shape[1] - candidates.shape[1]
+        rows = prefix + protected + inner  # for the tokens of ``order``; the protected ones follow the candidates
+        if protected:  # (no empty tensors: OpenVINO fails to compile some of them at static shapes)
+            rows = torch.cat([rows, prefix + torch.arange(protected, device=metric.device).expand(batch, -1)], dim=1)
+        destination = torch.empty_like(order).scatter_(1, order, rows)
+        if prefix:
+            destination = torch.cat([order.new_zeros(batch, prefix), destination], dim=1)
+    return merge_by_destination(destination, prefix + protected + inner_out)
 
 
 class PiToMe(TokenMerging):

@@ -6,7 +6,9 @@ B; each A token finds its most similar B token (cosine similarity of the keys av
 (how many input patches it stands for), and proportional attention adds ``log(size)`` to the attention logits
 so a merged token keeps its share of the softmax. The class token is never merged. Follows the official code
 (facebookresearch/ToMe af95e4b: ``tome/merge.py::bipartite_soft_matching, merge_wavg, merge_source``,
-``tome/patch/timm.py``), including the cap of ``r`` at half the non-protected tokens of each layer.
+``tome/patch/timm.py``), including the cap of ``r`` at half the non-protected tokens of each layer. One difference: the merge itself is a
+product with the 0/1 assignment matrix (``merge_by_destination``) instead of the official gather and
+``scatter_reduce``; the result is the same up to float rounding, and exported graphs run it faster.
 
 ``TokenMerging`` holds what ToMe and PiToMe share: size tracking, proportional attention, source tracking.
 """
@@ -23,9 +25,9 @@ from clipforge.compress.reduction.schedules import ScheduledReduction, merge_sch
 from clipforge.layers.attention import AttentionOutput
 from clipforge.layers.token_reduction import AttentionRequest, TokenState
 
-Merge = Callable[[torch.Tensor, str], torch.Tensor]
-"""``merge(t, mode)``: reduce per-token rows ``t`` [B, N, C] to [B, N', C]; merged rows combine by ``mode``
-(a ``Tensor.scatter_reduce`` reduction: ``"sum"``, ``"mean"``, ``"amax"``)."""
+Merge = Callable[..., torch.Tensor]
+"""``merge(t, mode="sum")``: reduce per-token rows ``t`` [B, N, C] to [B, N', C]; the rows that merge into one
+are summed (``mode="sum"``) or averaged (``"mean"``)."""
 
 
 def tome_merge_count(tokens: int, r: int, protected: int) -> int:
@@ -33,12 +35,38 @@ def tome_merge_count(tokens: int, r: int, protected: int) -> int:
     return max(0, min(r, (tokens - protected) // 2))
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = True) -> Merge | None:
-    """ToMe's matching on ``metric`` [B, N, C]; returns the merge function, or None when nothing merges.
+def merge_by_destination(destination: torch.Tensor, tokens_out: int) -> Merge:
+    """The merge that sends input token ``j`` to output row ``destination[b, j]`` (an int map [B, N]).
 
-    The output of ``merge`` is ``[unmerged A tokens, all B tokens]``, with the unmerged A tokens in
-    ascending order when ``class_token`` (so the class token stays at index 0), else in descending order of
-    their best similarity, exactly as the official code.
+    It multiplies by the 0/1 assignment matrix [B, N', N] instead of gathering and scattering rows: one batched
+    matrix product, which exported graphs (OpenVINO, ONNX Runtime) run as fast as any other, where their
+    gather and scatter kernels with broadcast indices cost more than the merge saves.
+    """
+    rows = torch.arange(tokens_out, device=destination.device)
+    assignment = destination[:, None, :] == rows[None, :, None]
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        weights = assignment.to(x.dtype)
+        merged = weights @ x
+        return merged if mode == "sum" else merged / weights.sum(dim=-1, keepdim=True)
+
+    return merge
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` [B, K] of ``x`` [B, N, ...] → [B, K, ...], by one gather on the flattened batch."""
+    batch, tokens = x.shape[:2]
+    offsets = torch.arange(batch, device=index.device)[:, None] * tokens
+    return x.flatten(0, 1)[index + offsets]
+
+
+def bipartite_destinations(metric: torch.Tensor, r: int, class_token: bool = True) -> tuple[torch.Tensor, int] | None:
+    """ToMe's matching on ``metric`` [B, N, C] as each token's output row [B, N] and the output token count,
+    or None when nothing merges.
+
+    The output is ``[unmerged A tokens, all B tokens]`` (A: even positions, B: odd), with the unmerged A tokens
+    in ascending order when ``class_token`` (so the class token stays at index 0), else in descending order of
+    their best similarity, exactly as the official code; each merged A token goes to its most similar B token.
     """
     r = tome_merge_count(metric.shape[1], r, int(class_token))
     if r == 0:
@@ -49,22 +77,28 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Tr
         if class_token:
             scores[:, 0, :] = -math.inf
         node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unmerged_idx = edge_idx[:, r:]
-        src_idx = edge_idx[:, :r]
-        dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)
+        edge_idx = node_max.argsort(dim=-1, descending=True)
+        unmerged_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
         if class_token:
             unmerged_idx = unmerged_idx.sort(dim=1).values
+        batch, count_a, count_b = scores.shape
+        kept_a = count_a - r
+        b_rows = kept_a + torch.arange(count_b, device=metric.device).expand(batch, -1)
+        a_rows = torch.empty_like(node_idx).scatter_(1, src_idx, kept_a + node_idx.gather(dim=1, index=src_idx))
+        if kept_a:  # (empty tensors are left out: OpenVINO fails to compile some of them at static shapes)
+            a_rows.scatter_(1, unmerged_idx, torch.arange(kept_a, device=metric.device).expand(batch, -1))
+        # interleave back to token order: A at even positions, B at odd ones, and A's last one when N is odd
+        destination = torch.stack([a_rows[:, :count_b], b_rows], dim=-1).flatten(1)
+        if count_a > count_b:
+            destination = torch.cat([destination, a_rows[:, count_b:]], dim=1)
+    return destination, kept_a + count_b
 
-    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-        src, dst = x[:, ::2], x[:, 1::2]
-        batch, _, channels = src.shape
-        unmerged = src.gather(dim=1, index=unmerged_idx.expand(batch, -1, channels))
-        src = src.gather(dim=1, index=src_idx.expand(batch, r, channels))
-        dst = dst.scatter_reduce(1, dst_idx.expand(batch, r, channels), src, reduce=mode)
-        return torch.cat([unmerged, dst], dim=1)
 
-    return merge
+def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = True) -> Merge | None:
+    """ToMe's matching on ``metric`` [B, N, C] (``bipartite_destinations``); returns the merge function, or None
+    when nothing merges."""
+    found = bipartite_destinations(metric, r, class_token)
+    return None if found is None else merge_by_destination(*found)
 
 
 def merge_wavg(merge: Merge, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +111,9 @@ def merge_wavg(merge: Merge, x: torch.Tensor, size: torch.Tensor | None) -> tupl
 
 
 def merge_source(merge: Merge, source: torch.Tensor) -> torch.Tensor:
-    """Carry the 0/1 map [B, N, N0] of which input tokens each current token holds through a merge."""
-    return merge(source, "amax")
+    """Carry the 0/1 map [B, N, N0] of which input tokens each current token holds through a merge (tokens hold
+    disjoint sets of patches, so the sum of merged rows is their union)."""
+    return merge(source, "sum")
 
 
 def proportional_attention_bias(size: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,12 @@ from PIL import Image
 
 import clipforge
 from clipforge.compress.export_onnx import export_onnx, quantize_onnx_int8
-from clipforge.compress.export_openvino import calibration_set, export_openvino
+from clipforge.compress.export_openvino import (
+    GraphAttention,
+    calibration_set,
+    export_openvino,
+    split_projections,
+)
 from clipforge.compress.exported import EXPORT_FILE, ExportedCLIP
 from clipforge.compress.quant.int8 import quantize_dynamic_int8
 from clipforge.compress.records import apply_compression
@@ -28,6 +33,7 @@ from clipforge.encode import embed_images, encode_texts
 from clipforge.errors import CheckpointError, ConfigError, InputError
 from clipforge.eval.datasets import load_dataset
 from clipforge.eval.runner import Evaluator
+from clipforge.layers.attention import Attention
 
 EOT = 49407
 ENGINES = ("onnxruntime", "openvino")
@@ -69,6 +75,22 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def synthetic_images(count: int) -> list[Image.Image]:
     dataset = load_dataset("synthetic:shape_color", samples=count)
     return [read_image(source) for source in dataset.images]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_graph_attention_is_multi_head_attention(causal: bool) -> None:
+    """OpenVINO's form of the attention (three products) against torch's ``nn.MultiheadAttention``."""
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(Attention(32, 4))
+    split_projections(holder)
+    ours = holder[0]
+    assert type(ours) is GraphAttention
+    reference = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 7, 32)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(7) if causal else None
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, is_causal=causal).out, reference(x, x, x, attn_mask=mask, need_weights=False)[0])
 
 
 @pytest.mark.parametrize("batch", [1, 5])

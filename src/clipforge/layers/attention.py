@@ -73,14 +73,18 @@ class Attention(nn.Module):
         """q, k, v as [B, H, N, Dh] (q of the first token only, with its rows of ``attn_bias``, when asked)."""
         if first_query_only and is_causal:
             raise ValueError("first_query_only: a causal first token attends only to itself")
-        batch, tokens, _ = x.shape
-        qkv = self.project_qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self.project_heads(x)
         if first_query_only:
             q = q[:, :, :1]
             if attn_bias is not None and attn_bias.shape[-2] != 1:
                 attn_bias = attn_bias[..., :1, :]
         return q, k, v, attn_bias
+
+    def project_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [B, H, N, Dh] from the fused projection (``project_qkv``)."""
+        batch, tokens, _ = x.shape
+        qkv = self.project_qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
 
     def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
         """Per-head outputs [B, H, N, Dh] → the output projection of their concatenation [B, N, D]."""

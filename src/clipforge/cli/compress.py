@@ -232,7 +232,8 @@ def early_exit_command(
         save_exit_heads,
     )
     from clipforge.eval.datasets import load_dataset
-    from clipforge.eval.runner import Evaluator, split_in_two
+    from clipforge.eval.runner import Evaluator
+    from clipforge.eval.tasks import split_in_two
 
     note = checked_output(out, inputs=[model])
     loaded = load_model(model, config, pretrained)

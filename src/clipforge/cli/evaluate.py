@@ -65,7 +65,8 @@ def eval_command(
     from clipforge.eval.adversarial import check_epsilons
     from clipforge.eval.report import headline_rows, write_report
     from clipforge.eval.results import TASKS, write_results
-    from clipforge.eval.runner import RECIPE_TASKS, DataOptions, Evaluator, run_tasks
+    from clipforge.eval.runner import Evaluator
+    from clipforge.eval.tasks import RECIPE_TASKS, DataOptions, run_tasks
 
     names = [name.strip() for item in tasks for name in item.split(",") if name.strip()]
     names = [task for task in TASKS if task not in RECIPE_TASKS] if names == ["all"] else names

@@ -112,8 +112,8 @@ class GraphAttention(Attention):
     weight, each viewed to heads and transposed — the form of ``nn.MultiheadAttention``'s graph, whose
     transposes and quantizers OpenVINO folds into its attention kernel. Traced from the fused product and one
     5-d permute, the int8 graphs ran ViT-B-32 at 221 images/s and 831 texts/s, from this form at 265 and 1,308
-    (AMX Xeon, 2 threads, batch 32 and 64). ONNX Runtime's int8 graph is slower this way (text 774 → 646: one
-    dynamic quantization of the input per product), so ``export_onnx`` keeps the fused product."""
+    (AMX Xeon, 2 threads, batch 32 and 64). ONNX Runtime's int8 graph is slower this way (texts 774 → 646 per
+    second; likely one dynamic quantization of the input per product), so ``export_onnx`` keeps the fused one."""
 
     def project_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, tokens, width = x.shape

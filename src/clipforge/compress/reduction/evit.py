@@ -20,6 +20,7 @@ import torch
 from clipforge.compress.reduction.schedules import (
     ScheduledReduction,
     keep_ratio_schedule,
+    take_rows,
 )
 from clipforge.layers.attention import AttentionOutput
 from clipforge.layers.token_reduction import AttentionRequest, TokenState
@@ -44,7 +45,7 @@ def keep_attentive_tokens(
     """
     patches = x[:, 1:]
     attention, index = class_attention.topk(keep, dim=1, largest=True, sorted=True)
-    kept = patches.gather(dim=1, index=index[..., None].expand(-1, -1, x.shape[-1]))
+    kept = take_rows(patches, index)
     parts = [x[:, :1], kept]
     if fuse_token:
         dropped = torch.ones_like(class_attention, dtype=torch.bool).scatter_(1, index, False)

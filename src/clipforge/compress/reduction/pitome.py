@@ -30,13 +30,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from clipforge.compress.reduction.schedules import keep_ratio_schedule, margin_schedule
+from clipforge.compress.reduction.schedules import (
+    keep_ratio_schedule,
+    margin_schedule,
+    take_rows,
+)
 from clipforge.compress.reduction.tome import (
     Merge,
     TokenMerging,
     bipartite_destinations,
     merge_by_destination,
-    take_rows,
 )
 from clipforge.errors import ConfigError
 from clipforge.layers.attention import AttentionOutput

@@ -1,4 +1,5 @@
-"""Per-layer schedules shared by token merging (ToMe, PiToMe) and pruning (EViT), and their token arithmetic.
+"""Per-layer schedules shared by token merging (ToMe, PiToMe) and pruning (EViT), their token arithmetic, and
+their row gather (``take_rows``).
 
 - ``merge_schedule``: ToMe's tokens-removed-per-layer ``r`` (Bolya et al., ICLR 2023; ``tome/utils.py::parse_r``).
 - ``keep_ratio_schedule``: the fraction of patch tokens kept per layer (PiToMe's ``ratio``, Tran et al.,
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+
+import torch
 
 from clipforge.errors import ConfigError
 from clipforge.layers.token_reduction import TokenReduction
@@ -107,3 +110,11 @@ class ScheduledReduction(TokenReduction, ABC):
         for layer in range(self.num_layers):
             counts.append(self.tokens_after(layer, counts[-1]))
         return counts
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` [B, K] of ``x`` [B, N, ...] → [B, K, ...], by one gather on the flattened batch
+    (a plain gather, where ``gather`` with broadcast indices is a slow node in exported graphs)."""
+    batch, tokens = x.shape[:2]
+    offsets = torch.arange(batch, device=index.device)[:, None] * tokens
+    return x.flatten(0, 1)[index + offsets]

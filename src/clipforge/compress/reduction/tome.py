@@ -51,13 +51,6 @@ def merge_by_destination(destination: torch.Tensor, tokens_out: int) -> Merge:
     return merge
 
 
-def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` [B, K] of ``x`` [B, N, ...] → [B, K, ...], by one gather on the flattened batch."""
-    batch, tokens = x.shape[:2]
-    offsets = torch.arange(batch, device=index.device)[:, None] * tokens
-    return x.flatten(0, 1)[index + offsets]
-
-
 def bipartite_destinations(metric: torch.Tensor, r: int, class_token: bool = True) -> tuple[torch.Tensor, int] | None:
     """ToMe's matching on ``metric`` [B, N, C] as each token's output row [B, N] and the output token count,
     or None when nothing merges.

@@ -169,6 +169,22 @@ def test_clap_multipliers_and_zero_shot_start(micro: clipforge.CLIP, tmp_path: P
     assert adapter.record.tensors["prototypes"].shape == (2, micro.config.embed_dim)
 
 
+def test_clap_starts_from_the_raw_text_embeddings(micro: clipforge.CLIP, tmp_path: Path) -> None:
+    """CLAP's prototypes start at each class's mean *unnormalised* prompt embedding (the official
+    ``_get_base_text_features``), here from the text tower called directly; one epoch is one warm-up step at
+    1e-5, so the fitted prototypes are still that base, not the normalised zero-shot head."""
+    root = write_folder(tmp_path / "data", {"red": 4, "blue": 4})
+    shots = sample_few_shot(str(root), 2, seed=1)
+    with torch.no_grad():
+        base = torch.stack([
+            micro.encode_text(micro.tokenize([template.format(c=name) for template in shots.templates])).mean(dim=0)
+            for name in shots.classnames
+        ])
+    assert (base.norm(dim=-1) - 1).abs().min() > 0.1  # the scale differs from the unit head on this model
+    adapter = fit("clap", micro, str(root), 2, seed=1, settings={"epochs": 1, "augment_epoch": 1})
+    torch.testing.assert_close(adapter.record.tensors["prototypes"], base, atol=1e-3, rtol=0)
+
+
 def test_linear_probe_is_scikit_learns_probe(micro: clipforge.CLIP, tmp_path: Path) -> None:
     from sklearn.linear_model import LogisticRegression
 

@@ -202,9 +202,10 @@ def encode_texts(
     batch_size: int = TEXT_BATCH,
     progress: bool = False,
     description: str = "embedding texts",
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Strings → embeddings [N, embed_dim] (float32, normalised, CPU); empty or non-string items raise
-    ``InputError`` naming their position."""
+    """Strings → embeddings [N, embed_dim] (float32, CPU; normalised unless ``normalize`` is False: the text
+    tower's raw output, float32); empty or non-string items raise ``InputError`` naming their position."""
     check_texts(texts)
     device = model_device(model)
     rows = []
@@ -212,7 +213,8 @@ def encode_texts(
         task = bar.add_task(description, total=len(texts), unit="text")
         for chunk in fixed_batches(len(texts), batch_size):
             tokens = model.tokenize([texts[i] for i in chunk]).to(device)
-            rows.append(_normalized(model.encode_text(tokens)))
+            embeddings = model.encode_text(tokens)
+            rows.append(_normalized(embeddings) if normalize else embeddings.float().cpu())
             bar.advance(task, len(chunk))
     return torch.cat(rows) if rows else torch.zeros(0, model.config.embed_dim)
 

@@ -3,9 +3,14 @@
 Silva-Rodríguez et al., "A Closer Look at the Few-Shot Adaptation of Large Vision-Language Models", CVPR 2024;
 official code jusiro/CLAP (``trainers/adapters.py``, ``configs/trainers/SGD_lr1e-1_B256_ep300.yaml``).
 
-    logits = τ · cos(f, w_c)            τ = exp(logit_scale) of the model, w initialised to the zero-shot head T
+    logits = τ · cos(f, w_c)            τ = exp(logit_scale) of the model, w initialised to the text base T
     loss   = CE + mean_c λ_c ‖w_c − t_c‖²
     λ_c    = mean over class c's (augmented) shots of their zero-shot probability of class c
+
+The text base ``t_c`` is the mean of class c's prompt embeddings *as the text tower outputs them*, not
+normalised (``_get_base_text_features``): the logits normalise ``w_c``, but the constraint and SGD's steps act
+on that scale, so a tower whose text embeddings have norm ``n`` turns a step into an angle ``n²`` times smaller
+than unit vectors would, and its constraint ``n²`` times stiffer.
 
 Features: 20 augmented views of the shots (``epochs_aumentation``), pre-extracted. SGD (momentum 0.9, as
 Dassl's default) lr 0.1, no weight decay, batch 256, 300 epochs of ``ceil(N / 256)`` batches each (N the
@@ -21,7 +26,9 @@ anyway); the batch drawn per step is a shuffled slice of the views, as in the of
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +36,9 @@ import torch.nn.functional as F
 from clipforge.adapt.features import Augmentation
 from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
+from clipforge.encode import encode_texts
 from clipforge.errors import ConfigError
+from clipforge.eval.zeroshot import fill_template
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,17 @@ class PrototypeHead(Head):
         return self.scale * F.normalize(features, dim=-1) @ F.normalize(self.prototypes, dim=-1).T
 
 
+def text_base(model: Any, classnames: Sequence[str], templates: Any) -> torch.Tensor:
+    """CLAP's ``base_text_features`` [C, D]: per class, the mean of its prompts' unnormalised text embeddings.
+
+    ``templates`` as the zero-shot head takes them: format strings (or callables) for every class, or a mapping
+    from class name to its own descriptions."""
+    groups = [list(templates[c]) if isinstance(templates, Mapping) else [fill_template(t, c) for t in templates]
+              for c in classnames]
+    raw = encode_texts(model, [prompt for group in groups for prompt in group], normalize=False)
+    return torch.stack([rows.mean(dim=0) for rows in raw.split([len(group) for group in groups])])
+
+
 def zero_shot_multipliers(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
     """CLAP's ``init_lagrangian_multipliers``: per class, the mean zero-shot softmax probability of that class
     over its own samples."""
@@ -76,8 +96,8 @@ def fit_clap(inputs: FitInputs, settings: ClapSettings) -> Fitted:
     features = views.reshape(-1, views.shape[-1])
     labels = torch.as_tensor(train.labels).repeat(len(views))
     scale = float(inputs.model.logit_scale.detach().exp())
-    text = inputs.text
-    multipliers = zero_shot_multipliers(features, labels, text, scale)
+    text = text_base(inputs.model, inputs.shots.classnames, inputs.shots.templates).clone()  # not an inference tensor
+    multipliers = zero_shot_multipliers(features, labels, F.normalize(text, dim=-1), scale)
     penalty = torch.zeros_like(multipliers)
     prototypes = torch.nn.Parameter(text.clone())
     per_epoch = max(1, len(train) // settings.batch_size) if len(train) >= settings.batch_size else 1

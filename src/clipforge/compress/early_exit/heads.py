@@ -31,7 +31,10 @@ EXIT_KINDS = ("local", "local-pointwise", "global-s2", "global-s3")
 
 
 def default_exit_layers(num_layers: int) -> list[int]:
-    """Blocks (0-based) followed by an exit: LGViT's 3..10 of 12, i.e. from a third of the depth to the last-but-one."""
+    """Blocks (0-based) followed by an exit: ``L // 3 − 1`` to the last-but-one, LGViT's 3..10 of 12.
+
+    The first exit follows block ``L // 3`` (1-based): a third of the depth when ``L`` is a multiple of 3, less
+    otherwise (after block 1 of 4 on a 4-block tower)."""
     return list(range(max(0, num_layers // 3 - 1), num_layers - 1))
 
 

@@ -78,8 +78,8 @@ class Plan:
 
     shots: tuple[int, ...]
     seeds: tuple[int, ...]
-    methods: tuple[str, ...] = METHODS
-    paper_budget: bool = False
+    methods: tuple[str, ...]
+    paper_budget: bool
 
     def settings(self, method: str) -> dict:
         views = {} if method == "linear-probe" else AUGMENTATION
@@ -202,7 +202,10 @@ def names(text: str) -> tuple[str, ...]:
 
 
 def numbers(text: str) -> tuple[int, ...]:
-    return tuple(int(value) for value in names(text))
+    values = tuple(int(value) for value in names(text))
+    if not values or min(values) < 1:
+        raise ValueError(text)
+    return values
 
 
 def main() -> None:
@@ -219,16 +222,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     shots, seeds, samples = (QUICK_SHOTS, QUICK_SEEDS, 160) if args.quick else (SHOTS, SEEDS, 400)
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        arguments.error(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS[1:])})")
+    for option, given, known in (("--methods", args.methods, METHODS[1:]), ("--tasks", names(args.tasks), tuple(TASKS))):
+        unknown = sorted(set(given) - set(known))
+        if unknown or not given:
+            problem = f"unknown {', '.join(unknown)}" if unknown else "none given"
+            arguments.error(f"{option}: {problem} (known: {', '.join(known)})")
     plan = Plan(args.shots or shots, args.seeds or seeds, tuple(m for m in METHODS if m == "zero-shot" or m in args.methods),
                 args.paper_budget)
     shots = plan.shots
     model = demo_model(args.demo_model)
     world = SyntheticWorld(WorldConfig(image_size=model.config.vision.image_size))
     results: dict = {}
-    for name in [task.strip() for task in args.tasks.split(",")]:
+    for name in names(args.tasks):
         run_task(model, name, TASKS[name].test(world, samples), plan, results)
     console = Console()
     for task, table in results.items():

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from clipforge.adapt.features import Augmentation
 from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
-from clipforge.encode import encode_texts
 from clipforge.errors import ConfigError
+from clipforge.eval.perception import ensemble_text_embeddings
 from clipforge.eval.zeroshot import fill_template
 
 
@@ -71,8 +71,7 @@ def text_base(model: Any, classnames: Sequence[str], templates: Any) -> torch.Te
     from class name to its own descriptions."""
     groups = [list(templates[c]) if isinstance(templates, Mapping) else [fill_template(t, c) for t in templates]
               for c in classnames]
-    raw = encode_texts(model, [prompt for group in groups for prompt in group], normalize=False)
-    return torch.stack([rows.mean(dim=0) for rows in raw.split([len(group) for group in groups])])
+    return ensemble_text_embeddings(model, groups, normalize=False)
 
 
 def zero_shot_multipliers(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:

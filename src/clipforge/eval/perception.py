@@ -38,16 +38,20 @@ ContextFactors = Mapping[str, Mapping[str, Sequence[str]]]
 """factor name → factor value → descriptions (an empty description means "say nothing")."""
 
 
-def ensemble_text_embeddings(model: Encoder, prompt_groups: Sequence[Sequence[str]], batch_size: int = 256) -> torch.Tensor:
-    """One embedding per group (G, D): normalise → mean over the group's prompts → renormalise."""
+def ensemble_text_embeddings(
+    model: Encoder, prompt_groups: Sequence[Sequence[str]], batch_size: int = 256, *, normalize: bool = True
+) -> torch.Tensor:
+    """One embedding per group (G, D): normalise → mean over the group's prompts → renormalise; with
+    ``normalize=False`` the plain mean of the text tower's raw embeddings (CLAP's text base)."""
     sizes = [len(group) for group in prompt_groups]
     if not sizes or min(sizes) == 0:
         raise InputError("prompt ensemble: every class needs at least one prompt")
-    embeddings = encode_texts(model, [prompt for group in prompt_groups for prompt in group], batch_size=batch_size)
+    prompts = [prompt for group in prompt_groups for prompt in group]
+    embeddings = encode_texts(model, prompts, batch_size=batch_size, normalize=normalize)
     counts = torch.tensor(sizes, device=embeddings.device)
     owner = torch.repeat_interleave(torch.arange(len(sizes), device=embeddings.device), counts)
-    sums = torch.zeros(len(sizes), embeddings.shape[1], device=embeddings.device).index_add_(0, owner, embeddings)
-    return F.normalize(sums / counts[:, None], dim=-1)
+    means = torch.zeros(len(sizes), embeddings.shape[1], device=embeddings.device).index_add_(0, owner, embeddings) / counts[:, None]
+    return F.normalize(means, dim=-1) if normalize else means
 
 
 def read_context_factors(path: str | Path) -> ContextFactors:

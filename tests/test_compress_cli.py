@@ -8,6 +8,7 @@ classifier, onnxruntime outputs against PyTorch, and settings written out by han
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 
@@ -19,7 +20,13 @@ from PIL import Image
 
 import clipforge
 from clipforge.cli import main
-from clipforge.compress.early_exit import load_exit_heads
+from clipforge.cli.compress import early_exit_command
+from clipforge.compress.early_exit import (
+    FIT_STEPS,
+    SYNTHETIC_FIT_IMAGES,
+    fit_exit_heads,
+    load_exit_heads,
+)
 from clipforge.compress.quant.int8 import quantize_dynamic_int8
 from clipforge.compress.records import describe_steps, parse_steps
 from clipforge.compress.reduction.registry import apply_token_reduction, estimate_flops
@@ -196,12 +203,19 @@ def test_openvino_int8_needs_readable_calibration_data(tmp_path, capsys, checkpo
 
 def test_early_exit_trains_and_saves_heads(tmp_path, capsys, base, checkpoint) -> None:
     argv = ("compress", "early-exit", "-m", checkpoint, "-o", tmp_path / "heads.safetensors", "--steps", "3", "--samples", "16",
-            "--batch-size", "8", "--threshold", "0.5", "-d", "synthetic:color")
+            "--train-samples", "16", "--batch-size", "8", "--threshold", "0.5", "-d", "synthetic:color")
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     assert "blocks run" in out and "wall time" in out
     heads, threshold = load_exit_heads(tmp_path / "heads.safetensors", base)
     assert threshold == 0.5 and heads.layers == [0]
+
+
+def test_early_exit_command_defaults_are_the_librarys_training_budget() -> None:
+    """The command's defaults are the budget the slow claim test and the benchmark run (``fit_exit_heads``')."""
+    defaults = {name: p.default for name, p in inspect.signature(early_exit_command).parameters.items()}
+    assert (defaults["steps"], defaults["train_samples"]) == (FIT_STEPS, SYNTHETIC_FIT_IMAGES)
+    assert inspect.signature(fit_exit_heads).parameters["steps"].default == FIT_STEPS
 
 
 def test_report_rows_match_a_hand_computation(tmp_path, capsys, base, checkpoint) -> None:

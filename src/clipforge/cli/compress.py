@@ -217,11 +217,12 @@ def early_exit_command(
     model: ModelOption,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file of exit heads (with the threshold).")],
     data: Annotated[str, typer.Option("--data", "-d", help="synthetic[:task] (heads trained on its train split) or any eval --data (split in halves).")] = "synthetic:shape",
-    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 200,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps.")] = 4000,
     batch_size: BatchSizeOption = 32,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exit when the zero-shot max probability exceeds it.")] = 0.8,
-    samples: Annotated[int, typer.Option(min=4, help="Images per synthetic split.")] = 1000,
+    samples: Annotated[int, typer.Option(min=4, help="Test images of a synthetic task.")] = 1000,
+    train_samples: Annotated[int, typer.Option(min=4, help="Train-split samples of a synthetic task to fit on.")] = 16000,
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
 ) -> None:
@@ -238,7 +239,7 @@ def early_exit_command(
     note = checked_output(out, inputs=[model])
     loaded = load_model(model, config, pretrained)
     dataset = load_dataset(data, samples=samples)
-    fit, test = (dataset.synthetic.dataset("train", samples), dataset) if dataset.synthetic else split_in_two(dataset)
+    fit, test = (dataset.synthetic.dataset("train", train_samples), dataset) if dataset.synthetic else split_in_two(dataset)
     bank = Evaluator(loaded, batch_size=batch_size, workers=0).classifier(test)
     heads = fit_exit_heads(loaded, fit, bank, steps=steps, batch_size=batch_size, lr=lr, progress=True)
     result = evaluate_early_exit(loaded, heads, test, bank, threshold, batch_size=batch_size)

@@ -32,7 +32,7 @@ Modules: ``heads`` (the head modules, ``ExitHeads``, placement defaults and chec
 ``evaluate_early_exit`` against the full model), ``heads_file`` (``save_exit_heads``/``load_exit_heads``,
 format ``clipforge-exit-heads``) and ``batches`` (a dataset's images as pixel batches).
 
-    heads = fit_exit_heads(model, train_set, classifier, steps=200, progress=True)
+    heads = fit_exit_heads(model, train_set, classifier, progress=True)  # 4000 steps
     result = evaluate_early_exit(model, heads, test_set, classifier, threshold=0.8)
     save_exit_heads(heads, "exits.safetensors", threshold=0.8)
     heads, threshold = load_exit_heads("exits.safetensors", model)
@@ -65,6 +65,8 @@ from clipforge.compress.early_exit.heads_file import (
     save_exit_heads,
 )
 from clipforge.compress.early_exit.train import (
+    FIT_STEPS,
+    SYNTHETIC_FIT_IMAGES,
     exit_distillation_loss,
     fit_exit_heads,
     train_exit_heads,
@@ -72,6 +74,7 @@ from clipforge.compress.early_exit.train import (
 
 __all__ = [
     "EXIT_KINDS",
+    "FIT_STEPS",
     "FORMAT",
     "EarlyExitClassifier",
     "EarlyExitEvaluation",
@@ -80,6 +83,7 @@ __all__ = [
     "ExitHeads",
     "GlobalSparseAttention",
     "LocalPerception",
+    "SYNTHETIC_FIT_IMAGES",
     "check_exit_kinds",
     "check_exit_layers",
     "default_exit_kinds",

@@ -9,6 +9,7 @@ model's logit scale. This serves classification against a fixed prompt bank, not
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -132,22 +133,45 @@ def evaluate_early_exit(
     threshold: float,
     *,
     batch_size: int = 32,
+    repeats: int = 5,
 ) -> EarlyExitEvaluation:
     """Classify ``dataset``'s images with ``EarlyExitClassifier`` and with the full model (``classifier`` [D, C]
     for both; its zero-shot head, e.g. ``Evaluator.classifier``): accuracy, agreement, average depth, and both
-    wall times, each batch timed under the one and then the other on the same preprocessed pixels."""
+    wall times on the same preprocessed pixels: each batch runs under the one and then the other ``repeats``
+    times, and the medians per batch add up (both run once untimed first: a path's first call builds its kernels;
+    single timings of a few milliseconds move by 10% on a shared machine)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats: must be a positive integer, got {repeats!r}")
     classify = EarlyExitClassifier(model, heads, classifier, threshold)
-    early, depths, full, seconds, full_seconds = [], [], [], 0.0, 0.0
-    for pixels in pixel_batches(model, dataset.images, batch_size):
-        start = time.perf_counter()
+
+    @torch.inference_mode()
+    def full_model(pixels: torch.Tensor) -> torch.Tensor:
+        return zero_shot_logits(encode_pixels(model, pixels, batch_size), classifier.cpu()).argmax(dim=1)
+
+    def early_exit(pixels: torch.Tensor) -> EarlyExitResult:
         result = classify(pixels)
-        early.append(result.predictions.cpu())  # waits for the device, as encode_pixels does
-        middle = time.perf_counter()
-        with torch.inference_mode():
-            full.append(zero_shot_logits(encode_pixels(model, pixels, batch_size), classifier.cpu()).argmax(dim=1))
-        seconds, full_seconds = seconds + middle - start, full_seconds + time.perf_counter() - middle
-        depths.append(result.depths.cpu())
-    predictions, full_predictions = torch.cat(early), torch.cat(full)
+        result.predictions.cpu()  # waits for the device, as encode_pixels does
+        return result
+
+    early, full, seconds, full_seconds = [], [], 0.0, 0.0
+    for index, pixels in enumerate(pixel_batches(model, dataset.images, batch_size)):
+        if index == 0:  # warm-up, untimed
+            early_exit(pixels)
+            full_model(pixels)
+        early_times, full_times = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = early_exit(pixels)
+            middle = time.perf_counter()
+            answers = full_model(pixels)
+            early_times.append(middle - start)
+            full_times.append(time.perf_counter() - middle)
+        early.append(result)
+        full.append(answers)
+        seconds += statistics.median(early_times)
+        full_seconds += statistics.median(full_times)
+    depths = torch.cat([result.depths.cpu() for result in early])
+    predictions, full_predictions = torch.cat([result.predictions.cpu() for result in early]), torch.cat(full)
     labels = torch.as_tensor(dataset.labels)
     return EarlyExitEvaluation(
         dataset=dataset.name,
@@ -157,7 +181,8 @@ def evaluate_early_exit(
         full_accuracy=(full_predictions == labels).float().mean().item(),
         accuracy=(predictions == labels).float().mean().item(),
         agreement=(predictions == full_predictions).float().mean().item(),
-        average_depth=torch.cat(depths).float().mean().item(),
+        average_depth=depths.float().mean().item(),
         seconds=seconds,
         full_seconds=full_seconds,
     )
+

@@ -78,11 +78,25 @@ class LocalPerception(nn.Module):
         self.conv2 = nn.Sequential(nn.Conv2d(width, width, 1), nn.BatchNorm2d(width))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """The stages on the token layout: each 1×1 convolution as a matrix product over the patches (its
+        BatchNorm sees them as a batch of 1×1 maps: the same statistics), the depthwise one on a channels-last
+        view of the grid; the convolutions' layout changes cost more than their arithmetic on small grids."""
         batch, count, width = patches.shape
         grid = patch_grid(count)
-        x = patches.transpose(1, 2).reshape(batch, width, grid, grid)
-        x = self.conv2(self.depthwise(self.conv1(x)))
-        return x.flatten(2).transpose(1, 2) + patches
+        x = _pointwise(self.conv1, patches.reshape(-1, width))
+        if isinstance(self.depthwise, nn.Sequential):
+            x = self.depthwise(x.view(batch, grid, grid, width).permute(0, 3, 1, 2))
+            x = x.permute(0, 2, 3, 1).reshape(-1, width)
+        return _pointwise(self.conv2, x).view(batch, count, width) + patches
+
+
+def _pointwise(stage: nn.Sequential, rows: torch.Tensor) -> torch.Tensor:
+    """``stage`` (a 1×1 ``Conv2d`` and what follows it) on ``rows`` [positions, channels]."""
+    convolution, *rest = stage
+    x = F.linear(rows, convolution.weight.flatten(1), convolution.bias).view(*rows.shape, 1, 1)
+    for layer in rest:
+        x = layer(x)
+    return x.view(rows.shape)
 
 
 class GlobalSparseAttention(nn.Module):

@@ -39,6 +39,15 @@ from clipforge.models.vit import VisionTransformer, image_tower
 if TYPE_CHECKING:
     from clipforge.eval.datasets import ClassificationDataset
 
+# The default training budget. LGViT trains its heads to convergence (50 epochs at 5e-5); ours is the budget past
+# which doubling it gains less than a point of accuracy kept, measured on the demo model and the synthetic world's
+# val split (task shape, threshold 0.8, batches of 32; the full model 82%). Steps / train samples:
+# accuracy kept, blocks run of 4, and each exit's accuracy alone (after blocks 1, 2, 3):
+#   200 / 1000: exits 43%, 59%, 72%;  2000 / 8000: 0.961, 1.78 blocks, exits 72%, 70%, 78%;
+#   4000 / 16000: 0.980, 1.76, exits 74%, 73%, 78%;  8000 / 32000: 0.988, 1.68, exits 77%, 77%, 80%.
+FIT_STEPS = 4000
+SYNTHETIC_FIT_IMAGES = 16000  # samples of a synthetic task's train split to learn from (those the task can label)
+
 
 @torch.no_grad()
 def _frozen_pass(
@@ -163,7 +172,7 @@ def fit_exit_heads(
     dataset: ClassificationDataset,
     text_bank: torch.Tensor | None = None,
     *,
-    steps: int = 200,
+    steps: int = FIT_STEPS,
     batch_size: int = 32,
     lr: float = 1e-3,
     layers: Sequence[int] | None = None,

@@ -50,6 +50,8 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def report(title: str, columns: list[str], rows: list[list[Any]], figures: dict[str, Any]) -> None:
-    """The table on stdout, then the JSON line (always the last line)."""
-    print_table(title, columns, rows)
+    """The table on stdout (none without rows: e.g. sections without a headline figure), then the JSON line
+    (always the last line)."""
+    if rows:
+        print_table(title, columns, rows)
     print(json.dumps(figures), flush=True)

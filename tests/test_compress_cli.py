@@ -203,7 +203,7 @@ def test_openvino_int8_needs_readable_calibration_data(tmp_path, capsys, checkpo
 
 def test_early_exit_trains_and_saves_heads(tmp_path, capsys, base, checkpoint) -> None:
     argv = ("compress", "early-exit", "-m", checkpoint, "-o", tmp_path / "heads.safetensors", "--steps", "3", "--samples", "16",
-            "--train-samples", "16", "--batch-size", "8", "--threshold", "0.5", "-d", "synthetic:color")
+            "--train-samples", "16", "--repeats", "1", "--batch-size", "8", "--threshold", "0.5", "-d", "synthetic:color")
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     assert "blocks run" in out and "wall time" in out

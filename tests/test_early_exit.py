@@ -415,6 +415,9 @@ def test_bad_settings_are_config_errors_naming_the_field(tiny, pixels, classifie
         EarlyExitClassifier(tiny, heads, classifier.T, 0.5)
     with pytest.raises(ConfigError, match="steps"):
         train_exit_heads(tiny, heads, [pixels], steps=0)
+    for repeats in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="repeats"):
+            evaluate_early_exit(tiny, heads, load_dataset("synthetic:color", samples=4), classifier, 0.5, repeats=repeats)
     with pytest.raises(ConfigError, match="distill_weight"):
         train_exit_heads(tiny, heads, [pixels], steps=1, text_bank=classifier, distill_weight=1.5)
     with pytest.raises(InputError, match="ran out after 1 of 2"):

@@ -223,6 +223,7 @@ def early_exit_command(
     threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Exit when the zero-shot max probability exceeds it.")] = 0.8,
     samples: Annotated[int, typer.Option(min=4, help="Test images of a synthetic task.")] = 1000,
     train_samples: Annotated[int, typer.Option(min=4, help="Train-split samples of a synthetic task to fit on.")] = 16000,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each test batch under both (medians).")] = 5,
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
 ) -> None:
@@ -242,7 +243,7 @@ def early_exit_command(
     fit, test = (dataset.synthetic.dataset("train", train_samples), dataset) if dataset.synthetic else split_in_two(dataset)
     bank = Evaluator(loaded, batch_size=batch_size, workers=0).classifier(test)
     heads = fit_exit_heads(loaded, fit, bank, steps=steps, batch_size=batch_size, lr=lr, progress=True)
-    result = evaluate_early_exit(loaded, heads, test, bank, threshold, batch_size=batch_size)
+    result = evaluate_early_exit(loaded, heads, test, bank, threshold, batch_size=batch_size, repeats=repeats)
     save_exit_heads(heads, out, threshold)
     depth, blocks = result.average_depth, result.blocks
     table = table_of("", "accuracy", "agrees with full", "blocks run", "wall time", title=escape(f"early exit on {result.dataset}"))

@@ -7,8 +7,9 @@ Each ``nn.Linear`` inside the two transformers (q, k, v after ``split_attention`
 both MLP layers) becomes ``SingularValueLinear``: ``x ↦ U ((Vᵀ x) ⊙ s) + b`` at full rank from ``torch.linalg.svd``,
 U, V and b frozen, so the model reproduces its outputs before training (to rounding). AdamW lr 5e-4, weight
 decay 0.01, cosine to 1e-6 over ``200 × K`` iterations of 32 images (RandomResizedCrop(scale 0.08–1) and flip),
-CE on ``exp(logit_scale) · cos``. The trained factors are multiplied back and the attention fused again: the
-result is a plain clipforge checkpoint.
+CE on ``exp(logit_scale) · cos`` (the model's own scale, as the official ``main.py`` takes for
+BiomedCLIP; its 100 for OpenAI CLIP is that model's ``exp(logit_scale)``). The trained factors are multiplied
+back and the attention fused again: the result is a plain clipforge checkpoint.
 
 Differences: the SVD is computed in float64 (the official code calls ``torch.svd`` in float32); class embeddings
 average the dataset's templates (one template: the official code's single prompt); fp32 unless ``amp``.

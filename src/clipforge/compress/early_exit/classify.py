@@ -143,10 +143,11 @@ def evaluate_early_exit(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats: must be a positive integer, got {repeats!r}")
     classify = EarlyExitClassifier(model, heads, classifier, threshold)
+    bank = classifier.cpu()  # encode_pixels answers on the CPU
 
     @torch.inference_mode()
     def full_model(pixels: torch.Tensor) -> torch.Tensor:
-        return zero_shot_logits(encode_pixels(model, pixels, batch_size), classifier.cpu()).argmax(dim=1)
+        return zero_shot_logits(encode_pixels(model, pixels, batch_size), bank).argmax(dim=1)
 
     def early_exit(pixels: torch.Tensor) -> EarlyExitResult:
         result = classify(pixels)
@@ -185,4 +186,3 @@ def evaluate_early_exit(
         seconds=seconds,
         full_seconds=full_seconds,
     )
-

@@ -25,9 +25,12 @@ from clipforge.compress.early_exit import (
     SYNTHETIC_FIT_IMAGES,
     EarlyExitClassifier,
     ExitHeads,
+    FoldedLocalPerception,
+    GlobalSparseAttention,
     evaluate_early_exit,
     exit_distillation_loss,
     fit_exit_heads,
+    fold_batch_norms,
     load_exit_heads,
     save_exit_heads,
     subsample_grid,
@@ -146,6 +149,25 @@ def test_local_perception_trains_as_its_convolutions_on_the_grid(tiny, pixels) -
         torch.testing.assert_close(parameter.grad, twin.grad, atol=1e-5 * scale, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     for (name, buffer), twin in zip(mixer.named_buffers(), reference.buffers(), strict=True):
         torch.testing.assert_close(buffer, twin, msg=lambda m: f"{name}: {m}")
+
+
+@torch.no_grad()
+def test_folded_heads_answer_as_the_eval_mode_heads_and_leave_them_untouched(tiny, pixels) -> None:
+    """BatchNorms folded into the convolutions (``fold_batch_norms``) against PyTorch's own eval-mode modules, on
+    every head kind; the zero-padded depthwise stage makes the folded bias differ at the grid's border."""
+    heads = perturbed_heads(tiny, kinds=["local", "local-pointwise", "global-s2"]).train()
+    before = {name: tensor.clone() for name, tensor in heads.state_dict().items()}
+    folded = fold_batch_norms(heads, tiny.visual.grid_size)
+    assert heads.training and all(torch.equal(before[name], t) for name, t in heads.state_dict().items())
+    assert not folded.training and not any(parameter.requires_grad for parameter in folded.parameters())
+    assert [type(head.mixer) for head in folded.exits.values()] == [FoldedLocalPerception] * 2 + [GlobalSparseAttention]
+    bias = folded.exits["0"].mixer.depthwise_bias
+    assert not torch.allclose(bias[:, 0, 0], bias[:, 1, 1])  # a corner tap reads padding, an inner one the shift
+    heads.eval()
+    for layer in heads.layers:
+        tokens = tokens_after(tiny, pixels, layer)
+        for ours, reference in zip(folded(layer, tokens), heads(layer, tokens), strict=True):
+            torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

@@ -28,7 +28,8 @@ global heads use the tower's head count (LGViT: 8), and the layer placement and 
 12-block tables (they match them for 2, 4 and 8 exits).
 
 Modules: ``heads`` (the head modules, ``ExitHeads``, placement defaults and checks), ``train`` (the loss,
-``train_exit_heads`` and ``fit_exit_heads`` on a dataset), ``classify`` (``EarlyExitClassifier`` and
+``train_exit_heads`` and ``fit_exit_heads`` on a dataset), ``fold`` (inference copies of the heads with their
+BatchNorms folded), ``classify`` (``EarlyExitClassifier`` and
 ``evaluate_early_exit`` against the full model), ``heads_file`` (``save_exit_heads``/``load_exit_heads``,
 format ``clipforge-exit-heads``) and ``batches`` (a dataset's images as pixel batches).
 
@@ -46,6 +47,7 @@ from clipforge.compress.early_exit.classify import (
     EarlyExitResult,
     evaluate_early_exit,
 )
+from clipforge.compress.early_exit.fold import FoldedLocalPerception, fold_batch_norms
 from clipforge.compress.early_exit.heads import (
     EXIT_KINDS,
     ExitHead,
@@ -81,6 +83,7 @@ __all__ = [
     "EarlyExitResult",
     "ExitHead",
     "ExitHeads",
+    "FoldedLocalPerception",
     "GlobalSparseAttention",
     "LocalPerception",
     "SYNTHETIC_FIT_IMAGES",
@@ -91,6 +94,7 @@ __all__ = [
     "evaluate_early_exit",
     "exit_distillation_loss",
     "fit_exit_heads",
+    "fold_batch_norms",
     "load_exit_heads",
     "patch_grid",
     "pixel_batches",

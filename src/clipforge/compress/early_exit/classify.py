@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from clipforge.compress.early_exit.batches import pixel_batches
+from clipforge.compress.early_exit.fold import fold_batch_norms
 from clipforge.compress.early_exit.heads import (
     ExitHeads,
     check_bank,
@@ -53,7 +54,8 @@ class EarlyExitClassifier:
     exceeds ``threshold``. Others go on; after the last block the model's own embedding decides. Images that
     leave are dropped from the batch, so each later block runs on the images still in: the depths are the
     compute spent, and every image's answer is the one it gets alone (LGViT evaluates one image at a time).
-    Puts model and heads in eval mode.
+    Puts the model in eval mode; runs a copy of ``heads`` made at construction, with their BatchNorms folded
+    (``fold_batch_norms``): later changes to ``heads`` need a new classifier.
     """
 
     def __init__(
@@ -68,7 +70,7 @@ class EarlyExitClassifier:
         self.tower = image_tower(model)
         if heads.num_layers != self.tower.cfg.layers:
             raise ConfigError(f"heads: made for a {heads.num_layers}-block tower, the model has {self.tower.cfg.layers}")
-        self.heads = heads.eval()
+        self.heads = fold_batch_norms(heads, self.tower.grid_size)
         model.eval()
         self.classifier = check_bank("classifier", classifier, heads).to(self.tower.proj.device)
         self.threshold = check_number("threshold", threshold, 0.0)

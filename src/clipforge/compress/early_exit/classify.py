@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -139,8 +139,8 @@ def evaluate_early_exit(
 ) -> EarlyExitEvaluation:
     """Classify ``dataset``'s images with ``EarlyExitClassifier`` and with the full model (``classifier`` [D, C]
     for both; its zero-shot head, e.g. ``Evaluator.classifier``): accuracy, agreement, average depth, and both
-    wall times on the same preprocessed pixels: each batch runs under the one and then the other ``repeats``
-    times, and the medians per batch add up (both run once untimed first: a path's first call builds its kernels;
+    wall times on the same preprocessed pixels: each batch runs under both ``repeats`` times, in turn, the order
+    swapped each time, and the medians per batch add up (both run once untimed first: a path's first call builds its kernels;
     single timings of a few milliseconds move by 10% on a shared machine)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats: must be a positive integer, got {repeats!r}")
@@ -156,23 +156,23 @@ def evaluate_early_exit(
         result.predictions.cpu()  # waits for the device, as encode_pixels does
         return result
 
+    paths = {"early": early_exit, "full": full_model}
     early, full, seconds, full_seconds = [], [], 0.0, 0.0
     for index, pixels in enumerate(pixel_batches(model, dataset.images, batch_size)):
         if index == 0:  # warm-up, untimed
             early_exit(pixels)
             full_model(pixels)
-        early_times, full_times = [], []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = early_exit(pixels)
-            middle = time.perf_counter()
-            answers = full_model(pixels)
-            early_times.append(middle - start)
-            full_times.append(time.perf_counter() - middle)
-        early.append(result)
-        full.append(answers)
-        seconds += statistics.median(early_times)
-        full_seconds += statistics.median(full_times)
+        outputs: dict[str, Any] = {}
+        times: dict[str, list[float]] = {"early": [], "full": []}
+        for repeat in range(repeats):
+            for name in ("early", "full") if repeat % 2 == 0 else ("full", "early"):  # neither always goes first
+                start = time.perf_counter()
+                outputs[name] = paths[name](pixels)
+                times[name].append(time.perf_counter() - start)
+        early.append(outputs["early"])
+        full.append(outputs["full"])
+        seconds += statistics.median(times["early"])
+        full_seconds += statistics.median(times["full"])
     depths = torch.cat([result.depths.cpu() for result in early])
     predictions, full_predictions = torch.cat([result.predictions.cpu() for result in early]), torch.cat(full)
     labels = torch.as_tensor(dataset.labels)

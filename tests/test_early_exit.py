@@ -371,6 +371,22 @@ def test_fit_and_evaluate_on_a_dataset_are_the_pieces_run_by_hand(tiny) -> None:
     assert result.seconds > 0 and result.full_seconds > 0 and result.speedup == result.full_seconds / result.seconds
 
 
+def test_evaluation_times_each_batch_with_either_path_first(tiny, monkeypatch) -> None:
+    """An untimed warm-up on the first batch, then ``repeats`` rounds per batch whose order alternates: neither
+    path always runs on a machine the other has just warmed."""
+    from clipforge.compress.early_exit import classify
+
+    calls: list[str] = []
+    early_call, encode = classify.EarlyExitClassifier.__call__, classify.encode_pixels
+    monkeypatch.setattr(classify.EarlyExitClassifier, "__call__", lambda *args: calls.append("early") or early_call(*args))
+    monkeypatch.setattr(classify, "encode_pixels", lambda *args: calls.append("full") or encode(*args))
+    task = load_dataset("synthetic:color", samples=16)
+    bank = build_zero_shot_classifier(tiny, task.classnames, task.templates).float()
+    evaluate_early_exit(tiny, ExitHeads(tiny), task, bank, 0.5, batch_size=len(task.images) // 2 + 1, repeats=3)
+    rounds = ["early", "full", "full", "early", "early", "full"]
+    assert calls == ["early", "full"] + rounds + rounds
+
+
 # ---------------------------------------------------------------- saving
 
 

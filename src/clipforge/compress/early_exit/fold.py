@@ -45,7 +45,8 @@ class FoldedLocalPerception(nn.Module):
             self.register_buffer("depthwise_bias", _depthwise(shift_map, depthwise.weight, depthwise.bias)[0])
             scale2, shift2 = _affine(norm2)
         else:
-            self.depthwise_weight = self.depthwise_bias = None
+            self.register_buffer("depthwise_weight", None)
+            self.register_buffer("depthwise_bias", None)
             scale2, shift2 = scale1, shift1
         weight2 = conv2.weight.flatten(1)
         scale3, shift3 = _affine(norm3)

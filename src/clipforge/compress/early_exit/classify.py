@@ -140,8 +140,8 @@ def evaluate_early_exit(
     """Classify ``dataset``'s images with ``EarlyExitClassifier`` and with the full model (``classifier`` [D, C]
     for both; its zero-shot head, e.g. ``Evaluator.classifier``): accuracy, agreement, average depth, and both
     wall times on the same preprocessed pixels: each batch runs under both ``repeats`` times, in turn, the order
-    swapped each time, and the medians per batch add up (both run once untimed first: a path's first call builds its kernels;
-    single timings of a few milliseconds move by 10% on a shared machine)."""
+    swapped each time, and the medians per batch add up (both run once untimed first: a path's first call builds
+    its kernels; single timings of a few milliseconds move by 10% on a shared machine)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats: must be a positive integer, got {repeats!r}")
     classify = EarlyExitClassifier(model, heads, classifier, threshold)

@@ -6,7 +6,7 @@ the program's history (mallopt(3)). An inference loop frees and allocates the sa
 the kernel may hand out and zero fresh pages on every call. Fixing the thresholds, ``MALLOC_MMAP_THRESHOLD_`` at
 glibc's 64-bit maximum (32 MiB) and ``MALLOC_TRIM_THRESHOLD_`` at 1 GiB, keeps the pages, at the price of a
 process that holds on to its peak memory. glibc reads them when the process starts, so each setting runs in its
-own child process, the two in turn (default, fixed, default, ...) for ``--rounds``; a child encodes one batch of
+own child process, the two in turn, the order swapped each round, for ``--rounds``; a child encodes one batch of
 random pixels (seed 0) after 3 untimed calls and reports the median of 15 timed ones; the table gives the median
 over rounds. Decided before the first run: the figure is ``fixed_over_default`` (speed-up) on the demo's
 ``synthetic-tiny`` config at batch 32, and on ViT-B-32 at batch 32.
@@ -67,10 +67,11 @@ def main() -> None:
     limits = machine_limits(args.quick)
     print_machine(limits)
     rounds = 2 if args.quick else args.rounds
+    settings = {"default": {}, "fixed": FIXED}
     milliseconds: dict[str, list[float]] = {"default": [], "fixed": []}
-    for _ in range(rounds):
-        milliseconds["default"].append(child_milliseconds(args.model, args.batch, {}))
-        milliseconds["fixed"].append(child_milliseconds(args.model, args.batch, FIXED))
+    for round_ in range(rounds):
+        for name in ("default", "fixed") if round_ % 2 == 0 else ("fixed", "default"):
+            milliseconds[name].append(child_milliseconds(args.model, args.batch, settings[name]))
     default, fixed = (statistics.median(milliseconds[name]) for name in ("default", "fixed"))
     rows = [
         ["glibc default", f"{default:.2f}", f"{1e3 * args.batch / default:.0f}", "1.00x"],
@@ -86,6 +87,7 @@ def main() -> None:
         "default_ms": round(default, 3),
         "fixed_ms": round(fixed, 3),
         "fixed_over_default": round(default / fixed, 3),
+        "rounds_ms": {name: [round(value, 3) for value in values] for name, values in milliseconds.items()},
         "gemm_gflops": limits["gemm_gflops"],
         "cpu": limits["cpu"],
         "isa": limits["isa"],

@@ -3,7 +3,8 @@
 In eval mode a BatchNorm is the per-channel affine map ``x·a + b`` (``a = γ/√(var + ε)``, ``b = β − mean·a``), so
 it merges into the linear map next to it: the standard convolution–BatchNorm fusion (Jacob et al., "Quantization
 and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", CVPR 2018, §3.2; PyTorch's
-``torch.nn.utils.fusion.fuse_conv_bn_eval``) for a BatchNorm after a convolution, and its mirror for one before.
+``torch.nn.utils.fusion.fuse_conv_bn_weights``, used here) for a BatchNorm after a convolution, and its mirror for
+one before.
 LGViT's local perception head (``LocalPerception``) has three, each a full pass over the head's tokens:
 
 - after the last 1×1 convolution: into that convolution (``W ← diag(a)·W``, ``c ← a·c + b``);
@@ -23,6 +24,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from clipforge.compress.early_exit.heads import ExitHeads, LocalPerception
 
@@ -49,9 +51,11 @@ class FoldedLocalPerception(nn.Module):
             self.register_buffer("depthwise_bias", None)
             scale2, shift2 = scale1, shift1
         weight2 = conv2.weight.flatten(1)
-        scale3, shift3 = _affine(norm3)
-        self.register_buffer("weight2", scale3[:, None] * weight2 * scale2)
-        self.register_buffer("bias2", scale3 * (conv2.bias + weight2 @ shift2) + shift3)
+        weight2, bias2 = fuse_conv_bn_weights(
+            weight2 * scale2, conv2.bias + weight2 @ shift2, norm3.running_mean, norm3.running_var, norm3.eps, norm3.weight, norm3.bias
+        )
+        self.register_buffer("weight2", weight2.detach())
+        self.register_buffer("bias2", bias2.detach())
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         batch, count, width = patches.shape

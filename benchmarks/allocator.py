@@ -51,7 +51,11 @@ def time_encoding(model_name: str, batch: int) -> float:
 def child_milliseconds(model_name: str, batch: int, environment: dict[str, str]) -> float:
     command = [sys.executable, __file__, "--child", "--model", model_name, "--batch", str(batch)]
     env = {name: value for name, value in os.environ.items() if name not in FIXED} | environment
-    return float(subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    child = subprocess.run(command, env=env, capture_output=True, text=True)
+    if child.returncode != 0:
+        lines = child.stderr.strip().splitlines() or [f"exit status {child.returncode}"]
+        sys.exit(f"allocator.py: the timing child failed: {lines[-1]}")
+    return float(child.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -61,6 +65,8 @@ def main() -> None:
     arguments.add_argument("--rounds", type=int, default=5)
     arguments.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = arguments.parse_args()
+    if args.batch < 1 or args.rounds < 1:
+        arguments.error("--batch and --rounds must be positive")
     if args.child:
         print(f"{time_encoding(args.model, args.batch):.4f}")
         return

@@ -24,7 +24,8 @@ import clipforge
 
 GOOD_CONFIG = Path(__file__).resolve().parents[1] / "src" / "clipforge" / "configs" / "synthetic-tiny.toml"
 BAD_IMAGES = ("corrupt.jpg", "truncated.png", "empty.png", "notes.png")
-BAD_CHECKPOINTS = ("random.safetensors", "truncated.safetensors", "pickled.pt", "badmeta.safetensors", "missing.safetensors")
+BAD_CHECKPOINTS = ("random.safetensors", "truncated.safetensors", "pickled.pt", "badmeta.safetensors", "missing.safetensors",
+                   "notes.txt", "picture.png", "damaged.pt")  # the last three: neither a safetensors header nor a torch.save file
 BAD_CONFIGS = {
     "lr-inf.toml": ('[optimizer]\nlr = inf\n', "lr"),
     "lr-nan.toml": ('[optimizer]\nlr = nan\n', "lr"),
@@ -66,6 +67,9 @@ def corpus(tmp_path_factory) -> Path:
     (bad / "random.safetensors").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)).numpy().tobytes())
     (bad / "truncated.safetensors").write_bytes(weights[: len(weights) // 2])
     torch.save({"state_dict": clipforge.load(model).state_dict(), "args": argparse.Namespace(lr=0.1)}, bad / "pickled.pt")  # not weights-only
+    (bad / "notes.txt").write_text("hello\n")  # read as a pickle, these bytes raise KeyError
+    (bad / "picture.png").write_bytes(png)
+    (bad / "damaged.pt").write_bytes(b"\x80\x02" + bytes(range(40)))  # a pickle's first bytes, then garbage
     header_size = struct.unpack("<Q", weights[:8])[0]
     header = json.loads(weights[8 : 8 + header_size])
     header["__metadata__"] = {key: "{not json" for key in header.get("__metadata__", {"config": ""})}
@@ -159,6 +163,8 @@ def cases() -> list[tuple[str, object]]:
         ("index-store-with-a-model", lambda c, out: (("index", str(c / "store"), "--model", "synthetic-tiny"), ("--model", "embedding store"))),
         ("missing-search-index", lambda c, out: (("search", "red", "--index", missing(c)), ("no-such-path",))),
         ("missing-serve-index", lambda c, out: (("serve", "--index", missing(c)), ("no-such-path",))),
+        ("eval-unbalanced-braces", lambda c, out: (("eval", "zeroshot", "--model", m(c), "--data", str(c / "shards" / "{0..2.tar")), ("{0..2.tar", "braces"))),
+        ("emoji-code-in-a-path", lambda c, out: (("info", str(c / "x:cat:y.pt")), ("x:cat:y.pt",))),  # not rendered as an emoji
         ("missing-eval-data", lambda c, out: (("eval", "zeroshot", "--model", m(c), "--data", missing(c)), ("no-such-path",))),
         ("missing-adapt-train", lambda c, out: (("adapt", "tip-adapter", "--model", m(c), "--train", missing(c), "--shots", "1", "--out", str(out / "a")), ("no-such-path",))),
         ("missing-reinforce-input", lambda c, out: (("data", "reinforce", missing(c), "--teacher", m(c), "--out", str(out / "r")), ("no-such-path",))),

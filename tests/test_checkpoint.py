@@ -29,6 +29,15 @@ def test_clipforge_round_trip_keeps_weights_config_and_preprocessing(tmp_path, t
     assert loaded.provenance["trained_on"] == "synthetic"
 
 
+def test_a_safetensors_file_is_read_whatever_its_name(tmp_path, tiny) -> None:
+    """The format is told by the file's bytes: a clipforge checkpoint renamed to .bin or to no suffix loads."""
+    written = clipforge.save(tiny, tmp_path / "m.safetensors").read_bytes()
+    for name in ("m.bin", "m"):
+        (tmp_path / name).write_bytes(written)
+        loaded = clipforge.load(tmp_path / name)
+        assert same_weights(loaded, tiny) and loaded.config == tiny.config
+
+
 def test_training_checkpoint_with_module_prefix(tmp_path, tiny) -> None:
     wrapped = {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in tiny.state_dict().items()}}
     torch.save(wrapped, tmp_path / "epoch_3.pt")

@@ -23,8 +23,8 @@ from rich.text import Text
 
 from clipforge._util.fileio import printable
 
-console = Console()
-error_console = Console(stderr=True)
+console = Console(emoji=False)  # ":cat:" in a path or an error stays text
+error_console = Console(stderr=True, emoji=False)
 
 
 def say(text: str) -> None:

@@ -25,33 +25,72 @@ CUSTOM_TEXT_KEYS = ("positional_embedding", "token_embedding.", "transformer.", 
 IGNORED_KEYS = ("attn_mask", "text.transformer.embeddings.position_ids")
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive (PyTorch >= 1.6)
+PICKLE_MAGIC = b"\x80"  # a pickle of protocol 2 or later: torch.save's legacy format
+
+
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a weights file; one-line ``CheckpointError`` when it is not one."""
+    """Tensors and string metadata of a weights file; one-line ``CheckpointError`` when it is not one.
+
+    The format is told by the file's first bytes, not its name: safetensors (an 8-byte header length, then the
+    JSON header), a ``torch.save`` archive or legacy pickle; anything else (an image, a text file, a tar
+    archive) is refused before a reader guesses at it.
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
+    head = _first_bytes(path, 9)
+    if path.suffix == ".safetensors" or _is_safetensors(head, path):
+        return _read_safetensors(path)
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        raise CheckpointError(
+            f"{path}: not a checkpoint (expected a .safetensors file, a torch.save file such as .pt/.pth/.bin, or a "
+            "checkpoint directory)"
+        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error) and "Unsupported class" not in str(error):
+            raise CheckpointError(f"{path}: not a readable checkpoint (a damaged pickle)") from None
         raise CheckpointError(
             f"{path}: refused: it holds pickled Python objects besides tensors, and unpickling can run code; if you trust "
             "the file, convert it once (torch.load(path, weights_only=False), then safetensors.torch.save_file of its "
             "state dict; docs/models.md shows how)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as error:
         if "TorchScript" in str(error) or "constants.pkl" in str(error):
             raise CheckpointError(
                 f"{path}: a TorchScript (JIT) archive; clipforge never runs pickled code — export its state_dict()"
             ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(error)[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_shortened(one_line(error))})") from None
     return _unwrap(loaded, path), {}
+
+
+def _first_bytes(path: Path, count: int) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(count)
+    except OSError as error:
+        raise CheckpointError(f"{path}: unreadable ({one_line(error)})") from None
+
+
+def _is_safetensors(head: bytes, path: Path) -> bool:
+    """A safetensors file begins with its JSON header's length (little-endian u64) and then ``{``."""
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    """``text`` cut at a word boundary before ``limit`` characters, with an ellipsis when cut."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
 REQUIRED = object()

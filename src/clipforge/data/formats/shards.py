@@ -130,7 +130,14 @@ class ShardIndex:
 def expand_shards(shards: str | Sequence[str]) -> list[str]:
     """Shard paths from brace patterns (``"data/{00000..00009}.tar"``), ``::``-joined lists or a list."""
     patterns = shards.split(SOURCE_LIST_SEPARATOR) if isinstance(shards, str) else list(shards)
-    return [path for pattern in patterns for path in braceexpand.braceexpand(pattern)]
+    return [path for pattern in patterns for path in _expanded(pattern)]
+
+
+def _expanded(pattern: str) -> list[str]:
+    try:
+        return list(braceexpand.braceexpand(pattern))
+    except braceexpand.UnbalancedBracesError:
+        raise InputError(f"{pattern}: unbalanced braces (a shard pattern reads like data/{{00000..00009}}.tar)") from None
 
 
 def offset_index_path(shard: Path) -> Path:

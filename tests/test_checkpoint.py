@@ -50,7 +50,7 @@ def test_bare_state_dict_needs_activation(tmp_path) -> None:
     with pytest.raises(CheckpointError) as error:
         clipforge.load(tmp_path / "bare.bin")
     message = str(error.value)
-    assert "\n" not in message and "'ViT-B-32'" in message and "'ViT-B-32-quickgelu'" in message
+    assert "\n" not in message and "'ViT-B-32'" in message and "'ViT-B-32-quickgelu'" in message and "--config" in message
 
 
 def test_openai_layout_is_quick_gelu_with_inferred_config(tmp_path) -> None:

@@ -187,6 +187,9 @@ def _load_file(path: Path, explicit: ModelConfig | None, image_size: int | None)
     return model, None
 
 
+NAME_THE_CONFIG = "name it with --config (config= in Python):"
+
+
 def _config_from(values: Any, name: str | None, source: Path) -> ModelConfig:
     """A model config from a checkpoint's JSON; its errors name the checkpoint."""
     if not isinstance(values, dict):
@@ -203,14 +206,16 @@ def _config_for_bare_state(state: dict[str, torch.Tensor], layout: str, path: Pa
     try:
         shape_only = infer_architecture(state, activation="gelu")
     except ConfigError as error:
-        raise CheckpointError(f"{path}: the architecture cannot be read off this {layout} state dict ({error}); pass config=") from None
+        raise CheckpointError(
+            f"{path}: the architecture cannot be read off this {layout} state dict ({error}); {NAME_THE_CONFIG} a config"
+        ) from None
     matches = [name for name in list_models() if _same_architecture(get_model_config(name), shape_only)]
     if layout == "openai":  # every OpenAI release was trained with QuickGELU
         named = [m for m in matches if get_model_config(m).activation == "quick_gelu"]
         return get_model_config(named[0]) if named else infer_architecture(state, activation="quick_gelu")
-    hint = " or ".join(f"config={m!r}" for m in matches) or "config='my-model.json' (with an explicit activation)"
+    hint = " or ".join(repr(m) for m in matches) or "a config JSON file with an explicit activation"
     raise CheckpointError(
-        f"{path}: a bare {layout} state dict does not record its activation (gelu or quick_gelu); pass {hint}"
+        f"{path}: a bare {layout} state dict does not record its activation (gelu or quick_gelu); {NAME_THE_CONFIG} {hint}"
     )
 
 

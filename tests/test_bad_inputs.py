@@ -228,7 +228,7 @@ def test_a_bad_input_is_one_line_naming_it_and_changes_nothing(build, corpus, tm
     def no_server(*_, **__):
         raise AssertionError("the server started: the bad input was not refused")
 
-    monkeypatch.setattr(uvicorn, "run", no_server)
+    monkeypatch.setattr(uvicorn.Server, "run", no_server)
     argv, names = build(corpus, tmp_path)
     before = digests(corpus)
     code, out, err = run(capsys, *argv)

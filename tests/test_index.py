@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import faiss
 import numpy as np
 import pyarrow as pa
@@ -185,6 +187,17 @@ def test_choose_index_respects_flat_limit_and_rejects_impossible_budgets():
     with pytest.raises(ConfigError) as error:
         choose_index(100_000_000, 512, GiB)
     assert "too small" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_budget_too_small_prints_sizes_that_show_the_numbers():
+    with pytest.raises(ConfigError) as error:
+        choose_index(200, 128, 1000)
+    units = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": GiB}
+    budget, needed = [float(number) * units[unit] for number, unit in re.findall(r"([\d.]+) (B|KiB|MiB|GiB)\b", str(error.value))]
+    assert budget == 1000
+    choose_index(200, 128, int(needed * 1.01))  # the size it asks for (to its printed precision) is enough
+    with pytest.raises(ConfigError):
+        choose_index(200, 128, int(needed * 0.99))
 
 
 # --- build, tune, search -----------------------------------------------------------------------------------

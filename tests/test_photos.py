@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import typer
+from conftest import run_cli
 from PIL import Image
 
 import clipforge
@@ -208,3 +209,35 @@ def test_excluded_folders_are_left_out_and_dropped(tmp_path, tiny):
     update = update_photo_store(folder, model, reference, workers=0, progress=False, exclude_dirs=["trip"])
     assert (update.unchanged, update.removed) == (4, 2)
     assert sorted(stored(folder / ".clipforge")) == ["a.png", "b.png", "c.png", "d.png"]
+
+
+def test_unreadable_photos_are_reported_once_and_not_read_again(tmp_path, tiny, capsys):
+    model_path, _ = tiny
+    folder = make_folder(tmp_path / "Photos")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG not really")
+    code, _, err = run_cli(capsys, "index", folder, "--model", model_path, "--workers", "0")
+    assert code == 0 and err.count("corrupt.png") == 1
+    search = ("search", "a red circle", "--index", folder, "--workers", "0", "-f")
+    code, out, err = run_cli(capsys, *search)
+    assert code == 0 and len(out.split()) == 6 and not err  # nothing changed: quiet, and corrupt.png is not decoded again
+    (folder / "worse.png").write_bytes(b"\x89PNG not either")
+    code, _, err = run_cli(capsys, *search)
+    assert code == 0 and "worse.png" in err and "2 unreadable" in err  # a new problem is said once
+    code, _, err = run_cli(capsys, *search)
+    assert code == 0 and not err
+    code, _, err = run_cli(capsys, "index", folder, "--workers", "0")  # index lists them every time
+    assert code == 0 and err.count("corrupt.png") == 1 and err.count("worse.png") == 1
+
+
+@pytest.mark.parametrize("content", [{}, {"corrupt.png": b"\x89PNG not really"}])
+def test_a_folder_without_a_readable_photo_is_refused_in_one_line(tmp_path, tiny, capsys, content):
+    model_path, _ = tiny
+    folder = tmp_path / "Empty"
+    folder.mkdir()
+    for name, data in content.items():
+        (folder / name).write_bytes(data)
+    code, out, err = run_cli(capsys, "index", folder, "--model", model_path, "--workers", "0")
+    line = err.splitlines()[-1]  # after the progress bar of the photos it tried
+    assert code == 2 and not out and err.count("error:") == 1 and line.startswith("error:")
+    assert str(folder) in line and "no readable images" in line and all(name in line for name in content)
+    assert sorted(path.name for path in folder.iterdir()) == sorted(content)  # no store made

@@ -1,12 +1,14 @@
 """The search server in-process (FastAPI's TestClient): results against a numpy brute force over the store,
-thumbnails, limits, JSON errors, and which files may be served.
+thumbnails, limits, JSON errors, which files may be served, and what ``clipforge serve`` refuses before it starts.
 
-``served_store`` and ``start_server`` are shared with the load and browser tests.
+``served_store``, ``tiny_model_file`` and ``start_server`` are shared with the query, load and browser tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import re
 import socket
 import subprocess
 import sys
@@ -17,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fastapi import HTTPException
+import uvicorn
+from conftest import run_cli
+from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 
 import clipforge
 from clipforge.data.synthetic import SyntheticWorld
+from clipforge.models.clip import CLIP
 from clipforge.retrieval import EmbeddingStore, SearchIndex
 from clipforge.retrieval.embed import embed_to_store, model_reference
 from clipforge.serve import create_app
@@ -32,12 +37,18 @@ MAX_K = 20
 MAX_UPLOAD = 200_000
 
 
+def tiny_model_file(path: Path, seed: int, embed_dim: int | None = None) -> Path:
+    """The ``synthetic-tiny`` model with seeded random weights (and embeddings of ``embed_dim`` if given), saved at ``path``."""
+    config = clipforge.get_model_config("synthetic-tiny")
+    torch.manual_seed(seed)
+    clipforge.save(CLIP(dataclasses.replace(config, embed_dim=embed_dim or config.embed_dim)).eval(), path)
+    return path
+
+
 def served_store(root: Path, count: int = 16) -> tuple[Path, Path]:
     """A tiny model and an indexed store of ``count`` synthetic pictures under ``root/photos``;
     ``photos/link.png`` is a symbolic link to a picture outside the folder. Returns (store, model file)."""
-    torch.manual_seed(3)
-    model_path = root / "tiny.safetensors"
-    clipforge.save(clipforge.load("synthetic-tiny"), model_path)
+    model_path = tiny_model_file(root / "tiny.safetensors", seed=3)
     world = SyntheticWorld()
     photos = root / "photos"
     photos.mkdir(parents=True)
@@ -175,6 +186,9 @@ def test_thumbnail_image_metadata_health_page_and_openapi(setup):
         (("GET", "/api/search", {"params": {"q": "dog", "k": MAX_K + 1}}), 422, "less than or equal to 20"),
         (("GET", "/api/search", {"params": {"q": "x" * 1001}}), 422, "q:"),
         (("GET", "/api/search", {"params": {"q": "dog +"}}), 400, "empty term"),
+        (("GET", "/api/search", {"params": {"q": "nan:dog"}}), 400, "not a finite number"),
+        (("GET", "/api/search", {"params": {"q": "dog + inf:cat"}}), 400, "not a finite number"),
+        (("GET", "/api/search", {"params": {"q": "1e400:dog"}}), 400, "not a finite number"),
         (("GET", "/api/metadata/999", {}), 404, "no row 999"),
         (("GET", "/api/thumbnail/-1", {}), 404, "no row -1"),
         (("GET", "/api/nothing", {}), 404, "Not Found"),
@@ -187,6 +201,17 @@ def test_bad_requests_get_json_errors(setup, request_args, status, needle):
     response = setup[3].request(method, url, **kwargs)
     assert response.status_code == status
     assert needle in response.json()["error"]
+
+
+@pytest.mark.parametrize(("max_pixels", "status"), [(64 * 64 - 1, 413), (64 * 64, 200)])
+def test_an_upload_over_the_pixel_limit_is_too_large(setup, max_pixels, status):
+    root, store, model, _ = setup
+    client = TestClient(create_app(store, model, max_upload_pixels=max_pixels))
+    data = (root / "photos" / "img07.png").read_bytes()  # 64 x 64 pixels
+    response = client.post("/api/search/image", files={"image": ("query.png", data, "image/png")})
+    assert response.status_code == status
+    if status == 413:
+        assert "query.png" in response.json()["error"] and "4,096 pixels" in response.json()["error"]
 
 
 def test_a_streamed_upload_over_the_limit_is_cut_off(setup):
@@ -214,3 +239,55 @@ def test_only_files_under_the_roots_are_served(setup):
     assert refused.value.status_code == 403
     assert access.locate({"id": 1, "uid": "y", "path": f"{root}/photos/img01.png"}).path == str((root / "photos" / "img01.png").resolve())
 
+
+@pytest.fixture
+def started(monkeypatch) -> list[FastAPI]:
+    """The apps ``clipforge serve`` went on to serve, with uvicorn's serving loop replaced by recording the app."""
+    apps = []
+
+    def record(server, sockets=None):
+        apps.append(server.config.app)
+        for listener in sockets or ():
+            listener.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", record)
+    return apps
+
+
+def test_serve_names_the_model_it_loads_and_notes_another_one(setup, tmp_path, capsys, started):
+    _, store, _, _ = setup
+    other = tiny_model_file(tmp_path / "other.safetensors", seed=4)
+    code, _, err = run_cli(capsys, "serve", "--index", store, "--model", other, "--port", free_port())
+    assert code == 0 and len(started) == 1, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and str(other) in notes[0] and str(store.parent / "tiny.safetensors") in notes[0]
+    assert "serving" in err.splitlines()[-1]
+    assert TestClient(started[0]).get("/api/health").json()["model"] == "other.safetensors"
+
+
+@pytest.fixture
+def busy_port():
+    """A port something else already listens on."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["narrower model", "bad upload size", "port in use", "unknown kind"])
+def test_serve_refuses_in_one_line_before_announcing(setup, tmp_path, capsys, started, busy_port, case):
+    _, store, _, _ = setup
+    narrow = tiny_model_file(tmp_path / "narrow.safetensors", seed=5, embed_dim=64)
+    options, names = {
+        "narrower model": (["--model", narrow], [str(narrow), str(store.parent / "tiny.safetensors")]),
+        "bad upload size": (["--max-upload", "lots"], ["--max-upload"]),
+        "port in use": (["--port", busy_port], [str(busy_port)]),
+        "unknown kind": (["--kind", "text2"], ["text2", "img, text"]),
+    }[case]
+    code, out, err = run_cli(capsys, "serve", "--index", store, "--port", free_port(), *options)
+    assert code == 2 and not started and not out
+    assert err.count("\n") == 1 and err.startswith("error:") and all(name in err for name in names), err
+    if case == "narrower model":
+        assert sorted(re.findall(r"(\d+)-dimensional", err)) == ["128", "64"]
+    if case == "unknown kind":
+        assert "clipforge index" not in err  # no command to run with a kind that does not exist

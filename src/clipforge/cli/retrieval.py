@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from clipforge._util.progress import console, error_console, log_line, say, warn
+from clipforge._util.progress import console, log_line, say, warn
 from clipforge.cli.options import (
     BatchSizeOption,
     ConfigOption,
@@ -35,7 +35,18 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 
 StoreModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Checkpoint or Hugging Face directory (default: the model recorded in the store).")]
 StorePrecisionOption = Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: the store's, or fp32 with --model).")]
-KindOption = Annotated[str, typer.Option(help="Which embeddings to search: img, or text (captions).")]
+
+
+def _checked_kind(kind: str) -> str:
+    """``--kind``: one of the kinds of embeddings a store holds."""
+    from clipforge.retrieval.store import KINDS
+
+    if kind not in KINDS:
+        raise typer.BadParameter(f"{kind!r} is not one of {', '.join(KINDS)}")
+    return kind
+
+
+KindOption = Annotated[str, typer.Option(callback=_checked_kind, help="Which embeddings to search: img, or text (captions).")]
 ExcludeDirOption = Annotated[
     list[str] | None, typer.Option("--exclude-dir", help="Photo folders: leave out folders of this name (repeatable; hidden folders always are).")
 ]
@@ -82,6 +93,15 @@ def _find_store(index: Path) -> Path:
     return find_store(index)
 
 
+def _refuse_exclude_dir(store: Path, exclude_dir: list[str] | None) -> None:
+    """``--exclude-dir`` chooses a photo folder's photos; on an embedding store it could only be ignored."""
+    if exclude_dir:
+        raise ConfigError(
+            f"--exclude-dir {exclude_dir[0]}: {store} is an embedding store, whose rows were chosen when it was embedded; "
+            "the option applies to photo folders"
+        )
+
+
 def _require_index(root: Path, kind: str) -> None:
     """Refuse, naming the command that fixes it, a store without ``kind`` embeddings or without their index."""
     from clipforge.retrieval.search import index_dir
@@ -94,10 +114,26 @@ def _require_index(root: Path, kind: str) -> None:
         raise ConfigError(f"{root}: no {kind} index yet; build it with clipforge index {root}" + (" --kind text" if kind == "text" else ""))
 
 
-def _load(store: Path | None, model: str | None, config: str | None, pretrained: str | None, precision: str | None, device: str) -> Any:
-    from clipforge.retrieval.embed import load_model
+def _load(store: Path, options: StoreModel) -> tuple[Any, dict[str, Any]]:
+    """The model that embeds queries for ``store``, and its reference. Refused, naming both models, when its
+    embeddings differ in size from the store's; another model of the same size is noted once."""
+    from clipforge.retrieval.embed import STORE_INFO, load_model, store_info
+    from clipforge.retrieval.store import EmbeddingStore
 
-    return load_model(_model_reference(store, model, config, pretrained, precision), device=device)
+    reference = _model_reference(store, options.model, options.config, options.pretrained, options.precision)
+    loaded = load_model(reference, device=options.device)
+    recorded = (store_info(store).get("model") if (store / STORE_INFO).is_file() else None) or {}
+    made_with = recorded.get("source", "a model it does not record")
+    size, store_size = loaded.config.embed_dim, EmbeddingStore(store).dim
+    if size != store_size:
+        raise ConfigError(
+            f"--model {reference['source']}: makes {size}-dimensional embeddings, but {store} holds {store_size}-dimensional "
+            f"ones made with {made_with}; leave out --model to use the store's model, or embed the collection with this one"
+        )
+    if recorded and (reference["source"], reference.get("pretrained")) != (recorded["source"], recorded.get("pretrained")):
+        warn("note", f"--model {reference['source']} is not the model {store} was made with ({made_with}); "
+                     "scores compare the embeddings of two models")
+    return loaded, reference
 
 
 def index_command(
@@ -130,6 +166,7 @@ def index_command(
             batch_size, workers, report=say, exclude_dirs=exclude_dir,
         )
         return
+    _refuse_exclude_dir(directory, exclude_dir)
     given = [name for name, value in (("--model", model), ("--config", config), ("--pretrained", pretrained), ("--precision", precision)) if value]
     if given:
         raise InputError(
@@ -175,12 +212,12 @@ def _refresh_photos(
         folder, loaded, reference, root, batch_size=batch_size, workers=default_workers() if workers is None else workers,
         exclude_dirs=exclude_dirs or (),
     )
-    for _, reason in update.skipped:
-        warn("skipped", reason)
-    if update.previous_model is not None:
-        warn("note", f"{root} was made with another model ({update.previous_model.get('source')}); every photo is embedded again")
     indexed = (index_dir(root, kind) / "index.json").is_file()
-    if update.changed or not indexed or not quiet_when_unchanged:
+    if update.changed or update.skipped_changed or not indexed or not quiet_when_unchanged:
+        for _, reason in update.skipped:
+            warn("skipped", reason)
+        if update.previous_model is not None:
+            warn("note", f"{root} was made with another model ({update.previous_model.get('source')}); every photo is embedded again")
         report(
             f"{folder}: {update.new} new, {update.modified} changed, {update.unchanged} unchanged, {update.touched} touched, "
             f"{update.moved} moved or renamed, {update.removed} removed, {len(update.skipped)} unreadable"
@@ -223,6 +260,7 @@ def search_command(
     terms = parse_query(" ".join(query))
     target, loaded, within = index.absolute(), None, None
     if is_store(target):
+        _refuse_exclude_dir(target, exclude_dir)
         root = target
     else:
         folder = next((place for place in (target, *target.parents) if is_store(default_store(place))), target)
@@ -239,7 +277,7 @@ def search_command(
         within = target.relative_to(folder).as_posix() + "/" if target != folder else None
     _require_index(root, kind)
     searcher = SearchIndex(root, kind)
-    vector = query_vector(loaded or _load(root, model, config, pretrained, precision, device), terms)
+    vector = query_vector(loaded or _load(root, StoreModel(model, config, pretrained, precision, device))[0], terms)
     if within is None:
         hits = searcher.results(vector, k)
     else:  # a subfolder: only the photos under it
@@ -249,7 +287,7 @@ def search_command(
         return
     if paths_only:
         for hit in hits:
-            say(hit.get("path", ""))
+            say(_where(hit))
         return
     from rich.table import Table
 
@@ -257,9 +295,13 @@ def search_command(
     table.add_column("path", overflow="fold")  # whole paths, to copy
     table.add_column("caption")
     for rank, hit in enumerate(hits, 1):
-        where = f"{hit.get('path', '')}:{hit['sample']}" if hit.get("sample") else hit.get("path", "")
-        table.add_row(str(rank), f"{hit['score']:.4f}", escape(where), escape(hit.get("caption") or ""))
+        table.add_row(str(rank), f"{hit['score']:.4f}", escape(_where(hit)), escape(hit.get("caption") or ""))
     console.print(table)
+
+
+def _where(hit: dict[str, Any]) -> str:
+    """Where a result's image is: its file, or ``SHARD:KEY`` for a member of a webdataset shard."""
+    return f"{hit.get('path', '')}:{hit['sample']}" if hit.get("sample") else hit.get("path", "")
 
 
 def serve_command(
@@ -277,11 +319,11 @@ def serve_command(
     device: DeviceOption = "auto",
 ) -> None:
     """Serve the JSON API (OpenAPI at /openapi.json) and the search page at http://HOST:PORT/."""
+    max_upload_bytes = parse_size(max_upload, "--max-upload")
     root = _find_store(index)
     from clipforge.serve import serve
 
     _require_index(root, kind)
-    loaded = _load(root, model, config, pretrained, precision, device)
-    error_console.print(f"serving {escape(str(root))} on http://{host}:{port}/", highlight=False, soft_wrap=True)
-    serve(root, loaded, host=host, port=port, kind=kind, max_k=max_k, max_upload_bytes=parse_size(max_upload, "--max-upload"),
-          max_upload_pixels=max_upload_pixels)
+    loaded, reference = _load(root, StoreModel(model, config, pretrained, precision, device))
+    serve(root, loaded, host=host, port=port, kind=kind, max_k=max_k, max_upload_bytes=max_upload_bytes,
+          max_upload_pixels=max_upload_pixels, model_source=reference["source"])

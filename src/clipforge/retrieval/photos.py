@@ -10,7 +10,10 @@ metadata is also the catalogue: per photo its path relative to the folder (``uid
    up: the same content under the same path is a touched photo, under another path a renamed or moved one;
    both keep their vectors;
 4. only the remaining photos (new ones, and changed content under an old name) are decoded and embedded;
-   rows of deleted photos are dropped.
+   rows of deleted photos are dropped;
+5. what could not be read is recorded in the store's ``clipforge.json`` (``unreadable``): a photo that failed
+   to decode is not read again while its size and modification time stay the same, and callers can tell
+   new problems from ones already reported (``PhotoUpdate.skipped_changed``).
 
 Nothing is written when nothing changed. Otherwise the new store is written next to the old one
 (``.clipforge.new``) and swapped in by two renames; a run interrupted between them is repaired by the
@@ -60,7 +63,8 @@ class PhotoUpdate:
     moved: int = 0  # renamed or moved photos whose vectors were kept
     removed: int = 0  # photos gone from the folder (not the old names of moved ones)
     previous_model: dict[str, Any] | None = None  # the model of a store made with another one (all re-embedded)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (photo, one-line reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (photo or folder, one-line reason), known ones too
+    skipped_changed: bool = False  # whether ``skipped`` differs from what the last run recorded
     changed: bool = False  # whether a new store was written
 
 
@@ -112,20 +116,20 @@ def _repair(store: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _catalogue(store: Path, reference: dict[str, Any], update: PhotoUpdate) -> tuple[list[dict], np.ndarray]:
-    """The rows and vectors of an existing photo store made with the same model (none otherwise: the other
-    model is noted in ``update``). Any other store at that place is refused rather than replaced."""
+def _catalogue(store: Path, reference: dict[str, Any], update: PhotoUpdate) -> tuple[list[dict], np.ndarray, list[dict]]:
+    """The rows, vectors and unreadable records of an existing photo store made with the same model (none
+    otherwise: the other model is noted in ``update``). Any other store at that place is refused rather than replaced."""
     if not is_store(store):
-        return [], np.zeros((0, 0), np.float32)
+        return [], np.zeros((0, 0), np.float32), []
     info = store_info(store)
     if info.get("kind") != "photos":
         raise ConfigError(f"{store}: holds an embedding store that is not a photo folder's; choose another --store")
     if info.get("model") != reference:
         update.previous_model = info.get("model")
-        return [], np.zeros((0, 0), np.float32)
+        return [], np.zeros((0, 0), np.float32), []
     existing = EmbeddingStore(store)
     rows = [restore_names(row, STORE_NAMES) for row in existing.metadata(np.arange(existing.num_vectors))]
-    return rows, existing.load_embeddings("img", mmap=False)
+    return rows, existing.load_embeddings("img", mmap=False), info.get("unreadable", [])
 
 
 def update_photo_store(
@@ -147,17 +151,22 @@ def update_photo_store(
     store = Path(store).absolute() if store else default_store(folder)
     _repair(store)
     update = PhotoUpdate(store)
-    old_rows, old_vectors = _catalogue(store, reference, update)
+    old_rows, old_vectors, known_unreadable = _catalogue(store, reference, update)
     by_path = {row["uid"]: i for i, row in enumerate(old_rows)}
     by_content = {(row["hash"], row["size"]): i for i, row in enumerate(old_rows)}
+    undecodable = {(entry["name"], entry["size"], entry["mtime_ns"]): entry for entry in known_unreadable if "size" in entry}
     rows: list[dict[str, Any]] = []
     sources: list[int | None] = []  # old row of each new row, or None to embed
     unreadable: list[tuple[str, str]] = []
+    records: list[dict[str, Any]] = []  # what cannot be read: name, reason (and size, mtime_ns of undecodable photos)
     for photo in photo_files(folder, unreadable, exclude_dirs):
         try:
             stat = photo.stat()
         except OSError as error:  # e.g. a link to a file that is gone
-            update.skipped.append((str(photo), f"{photo}: cannot read ({one_line(error)})"))
+            records.append({"name": str(photo), "reason": f"{photo}: cannot read ({one_line(error)})"})
+            continue
+        if known := undecodable.get((str(photo), stat.st_size, stat.st_mtime_ns)):
+            records.append(known)  # failed to decode last time and unchanged since: not read again
             continue
         uid = photo.relative_to(folder).as_posix()
         old = by_path.get(uid)
@@ -173,7 +182,7 @@ def update_photo_store(
                 update.moved += old is not None
         rows.append({"uid": uid, "path": str(photo), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hash": content})
         sources.append(old)
-    update.skipped += unreadable
+    records += [{"name": name, "reason": reason} for name, reason in unreadable]
     # Photos inside a folder that could not be read this time are not gone: they keep their rows and vectors.
     hidden = tuple(Path(name).relative_to(folder).as_posix() + "/" for name, _ in unreadable if Path(name) != folder)
     seen = {row["uid"] for row in rows}
@@ -187,7 +196,12 @@ def update_photo_store(
     result = embed_images(
         model, [rows[i]["path"] for i in to_embed], batch_size=batch_size, workers=workers, progress=progress and bool(to_embed)
     )
-    update.skipped += [(rows[to_embed[position]]["path"], reason) for position, reason in result.skipped]
+    for position, reason in result.skipped:
+        row = rows[to_embed[position]]
+        records.append({"name": row["path"], "reason": reason, "size": row["size"], "mtime_ns": row["mtime_ns"]})
+    records.sort(key=lambda record: record["name"])
+    update.skipped = [(record["name"], record["reason"]) for record in records]
+    update.skipped_changed = records != known_unreadable
     update.embedded = len(result.kept)
     update.modified = sum(rows[to_embed[position]]["uid"] in by_path for position in result.kept)
     update.new = update.embedded - update.modified
@@ -196,20 +210,25 @@ def update_photo_store(
     present, reused = {row["uid"] for row in rows}, set(sources) - {None}
     update.removed = sum(row["uid"] not in present and index not in reused for index, row in enumerate(old_rows))
     new_rows = [rows[i] for i in keep]
-    if new_rows == old_rows:
-        return update
     if not new_rows:
-        raise InputError(f"{folder}: no readable images found")
+        unread = f"; {len(records)} could not be read (the first: {records[0]['reason']})" if records else ""
+        raise InputError(f"{folder}: no readable images found{unread}")
+    if new_rows == old_rows:
+        if update.skipped_changed:
+            write_store_info(store, store_info(store) | {"unreadable": records})
+        return update
     vectors = np.stack([fresh[i] if sources[i] is None else old_vectors[sources[i]] for i in keep])
-    _swap_in(store, new_rows, vectors, reference, folder)
+    _swap_in(store, new_rows, vectors, reference, folder, records)
     update.changed = True
     return update
 
 
-def _swap_in(store: Path, rows: list[dict], vectors: np.ndarray, reference: dict[str, Any], folder: Path) -> None:
+def _swap_in(store: Path, rows: list[dict], vectors: np.ndarray, reference: dict[str, Any], folder: Path,
+             unreadable: list[dict[str, Any]]) -> None:
     new, old = _siblings(store)
     write_part(new, "img", 0, vectors, table_from_rows(rows, names=STORE_NAMES))
-    info = {"format": STORE_FORMAT, "kind": "photos", "model": reference, "dim": int(vectors.shape[1]), "roots": [str(folder)]}
+    info = {"format": STORE_FORMAT, "kind": "photos", "model": reference, "dim": int(vectors.shape[1]), "roots": [str(folder)],
+            "unreadable": unreadable}
     write_store_info(new, info)
     if store.exists():
         os.rename(store, old)

@@ -2,10 +2,11 @@
 
 The query syntax of rclip (yurijmikhalevich/rclip, ``rclip/main.py``): terms joined by ``+`` or ``-`` (as separate
 words, so "t-shirt" stays one term), each a text or a local image path (starting with ``./``, ``../``,
-``/`` or ``~/``), each with an optional weight prefix ``2:`` or ``0.5:``. The query vector is
-Σ wᵢ·eᵢ over positive terms minus the same over negative terms, of L2-normalised embeddings eᵢ. rclip
-leaves the sum unnormalised; here it is normalised, which keeps the ranking and makes every score a
-cosine similarity, comparable between queries.
+``/`` or ``~/``), each with an optional weight prefix such as ``2:``, ``0.5:`` or ``1e-3:`` (a negative weight
+subtracts the term; one that is not a finite number, such as ``nan:``, ``inf:`` or ``1e400:``, is refused).
+The query vector is Σ wᵢ·eᵢ over positive terms minus the same over negative terms, of L2-normalised
+embeddings eᵢ. rclip leaves the sum unnormalised; here it is normalised, which keeps the ranking and makes
+every score a cosine similarity, comparable between queries.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from clipforge.encode import Encoder, embed_images, encode_texts
 from clipforge.errors import InputError
 
 _OPERATOR = re.compile(r"\s+([+-])(?=\s|$)")
-_WEIGHT = re.compile(r"^(\d+(?:\.\d+)?):(.*)$", re.DOTALL)
+# A number as ``float`` spells it, the non-finite ones included, so that they are refused rather than read as text
+_WEIGHT = re.compile(r"^([+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?|nan|inf(?:inity)?)):(.*)$", re.DOTALL | re.IGNORECASE)
 _IMAGE_PREFIXES = ("./", "../", "/", "~/")
 MIN_QUERY_NORM = 1e-6
 
@@ -52,6 +54,8 @@ def parse_query(query: str, allow_images: bool = True) -> list[QueryTerm]:
         match = _WEIGHT.match(raw)
         if match:
             weight, body = float(match.group(1)), match.group(2).strip()
+            if not math.isfinite(weight):
+                raise InputError(f"query term {raw!r}: its weight {match.group(1)} is not a finite number")
         if not body:
             raise InputError(f"query {query!r}: empty term {raw!r}")
         weight = -weight if sign == "-" else weight

@@ -74,7 +74,12 @@ class IndexSpec:
 
 
 def _format_bytes(size: float) -> str:
-    return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / (1 << 20):.1f} MiB"
+    """``size`` in the largest binary unit it reaches, so that small sizes do not print as 0.0."""
+    if size >= GiB:
+        return f"{size / GiB:.2f} GiB"
+    if size >= 1 << 20:
+        return f"{size / (1 << 20):.1f} MiB"
+    return f"{size / (1 << 10):.1f} KiB" if size >= 1 << 10 else f"{size:.0f} B"
 
 
 def flat_bytes(num_vectors: int, dim: int) -> int:

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
+from clipforge._util.progress import log_line
 from clipforge.encode import Encoder
+from clipforge.errors import ConfigError, one_line
 from clipforge.retrieval.query import parse_query, query_vector
 from clipforge.serve.app import create_app
 
@@ -19,9 +22,11 @@ __all__ = ["create_app", "serve"]
 def serve(root: str | Path, model: Encoder, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
     """Run the app with uvicorn until interrupted; ``options`` go to ``create_app``.
 
-    Requests are answered concurrently by a thread pool, so torch and faiss each use one thread per
-    request: splitting one small query over OpenMP threads only makes the requests' threads wait on
-    each other (50 concurrent clients on 2 cores: seconds per request instead of milliseconds).
+    The app is made and the address bound before the one line saying where it is served, so a bad store or
+    option, or a port already in use, ends in a ``ConfigError`` instead. Requests are answered concurrently by
+    a thread pool, so torch and faiss each use one thread per request: splitting one small query over OpenMP
+    threads only makes the requests' threads wait on each other (50 concurrent clients on 2 cores: seconds
+    per request instead of milliseconds).
     """
     import faiss
     import torch
@@ -31,4 +36,20 @@ def serve(root: str | Path, model: Encoder, host: str = "127.0.0.1", port: int =
     torch.set_num_threads(1)
     app = create_app(root, model, **options)
     query_vector(model, parse_query("a photo"))  # load the tokenizer and warm the kernels before the first request
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    with _listen(host, port) as listener:
+        log_line(f"serving {root} on http://{f'[{host}]' if ':' in host else host}:{port}/")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host:port`` (IPv6 when ``host`` is an IPv6 address)."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once after a stop
+    try:
+        listener.bind((host, port))
+        listener.listen()
+    except OSError as error:
+        listener.close()
+        reason = error.strerror or one_line(error)
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({reason}); choose another port or host") from None
+    return listener

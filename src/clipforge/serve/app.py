@@ -2,7 +2,7 @@
 
 Routes (OpenAPI spec at ``/openapi.json``):
 
-- ``GET /api/health``: store size, index, model;
+- ``GET /api/health``: store size, index, and the model that embeds the queries;
 - ``GET /api/search?q=…&k=…``: text search with the weighted ``+``/``-`` syntax of
   ``clipforge.retrieval.query`` (text terms only: a request never names a file on the server); its
   ``Server-Timing`` header gives the milliseconds spent encoding the text and searching the index;
@@ -25,6 +25,7 @@ import io
 import mimetypes
 import threading
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from clipforge._util.imageio import open_image
 from clipforge.data.formats.images import read_rgb_image
 from clipforge.encode import Encoder
-from clipforge.errors import ClipforgeError, InputError
+from clipforge.errors import ClipforgeError, InputError, one_line
 from clipforge.retrieval.embed import store_info
 from clipforge.retrieval.inputs import ImageItem
 from clipforge.retrieval.query import QueryTerm, parse_query, query_vector
@@ -71,6 +72,21 @@ def _sniffed_type(data: bytes) -> str:
         return Image.MIME.get(Image.open(io.BytesIO(data)).format, "application/octet-stream")
     except (OSError, SyntaxError, ValueError):
         return "application/octet-stream"
+
+
+def _refuse_too_many_pixels(data: bytes, name: str, max_pixels: int) -> None:
+    """A 413 for an upload whose header declares more than ``max_pixels`` pixels, before any is decoded (bytes
+    that are not an image pass: decoding them says why, with a 415)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError as error:
+        raise HTTPException(413, f"{name}: {one_line(error)}") from None
+    except (OSError, SyntaxError, ValueError):
+        return
+    if width * height > max_pixels:
+        raise HTTPException(413, f"{name}: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
 
 
 class BodyLimit:
@@ -128,8 +144,10 @@ def create_app(
     decode_slots: int = DECODE_SLOTS,
     thumbnail_size: int = 256,
     cache_size: int = 2048,
+    model_source: str | None = None,
 ) -> FastAPI:
-    """The app serving the store at ``root`` (its ``kind`` index) with ``model`` encoding the queries.
+    """The app serving the store at ``root`` (its ``kind`` index) with ``model`` encoding the queries;
+    ``model_source`` says where ``model`` was loaded from (default: the model the store records).
 
     An upload is bounded three ways: its bytes (``max_upload_bytes``), its decoded pixels (``max_upload_pixels``,
     checked from the header before decoding), and how many are decoded and encoded at once (``decode_slots``;
@@ -139,6 +157,7 @@ def create_app(
     decoding = threading.BoundedSemaphore(decode_slots)
     info = store_info(root)
     access = ImageAccess(info.get("roots", []))
+    model_name = Path(str(model_source or info.get("model", {}).get("source"))).name  # the file name: no server paths to clients
     app = FastAPI(
         title="clipforge search",
         description="Text and image search over an embedding store.",
@@ -193,7 +212,7 @@ def create_app(
             "vectors": index.store.num_vectors,
             "dim": index.store.dim,
             "index": index.spec.factory,
-            "model": Path(str(info.get("model", {}).get("source"))).name,  # the file name: no server paths to clients
+            "model": model_name,
             "max_k": max_k,
         }
 
@@ -219,8 +238,10 @@ def create_app(
     ) -> dict[str, Any]:
         text_terms = parse_query(q, allow_images=False) if q.strip() else []
         with decoding:
+            data, name = image.file.read(), image.filename or "upload"
+            _refuse_too_many_pixels(data, name, max_upload_pixels)
             try:
-                picture = open_image(image.file.read(), name=image.filename or "upload", max_pixels=max_upload_pixels)
+                picture = open_image(data, name=name, max_pixels=max_upload_pixels)
             except InputError as error:
                 raise HTTPException(415, str(error)) from None
             vector = query_vector(model, [QueryTerm(1.0, image=picture), *text_terms])

@@ -14,7 +14,8 @@ from clipforge.data.synthetic import SyntheticWorld, WorldConfig, write_shards
 WORLD = WorldConfig(image_size=32, duplicate_rate=0.25, caption_noise_rate=0.3, zipf_exponent=1.0)
 
 
-def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Member ``name`` holding ``data``, appended to ``archive``."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     archive.addfile(info, io.BytesIO(data))
@@ -33,13 +34,13 @@ def build_pool(root: Path, n: int = 60, shard_size: int = 20, near_copies: int =
             image = world.sample("train", source).image
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=90)
-            _add(archive, f"near{number:03d}.jpg", buffer.getvalue())
-            _add(archive, f"near{number:03d}.txt", world.sample("train", source).caption.encode())
-        _add(archive, "corrupt.png", b"\x89PNG not really an image")
-        _add(archive, "corrupt.txt", b"a red star")
+            add_member(archive, f"near{number:03d}.jpg", buffer.getvalue())
+            add_member(archive, f"near{number:03d}.txt", world.sample("train", source).caption.encode())
+        add_member(archive, "corrupt.png", b"\x89PNG not really an image")
+        add_member(archive, "corrupt.txt", b"a red star")
         buffer = io.BytesIO()
         Image.new("RGB", (32, 32), "white").save(buffer, format="PNG")
-        _add(archive, "nocaption.png", buffer.getvalue())
+        add_member(archive, "nocaption.png", buffer.getvalue())
     return {"n": n, "exact": exact, "duplicate_of": [m["duplicate_of"] for m in metadata], "near_sources": sources,
             "extra": extra}
 

@@ -7,8 +7,10 @@ import re
 import sys
 from collections import Counter
 
+import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import run_cli
 from curate_helpers import WORLD
 
 from clipforge.data.curate.engine import Engine
@@ -23,6 +25,13 @@ from clipforge.errors import ConfigError, InputError
 
 def upper(captions):
     return [[caption.upper(), caption + " indeed"] for caption in captions]
+
+
+def no_purple(captions):
+    """A user's rewriter that fails on some captions only."""
+    if any("purple" in caption.split() for caption in captions):
+        raise ValueError("purple is not allowed")
+    return [[caption] for caption in captions]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +94,23 @@ def test_python_and_command_rewriters(tmp_path):
         CommandRewriter("exit 3")(["x"])
     with pytest.raises(ConfigError):
         parse_rewriter("llm")
+
+
+def test_a_failing_rewriter_is_one_line_naming_it_the_sample_and_the_error(multi, tmp_path, capsys):
+    root, _ = multi
+    pool = root / "pool"
+    index = pq.read_table(pool / "index.parquet").to_pylist()  # what data synth wrote, in pool order
+    purple = next(row for row in index if "purple" in row["caption"].split())
+    assert purple["shard"] > 0  # the failing sample is not the first one
+    code, _, err = run_cli(capsys, "curate", "rewrite", pool, "--out", tmp_path / "p", "--workers", "1",
+                           "--rewriter", "python:test_curate_captions:no_purple")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    shard = pool / f"{purple['shard']:05d}.tar"
+    assert f"{shard}:{purple['key']}" in err
+    assert "python:test_curate_captions:no_purple" in err and "ValueError: purple is not allowed" in err
+    code, _, err = run_cli(capsys, "curate", "rewrite", pool, "--out", tmp_path / "c", "--workers", "1", "--rewriter", "command:false")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{pool / '00000.tar'}:{index[0]['key']}" in err and "command:false" in err and "exit status 1 (nothing on stderr)" in err
 
 
 def test_shards_carry_every_caption_and_open_as_multi_caption(multi):

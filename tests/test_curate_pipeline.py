@@ -4,13 +4,16 @@ originals, the report written; the CLI's CLIP-score filter against scores comput
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from curate_helpers import build_pool
+from conftest import run_cli
+from curate_helpers import WORLD, add_member, build_pool
 from typer.testing import CliRunner
 
 import clipforge
@@ -24,8 +27,9 @@ from clipforge.data.curate.job import (
     curate_reshard,
 )
 from clipforge.data.curate.steps import FilterSettings
-from clipforge.data.curate.subset import load_subset, pair_uids
+from clipforge.data.curate.subset import load_subset, pair_uids, save_subset
 from clipforge.data.formats.shards import shard_index
+from clipforge.data.synthetic import SyntheticWorld
 from clipforge.encode import embed_images, encode_texts
 
 LOCAL = Engine(workers=1)
@@ -163,6 +167,70 @@ def test_cli_dedup_with_pixel_descriptors(pool, tmp_path):
     assert result.exit_code == 0, result.output
     kept = {row["key"] for row in decisions(tmp_path / "d") if row["kept"]}
     assert not any(key.startswith("near") for key in kept) and len(kept) == planted["n"] - len(planted["exact"])
+
+
+def test_cli_dedup_summary_and_report_count_what_each_criterion_drops(pool, tmp_path, capsys):
+    root, planted = pool
+    copied = {planted["duplicate_of"][i] for i in planted["exact"]} | set(planted["near_sources"])
+    alone = next(i for i in range(planted["n"]) if planted["duplicate_of"][i] is None and i not in copied)
+    evaluation = tmp_path / "evaluation"  # one evaluation image: a pool image that has no copy in the pool
+    evaluation.mkdir()
+    buffer = io.BytesIO()
+    SyntheticWorld(WORLD).sample("train", alone).image.save(buffer, format="PNG")
+    with tarfile.open(evaluation / "00000.tar", "w") as archive:
+        add_member(archive, "copy.png", buffer.getvalue())
+        add_member(archive, "copy.txt", b"a copy")
+    code, _, err = run_cli(capsys, "curate", "dedup", root / "pool", "--out", tmp_path / "d", "--threshold", "0.97", "--against", evaluation,
+                           "--against-threshold", "0.97", "--workers", "1")
+    assert code == 0, err
+    readable = planted["n"] + len(planted["near_sources"])  # the corrupt and the caption-less samples are not input
+    dropped = {"exact_duplicate": len(planted["exact"]), "near_duplicate": len(planted["exact"]) + len(planted["near_sources"]),
+               "near_evaluation": 1}  # a byte-identical copy is a near-duplicate too
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["dropped"] == dropped and summary["passed"] == {name: readable - count for name, count in dropped.items()}
+    assert summary["input"] == readable and summary["kept"] == readable - dropped["near_duplicate"] - 1
+    code, _, err = run_cli(capsys, "curate", "report", tmp_path / "d", "--out", tmp_path / "report")
+    assert code == 0, err
+    table = (tmp_path / "report" / "report.md").read_text()
+    for name, count in dropped.items():
+        assert f"| {name} | {readable - count} | {count} |" in table
+    # The default histogram keeps short content words ("red") and leaves out function words ("a", "of").
+    rows = [row for row in decisions(tmp_path / "d") if row["input"]]
+    said = [set(re.findall(r"\w+", row["caption"])) for row in rows]
+    red = sum("red" in words for words in said), sum("red" in words for words, row in zip(said, rows) if row["kept"])
+    assert f"| red | {red[0]} | {red[1]} |" in table
+    assert not any(f"| {word} |" in table for word in ("a", "of", "the", "on"))
+
+
+def test_cli_refuses_a_missing_list_file_and_reads_files_and_a_b_c(pool, tmp_path, capsys):
+    root, _ = pool
+    for step, option, value in (("balance", "--metadata", "nosuch.txt"), ("filter", "--text-concepts", "concepts.csv"),
+                                ("filter", "--text-concepts", "lists/concepts")):
+        code, _, err = run_cli(capsys, "curate", step, root / "pool", "--out", tmp_path / "x", option, value)
+        assert code == 2 and f"{option} {value}: no such file" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
+    (tmp_path / "concepts.txt").write_text("red\nblue\n")
+    kept = []
+    for number, value in enumerate(("red,blue", tmp_path / "concepts.txt")):
+        code, _, err = run_cli(capsys, "curate", "filter", root / "pool", "--out", tmp_path / f"f{number}", "--text-concepts", value, "--workers", "1")
+        assert code == 0, err
+        kept.append({row["key"] for row in decisions(tmp_path / f"f{number}") if row["kept"]})
+    by_hand = {row["key"] for row in decisions(tmp_path / "f0") if row["error"] is None and {"red", "blue"} & set(re.findall(r"\w+", row["caption"]))}
+    assert kept[0] == kept[1] == by_hand and by_hand
+
+
+def test_cli_refuses_a_subset_of_another_pool_and_a_model_it_would_ignore(pool, tmp_path, capsys):
+    root, _ = pool
+    other = tmp_path / "other.npy"
+    save_subset(other, ["0123456789abcdef0123456789abcdef", "f" * 32])  # uids of no sample of the pool
+    for step in (["reshard", "--subset", other], ["dedup", "--subset", other]):
+        code, _, err = run_cli(capsys, "curate", step[0], root / "pool", "--out", tmp_path / "out", *step[1:])
+        assert code == 2 and f"{other}: none of its 2 uids" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(capsys, "curate", "dedup", root / "pool", "--out", tmp_path / "out", "--threshold", "0.97",
+                           "--model", tmp_path / "model.safetensors")
+    assert code == 2 and "--descriptor model" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_pixel_descriptor_is_the_thumbnail_correlation():

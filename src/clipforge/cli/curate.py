@@ -10,6 +10,7 @@ import typer
 
 from clipforge._util.progress import say
 from clipforge.cli.options import ConfigOption, PretrainedOption, checked_output
+from clipforge.errors import ConfigError, InputError
 
 curate_app = typer.Typer(help="Curate a pool of webdataset shards: filter, balance, dedup, rewrite, reshard, report.", no_args_is_help=True)
 
@@ -56,13 +57,19 @@ def _set_embeddings(embed: Any, inputs: list[str], out: Path, engine: Any) -> An
     return image[~np.isnan(image).any(axis=1)]
 
 
-def _words(value: str | None) -> list[str]:
-    """A list from a file (one per line) or a comma-separated value."""
+LIST_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".list", ".json", ".jsonl")
+
+
+def _words(value: str | None, option: str) -> list[str]:
+    """A list from a file (one per line) or a comma-separated value. A value without commas that looks like a
+    path (a path separator or a list file's suffix) but names no file is refused, naming ``option``."""
     if value is None:
         return []
     path = Path(value)
     if path.is_file():
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if "," not in value and (path.name != value or path.suffix.lower() in LIST_FILE_SUFFIXES):
+        raise InputError(f"{option} {value}: no such file; give an existing file (one entry per line) or a,b,c")
     return [word.strip() for word in value.split(",") if word.strip()]
 
 
@@ -100,7 +107,7 @@ def filter_command(
     from clipforge.data.curate.steps import FilterSettings
 
     settings = FilterSettings(basic, min_words, min_chars, min_side, max_aspect, clip_fraction, clip_threshold,
-                              tuple(_words(text_concepts)), clusters if image_targets else None, seed)
+                              tuple(_words(text_concepts, "--text-concepts")), clusters if image_targets else None, seed)
     settings.check()
     checked_output(out, directory=True)
     runner, embed = _engine(engine, address, workers), _embedder(model, config, pretrained, precision)
@@ -125,7 +132,7 @@ def balance_command(
     from clipforge.data.curate.job import curate_balance
 
     checked_output(out, directory=True)
-    summary = curate_balance(inputs, out, _words(metadata), t=t, tail_share=tail_share, seed=seed,
+    summary = curate_balance(inputs, out, _words(metadata, "--metadata"), t=t, tail_share=tail_share, seed=seed,
                              engine=_engine(engine, address, workers), subset=subset)
     say(f"t = {summary['t']:g} (tail share {summary['tail_share']:.3f}); {summary['matched']} samples match an entry")
     _done(summary, out)
@@ -150,12 +157,13 @@ def dedup_command(
 ) -> None:
     """Exact duplicates (SHA-256 of the image bytes) and, with --threshold, near-duplicate groups; one kept per group."""
     from clipforge.data.curate.job import curate_dedup
-    from clipforge.errors import ConfigError
 
     if descriptor not in ("pixels", "model"):
         raise ConfigError(f"--descriptor {descriptor!r} is not pixels or model")
     if descriptor == "model" and model is None:
         raise ConfigError("--descriptor model compares the model's image embeddings: give --model")
+    if descriptor == "pixels" and model is not None:
+        raise ConfigError("--model: dedup uses a model only with --descriptor model (pixels needs none); add it or drop --model")
     checked_output(out, directory=True)
     runner = _engine(engine, address, workers)
     if descriptor == "pixels":
@@ -215,5 +223,5 @@ def report_command(
     from clipforge.data.curate.report import write_report
 
     checked_output(out, directory=True)
-    figures = write_report(step, out, _words(concepts) or None)
+    figures = write_report(step, out, _words(concepts, "--concepts") or None)
     say(f"kept {figures['kept']} of {figures['input']}; wrote {out / 'report.md'} and {out / 'report.html'}")

@@ -10,6 +10,12 @@ Like ``clipforge embed``, the job is idempotent per shard: each output shard (sa
 whole to a temporary file and renamed, so a rerun skips finished shards and a killed job resumes; ``reinforce.json``
 records the job, and a rerun with other teachers or settings is refused. Under ``torchrun`` rank r takes shards
 r, r + W, ….
+
+A sample that cannot be reinforced (no image, an unreadable image or caption, no extra captions where
+``--captions`` looks for them) is skipped with a one-line reason naming it (``<shard>:<key>``). Settings that
+cannot work are refused before anything is written: ``--captions synthetic`` without the ``world.json`` of
+``clipforge data synth`` beside the shards, and a shard none of whose samples can be reinforced (the job
+record is written with the first output shard, so a refused job leaves nothing behind).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from clipforge.distill.reinforced import (
 )
 from clipforge.distill.teacher import teacher_record
 from clipforge.encode import encode_pixels, encode_texts
-from clipforge.errors import ConfigError, InputError
+from clipforge.errors import ConfigError, InputError, one_line
 from clipforge.models.clip import CLIP
 from clipforge.preprocess.transforms import TrainTransform
 from clipforge.train.distributed import world_info_from_env
@@ -74,9 +80,17 @@ class CaptionSource:
         self.kind, self.count = kind, count
         self._worlds: dict[Path, SyntheticWorld] = {}
 
-    def captions(self, shard: Path, metadata: dict[str, Any], key: str) -> list[str]:
+    def check(self, shards: Sequence[Path]) -> None:
+        """Refuse, before any work, ``synthetic`` captions for shards without the world that wrote them."""
+        if self.kind == "synthetic" and self.count > 0:
+            for shard in shards:
+                self._world(shard)
+
+    def captions(self, shard: Path, raw_json: bytes | None, key: str) -> list[str]:
+        """The extra captions of sample ``key``; its ``.json`` (``raw_json``) is parsed only when they come from it."""
         if self.kind == "none" or self.count == 0:
             return []
+        metadata = _metadata(raw_json, key)
         if self.kind == "json":
             value = metadata.get(self.field)
             values = [value] if isinstance(value, str) else value
@@ -91,16 +105,34 @@ class CaptionSource:
         manifest = shard.parent / "world.json"
         if manifest.parent not in self._worlds:
             if not manifest.is_file():
-                raise InputError(f"{manifest}: missing; --captions synthetic reads the world clipforge data synth wrote")
+                raise ConfigError(
+                    f"{manifest}: missing; --captions synthetic reads the world clipforge data synth wrote beside the shards "
+                    "(use --captions json:FIELD or none for other shards)"
+                )
             self._worlds[manifest.parent] = SyntheticWorld(WorldConfig(**json.loads(manifest.read_text())["world"]))
         return self._worlds[manifest.parent]
 
 
+def _metadata(raw_json: bytes | None, key: str) -> dict[str, Any]:
+    """A sample's ``.json`` (``{}`` without one); ``InputError`` naming the sample when it is not a JSON object."""
+    if not raw_json:
+        return {}
+    try:
+        metadata = json.loads(raw_json)
+    except ValueError as error:
+        raise InputError(f"{key}: .json is not valid JSON ({one_line(error)})") from None
+    if not isinstance(metadata, dict):
+        raise InputError(f"{key}: .json is not a JSON object")
+    return metadata
+
+
 def input_shards(inputs: Sequence[str | Path]) -> list[Path]:
-    """Shard paths from paths, brace patterns and folders of shards, in order; names must be unique."""
+    """Shard paths from paths, brace patterns and folders of shards, in order; each must exist, names must be unique."""
     shards: list[Path] = []
     for given in inputs:
         for path in map(Path, expand_shards(str(given))):
+            if not path.exists():
+                raise InputError(f"{path}: no such shard or folder")
             shards.extend(sorted(path.glob("*.tar")) if path.is_dir() else [path])
     if not shards:
         raise InputError(f"{', '.join(map(str, inputs))}: no .tar shards found")
@@ -138,8 +170,12 @@ def reinforce(
         "captions": {"source": captions, "count": caption_count},
         "seed": seed,
     }
-    _claim(root, {**record, "inputs": [str(shard.absolute()) for shard in shards]})
+    job = {**record, "inputs": [str(shard.absolute()) for shard in shards]}
+    _claim(root, job, write=False)
     caption_source = CaptionSource(captions, caption_count)
+    caption_source.check(shards)
+    crop = record["crop"]
+    cropper = TrainTransform(teachers[0].preprocess_cfg, scale=tuple(crop["scale"]), ratio=tuple(crop["ratio"]))
     world = world_info_from_env()
     report = ReinforceReport(len(shards))
     mine = shards[world.rank :: world.world_size]
@@ -150,17 +186,20 @@ def reinforce(
             if target.exists():
                 report.already_done.append(str(target))
             else:
-                _reinforce_shard(shard, target, teachers, record, caption_source, batch_size, report)
+                samples = _read_samples(shard, cropper, record, caption_source, report)
+                _claim(root, job, write=True)
+                _write_shard(samples, target, teachers, record, batch_size)
+                report.samples += len(samples)
                 report.written.append(str(target))
             bar.advance(task)
-    if (shards[0].parent / "world.json").is_file() and not (root / "world.json").exists():
+    if root.is_dir() and (shards[0].parent / "world.json").is_file() and not (root / "world.json").exists():
         shutil.copyfile(shards[0].parent / "world.json", root / "world.json")
     report.wall_s = time.perf_counter() - started
     return report
 
 
-def _claim(root: Path, job: dict[str, Any]) -> None:
-    """Write the job description, or check that ``root`` already holds this very job."""
+def _claim(root: Path, job: dict[str, Any], *, write: bool) -> None:
+    """Check that ``root`` holds no other job; with ``write``, record this one (``reinforce.json``) if it is not yet."""
     path = root / JOB_FILE
     job = json.loads(json.dumps(job))  # as it reads back (tuples become lists)
     if path.exists():
@@ -168,6 +207,8 @@ def _claim(root: Path, job: dict[str, Any]) -> None:
         if previous != job:
             changed = sorted(key for key in job if previous.get(key) != job.get(key))
             raise ConfigError(f"{root}: holds a reinforcement with other {', '.join(changed)}; use an empty directory")
+        return
+    if not write:
         return
     root.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -186,26 +227,31 @@ class _Sample:
 def _read_samples(
     shard: Path, cropper: TrainTransform, record: dict[str, Any], captions: CaptionSource, report: ReinforceReport
 ) -> list[_Sample]:
-    """The shard's samples with an image: their members, decoded image, captions and drawn crops."""
+    """The shard's samples that can be reinforced: their members, decoded image, captions and drawn crops. Each
+    other sample's reason goes to ``report.skipped``; a shard with samples but none usable is an ``InputError``."""
     index = shard_index(shard)
-    samples = []
-    for row in index.samples_with(IMAGE_FIELDS).tolist():
+    samples, skipped = [], []
+    for row in range(len(index)):
         label = index.label(row)
-        image_field = next(name for name in IMAGE_FIELDS if index.member(row, name) is not None)
+        image_field = next((name for name in IMAGE_FIELDS if index.member(row, name) is not None), None)
         try:
+            if image_field is None:
+                raise InputError(f"{label}: no image member")
             image_bytes = index.read(row, image_field)
             image = read_image(image_bytes, name=label).convert("RGB")
             text = index.caption(row)
             raw_json = index.read(row, "json")
-            metadata = json.loads(raw_json) if raw_json else {}
-            extra = captions.captions(shard, metadata, label)
+            extra = captions.captions(shard, raw_json, label)
         except (InputError, ValueError) as error:
-            report.skipped.append(str(error).splitlines()[0])
+            skipped.append(one_line(error))
             continue
         generator = seeded_generator(record["seed"], zlib.crc32(shard.name.encode()), row)
         crops = [cropper.sample_crop(image.width, image.height, generator) for _ in range(record["augmentations"])]
         members = {image_field: image_bytes, "txt": text.encode(), **({"json": raw_json} if raw_json else {})}
         samples.append(_Sample(index.keys[row], members, image, [text, *extra], crops))
+    if skipped and not samples:
+        raise InputError(f"{shard}: none of its {len(skipped)} samples can be reinforced (the first: {skipped[0]})")
+    report.skipped += skipped
     return samples
 
 
@@ -223,16 +269,12 @@ def _embeddings(samples: list[_Sample], teachers: Sequence[CLIP], batch_size: in
     return np.split(image_rows, image_split), np.split(text_rows, text_split)
 
 
-def _reinforce_shard(
-    shard: Path, target: Path, teachers: Sequence[CLIP], record: dict[str, Any], captions: CaptionSource, batch_size: int, report: ReinforceReport
-) -> None:
+def _write_shard(samples: list[_Sample], target: Path, teachers: Sequence[CLIP], record: dict[str, Any], batch_size: int) -> None:
+    """The reinforced shard ``target``: the job record, then each sample with its crops, captions and embeddings."""
     from webdataset import (
         TarWriter,  # pulls in torch's data utilities; imported when a shard is written
     )
 
-    crop = record["crop"]
-    cropper = TrainTransform(teachers[0].preprocess_cfg, scale=tuple(crop["scale"]), ratio=tuple(crop["ratio"]))
-    samples = _read_samples(shard, cropper, record, captions, report)
     with atomic_path(target) as tmp, open(tmp, "wb") as stream:
         writer = TarWriter(stream, encoder=False, mtime=int(time.time()), format=tarfile.USTAR_FORMAT)
         writer.write({"__key__": RECORD_KEY, "json": json.dumps(record, sort_keys=True).encode()})
@@ -248,4 +290,3 @@ def _reinforce_shard(
                     EMBEDDINGS_FIELD: np.concatenate([image_embedding, text_embedding]).astype(EMBEDDING_DTYPE).tobytes(),
                 })
         writer.close()
-    report.samples += len(samples)

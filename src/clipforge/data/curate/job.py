@@ -22,11 +22,17 @@ import pyarrow as pa
 
 from clipforge.data.curate import steps
 from clipforge.data.curate.engine import Engine
-from clipforge.data.curate.pool import claim_job, pool_shards, run_task, scan_pool
+from clipforge.data.curate.pool import (
+    claim_job,
+    pool_shards,
+    pool_uids,
+    run_task,
+    scan_pool,
+)
 from clipforge.data.curate.reshard import reshard
 from clipforge.data.curate.rewrite import RewriteTask
-from clipforge.data.curate.subset import load_subset
-from clipforge.errors import ConfigError
+from clipforge.data.curate.subset import in_subset, load_subset, uid_pairs
+from clipforge.errors import ConfigError, InputError
 
 Embedder = Callable[..., tuple[np.ndarray, np.ndarray | None]]  # (shards, pool, out, engine, *, captions=True)
 
@@ -35,6 +41,9 @@ def _prepare(inputs: Sequence[str | Path], out: str | Path, step: str, settings:
              subset: str | Path | None) -> tuple[list[Path], pa.Table, Path, Engine, np.ndarray]:
     shards, out, engine = pool_shards(inputs), Path(out), engine or Engine()
     subset_array = load_subset(subset) if subset is not None else None
+    if subset_array is not None and not any(in_subset(uid_pairs([uid]), subset_array)[0] for uid in pool_uids(shards)):
+        raise InputError(f"{subset}: none of its {len(subset_array)} uids is a sample of this pool; "
+                         "give the subset.npy of a step run on these shards")
     claim_job(out, {"step": step, "shards": [str(shard.absolute()) for shard in shards], "settings": settings,
                     "subset": str(Path(subset).absolute()) if subset is not None else None})
     pool = scan_pool(shards, out, engine)
@@ -51,10 +60,8 @@ def curate_filter(inputs: Sequence[str | Path], out: str | Path, settings: steps
         if embed is None:
             raise ConfigError("curate filter: the CLIP score and image filters need a model (--model)")
         image, text = embed(shards, pool, out, engine)
-    columns = steps.filter_pool(pool, settings, active, image, text, targets)
-    if image is not None and text is not None:
-        columns = {"score": steps.clip_scores(image, text), **columns}
-    return steps.write_step(out, "filter", pool, active, columns, settings=settings)
+    decision = steps.filter_pool(pool, settings, active, image, text, targets)
+    return steps.write_step(out, "filter", pool, active, decision, settings=settings)
 
 
 def curate_balance(inputs: Sequence[str | Path], out: str | Path, entries: Sequence[str], *, t: float | None = None,
@@ -62,8 +69,8 @@ def curate_balance(inputs: Sequence[str | Path], out: str | Path, entries: Seque
     """MetaCLIP balancing against the metadata ``entries`` (``t`` given, or from ``tail_share``)."""
     record = {"entries": list(entries), "t": t, "tail_share": tail_share, "seed": seed}
     _, pool, out, _, active = _prepare(inputs, out, "balance", record, engine, subset)
-    columns, extra = steps.balance_pool(pool, entries, active, t=t, tail_share=tail_share, seed=seed)
-    return steps.write_step(out, "balance", pool, active, columns, extra)
+    decision = steps.balance_pool(pool, entries, active, t=t, tail_share=tail_share, seed=seed)
+    return steps.write_step(out, "balance", pool, active, decision)
 
 
 def curate_dedup(inputs: Sequence[str | Path], out: str | Path, *, threshold: float | None = None, embed: Embedder | None = None,
@@ -77,8 +84,8 @@ def curate_dedup(inputs: Sequence[str | Path], out: str | Path, *, threshold: fl
         if embed is None:
             raise ConfigError("curate dedup: near-duplicate detection needs a model (--model)")
         image, _ = embed(shards, pool, out, engine, captions=False)
-    columns = steps.dedup_pool(pool, active, image, threshold=threshold, evaluation=evaluation, evaluation_threshold=evaluation_threshold)
-    return steps.write_step(out, "dedup", pool, active, columns, {"threshold": threshold})
+    decision = steps.dedup_pool(pool, active, image, threshold=threshold, evaluation=evaluation, evaluation_threshold=evaluation_threshold)
+    return steps.write_step(out, "dedup", pool, active, decision)
 
 
 def curate_reshard(inputs: Sequence[str | Path], subset: str | Path, out: str | Path, *, shard_size: int = 10_000,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,19 @@ def _uid(index: Any, row: int, shard: Path) -> str:
     return derived_uid(shard.name, index.keys[row])
 
 
+def _sample_rows(index: Any) -> list[int]:
+    """The rows the scan records: the samples with an image or a caption."""
+    return index.samples_with((*IMAGE_FIELDS, CAPTION_FIELD)).tolist()
+
+
+def pool_uids(shards: Sequence[Path]) -> Iterator[str]:
+    """The uids the scan records, in pool order, read from the ``.json`` members alone (no image is decoded)."""
+    for shard in shards:
+        index = shard_index(shard)
+        for row in _sample_rows(index):
+            yield _uid(index, row, shard)
+
+
 def _scan_row(index: Any, row: int, shard: Path, position: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"uid": _uid(index, row, shard), "shard": position, "key": index.keys[row], "caption": None,
                              "width": None, "height": None, "sha256": None, "error": None}
@@ -124,7 +137,7 @@ class ScanTask:
             return pq.ParquetFile(self.output).metadata.num_rows
         shard = Path(self.shard)
         index = shard_index(shard)
-        rows = [_scan_row(index, row, shard, self.position) for row in index.samples_with((*IMAGE_FIELDS, CAPTION_FIELD))]
+        rows = [_scan_row(index, row, shard, self.position) for row in _sample_rows(index)]
         with atomic_path(self.output) as tmp:
             pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
         return len(rows)

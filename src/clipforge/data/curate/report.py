@@ -1,6 +1,7 @@
-"""The curation report of one step's output folder: ``report.md`` and ``report.html`` with the kept counts per
-criterion, the unreadable samples by reason, concept histograms before and after (``histogram.png``) and
-example kept and dropped pairs as an image grid (``grid.png``)."""
+"""The curation report of one step's output folder: ``report.md`` and ``report.html`` with the input samples
+each criterion passes and drops, the unreadable samples by reason, concept histograms before and after
+(``histogram.png``; by default the most frequent caption words but for ``STOP_WORDS``) and example kept and
+dropped pairs as an image grid (``grid.png``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clipforge._util.fileio import atomic_path
-from clipforge.data.curate.balance import Matcher
+from clipforge.data.curate.balance import Matcher, normalize
 from clipforge.data.curate.pool import JOB_RECORD
 from clipforge.data.curate.steps import DECISIONS, SUMMARY
 from clipforge.data.formats.images import read_rgb_image
@@ -25,6 +26,10 @@ from clipforge.errors import InputError
 
 EXAMPLES = 6
 TOP_CONCEPTS = 20
+STOP_WORDS = frozenset(
+    "a an the and or of in on at to by for from with as is are be been it its this that there these those".split()
+)
+"""Words the default histogram leaves out: articles, conjunctions, prepositions, forms of "to be", pronouns."""
 
 
 def _concept_counts(captions: Sequence[str | None], concepts: Sequence[str]) -> np.ndarray:
@@ -36,7 +41,9 @@ def _concept_counts(captions: Sequence[str | None], concepts: Sequence[str]) -> 
 
 
 def _default_concepts(captions: Sequence[str | None]) -> list[str]:
-    words = Counter(word for text in captions if text for word in set(text.split()) if len(word) > 3 and word.isalpha())
+    """The ``TOP_CONCEPTS`` words in most captions (split as the matcher splits them), stop words left out."""
+    words = Counter(word for text in captions if text for word in set(normalize(text).split())
+                    if word.isalpha() and word.lower() not in STOP_WORDS)
     return [word for word, _ in words.most_common(TOP_CONCEPTS)] or ["photo"]
 
 
@@ -90,6 +97,8 @@ def write_report(step_dir: str | Path, out: str | Path, concepts: Sequence[str] 
         table = pq.read_table(step_dir / DECISIONS)
     except (OSError, ValueError, KeyError) as error:
         raise InputError(f"{step_dir}: not the output of a curate step ({error})") from None
+    if "dropped" not in summary:
+        raise InputError(f"{step_dir / SUMMARY}: written by an older clipforge; rerun the step (it reuses its scan)")
     rows = [row for row in table.select(["shard", "key", "caption", "input", "kept"]).to_pylist() if row["input"]]
     before_captions = [row["caption"] for row in rows]
     after_captions = [row["caption"] for row in rows if row["kept"]]
@@ -100,8 +109,9 @@ def write_report(step_dir: str | Path, out: str | Path, concepts: Sequence[str] 
     lines = [f"# Curation report: {summary['step']}", "",
              f"{summary['pool']} samples in the pool, {summary['unreadable']} unreadable, {summary['input']} in the input, "
              f"**{summary['kept']} kept** ({summary['kept'] / max(summary['input'], 1):.1%}).", "",
-             "| criterion | passed |", "|---|---|"]
-    lines += [f"| {name} | {count} |" for name, count in summary["passed"].items()]
+             "Each criterion on its own (a sample can fail several):", "",
+             "| criterion | passed | dropped |", "|---|---|---|"]
+    lines += [f"| {name} | {count} | {summary['dropped'][name]} |" for name, count in summary["passed"].items()]
     if summary["unreadable_reasons"]:
         lines += ["", "| unreadable: reason | samples |", "|---|---|"]
         lines += [f"| {reason} | {count} |" for reason, count in summary["unreadable_reasons"].items()]

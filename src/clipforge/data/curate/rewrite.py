@@ -11,6 +11,9 @@ Rewriters:
 - ``python:module:function``: ``function(captions: list[str]) -> list[list[str]]``, imported in the worker;
 - ``command:CMD``: a shell command given one caption per line on stdin, printing one JSON list of rewrites
   per line (an LLM behind a script).
+
+A rewriter that fails (raises, exits non-zero, prints something else) stops the job with one line naming the
+rewriter, the sample (``<shard>:<key>``) and the error.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from clipforge.data.curate.tarfiles import sample_members, write_tar
 from clipforge.data.formats.samples import SampleError
-from clipforge.data.formats.shards import shard_index
+from clipforge.data.formats.shards import ShardIndex, shard_index
 from clipforge.data.sources import MULTI_CAPTION_FIELD as CAPTIONS_FIELD
 from clipforge.data.synthetic.concepts import RELATION_PHRASES, RELATIONS
 from clipforge.errors import ConfigError, InputError, one_line
@@ -88,7 +91,11 @@ class PythonRewriter:
             rewrite = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError, ValueError) as error:
             raise ConfigError(f"--rewriter python:{self.target}: cannot import ({one_line(error)})") from None
-        return _checked(rewrite(captions), len(captions), f"python:{self.target}")
+        try:
+            rewrites = rewrite(captions)
+        except Exception as error:  # the user's code: any failure is theirs to fix, reported as one line
+            raise InputError(f"--rewriter python:{self.target}: raised {type(error).__name__}: {one_line(error)}") from None
+        return _checked(rewrites, len(captions), f"python:{self.target}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,8 @@ class CommandRewriter:
         text = "".join(caption.replace("\n", " ") + "\n" for caption in captions)
         result = subprocess.run(self.command, shell=True, input=text, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise InputError(f"--rewriter command:{self.command}: exit status {result.returncode} ({one_line(result.stderr or '')})")
+            stderr = one_line(result.stderr) if result.stderr.strip() else "nothing on stderr"
+            raise InputError(f"--rewriter command:{self.command}: exit status {result.returncode} ({stderr})")
         try:
             rewrites = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
         except ValueError as error:
@@ -153,7 +161,7 @@ class RewriteTask:
                 captions[row] = index.caption(row)
             except SampleError:
                 continue  # copied as it is; the curation scan counts it
-        rewrites = dict(zip(captions, self.rewriter(list(captions.values()))))
+        rewrites = dict(zip(captions, self._rewrites(index, captions)))
         name = getattr(self.rewriter, "name", "rewrites")
 
         def samples():
@@ -165,3 +173,19 @@ class RewriteTask:
                 yield key, members
 
         return write_tar(self.output, samples())
+
+    def _rewrites(self, index: ShardIndex, captions: dict[int, str]) -> list[list[str]]:
+        """The rewrites of the shard's captions, rewritten together. When the rewriter fails (``InputError``), the
+        captions are retried one at a time up to the first that fails alone, and the error names that sample
+        (``<shard>:<key>``), or the shard when each caption alone passes."""
+        try:
+            return self.rewriter(list(captions.values()))
+        except InputError as error:
+            failure = f"{self.shard}: {error} (on its {len(captions)} captions together; each alone passes)"
+        for row, caption in captions.items():
+            try:
+                self.rewriter([caption])
+            except InputError as error:
+                failure = f"{index.label(row)}: {error}"
+                break
+        raise InputError(failure)

@@ -1,15 +1,16 @@
 """The curation steps on a scanned pool: each decides a keep mask on the driver from the per-shard outputs,
 then writes ``decisions.parquet`` (one row per pool sample: uid, shard, key, caption, error, the step's own
-columns and ``kept``), ``subset.npy`` (DataComp's subset file of the kept uids) and ``summary.json`` (kept
-counts per criterion), each atomically. ``--subset`` restricts a step to the output of an earlier one, so
-steps chain (filter → dedup → balance, MetaCLIP's order: balancing last).
+columns and ``kept``), ``subset.npy`` (DataComp's subset file of the kept uids) and ``summary.json`` (per
+criterion, the input samples it passes and drops on its own; a sample can fail several), each atomically.
+``--subset`` restricts a step to the output of an earlier one, so steps chain (filter → dedup → balance,
+MetaCLIP's order: balancing last).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,16 @@ from clipforge.data.curate.subset import in_subset, save_subset, uid_pairs
 from clipforge.errors import ConfigError
 
 DECISIONS, SUBSET, SUMMARY = "decisions.parquet", "subset.npy", "summary.json"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A step's outcome over the pool: its ``decisions.parquet`` columns (``kept`` last), each criterion's pass
+    mask (``kept`` is the input samples passing all of them) and the summary's own figures."""
+
+    columns: dict[str, Any]
+    criteria: dict[str, np.ndarray]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ def filter_pool(
     image: np.ndarray | None = None,
     text: np.ndarray | None = None,
     targets: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
+) -> Decision:
     """One mask per criterion (all over the whole pool) and ``kept``, their intersection with ``active``."""
     settings.check()
     captions = pool.column("caption").to_pylist()
@@ -94,14 +105,14 @@ def filter_pool(
         hit = filters.image_filter(image[rows], targets, settings.image_clusters, seed=settings.seed)
         masks["image"] = np.zeros(len(pool), dtype=bool)
         masks["image"][rows[hit]] = True
-    kept = active.copy()
-    for mask in masks.values():
-        kept &= mask
-    return {**masks, "kept": kept}
+    kept = np.logical_and.reduce([active, *masks.values()])
+    columns = {"score": clip_scores(image, text)} if image is not None and text is not None else {}
+    return Decision({**columns, **masks, "kept": kept}, masks)
 
 
-def balance_pool(pool: pa.Table, entries: Sequence[str], active: np.ndarray, *, t: float | None, tail_share: float, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """MetaCLIP balancing of the active samples: columns (matched entries, probability, kept) and the summary."""
+def balance_pool(pool: pa.Table, entries: Sequence[str], active: np.ndarray, *, t: float | None, tail_share: float, seed: int) -> Decision:
+    """MetaCLIP balancing of the active samples: columns (matched entries, probability, kept), the criteria
+    ``matched`` (a metadata entry matches) and ``balanced`` (not dropped by the draw) and the summary's figures."""
     matcher = balance.Matcher(entries)
     captions = pool.column("caption").to_pylist()
     matches = [matcher.match(text) if on else [] for text, on in zip(captions, active)]
@@ -114,22 +125,24 @@ def balance_pool(pool: pa.Table, entries: Sequence[str], active: np.ndarray, *, 
         rows = np.flatnonzero(shards == shard)
         kept[rows] = balance.sample_kept(probabilities[rows], seed, int(shard))
     kept &= active
+    matched = np.array([bool(m) for m in matches], dtype=bool)
     columns = {"matched": [[matcher.entries[e] for e in m] for m in matches], "keep_probability": probabilities, "kept": kept}
-    summary = {"t": t_used, "tail_share": balance.t_to_p(counts, t_used), "matched": int(sum(bool(m) for m in matches)),
+    summary = {"t": t_used, "tail_share": balance.t_to_p(counts, t_used), "matched": int(matched.sum()),
                "entry_counts": {entry: int(count) for entry, count in zip(matcher.entries, counts)}}
-    return columns, summary
+    return Decision(columns, {"matched": matched, "balanced": kept | ~matched}, summary)
 
 
 def dedup_pool(pool: pa.Table, active: np.ndarray, image: np.ndarray | None, *, threshold: float | None,
-               evaluation: np.ndarray | None, evaluation_threshold: float) -> dict[str, np.ndarray]:
+               evaluation: np.ndarray | None, evaluation_threshold: float) -> Decision:
     """Exact groups (SHA-256 of the image bytes), near-duplicate groups (cosine ≥ threshold) and evaluation-set
-    near-duplicates among the active samples; ``kept``: first of each group, not near an evaluation image."""
+    near-duplicates among the active samples; ``kept``: first of each group, not near an evaluation image. The
+    criteria: ``exact_duplicate``, ``near_duplicate`` (first of its group) and ``near_evaluation`` (not near)."""
     rows = np.flatnonzero(active)
     hashes = pool.column("sha256").to_pylist()
     exact = np.full(len(pool), -1, dtype=np.int64)
     exact[rows] = rows[dedup.exact_groups([hashes[row] for row in rows])]
-    kept = np.zeros(len(pool), dtype=bool)
-    kept[rows] = dedup.first_of_groups(exact[rows])
+    criteria = {"exact_duplicate": np.zeros(len(pool), dtype=bool)}
+    criteria["exact_duplicate"][rows] = dedup.first_of_groups(exact[rows])
     columns = {"exact_group": exact}
     if threshold is not None or evaluation is not None:
         if image is None:
@@ -138,24 +151,25 @@ def dedup_pool(pool: pa.Table, active: np.ndarray, image: np.ndarray | None, *, 
         near = np.full(len(pool), -1, dtype=np.int64)
         near[rows] = rows[dedup.near_duplicate_groups(image[rows], threshold)]
         columns["near_group"] = near
-        kept[rows] &= dedup.first_of_groups(near[rows])
+        criteria["near_duplicate"] = np.zeros(len(pool), dtype=bool)
+        criteria["near_duplicate"][rows] = dedup.first_of_groups(near[rows])
     if evaluation is not None:
         flagged = np.zeros(len(pool), dtype=bool)
         flagged[rows] = dedup.near_evaluation(image[rows], evaluation, evaluation_threshold)
         columns["near_evaluation"] = flagged
-        kept &= ~flagged
-    return {**columns, "kept": kept}
+        criteria["near_evaluation"] = ~flagged
+    kept = np.logical_and.reduce([active, *criteria.values()])
+    return Decision({**columns, "kept": kept}, criteria, {"threshold": threshold})
 
 
-def write_step(out: Path, step: str, pool: pa.Table, active: np.ndarray, columns: dict[str, Any], extra: dict[str, Any] | None = None,
-               settings: Any = None) -> dict[str, Any]:
+def write_step(out: Path, step: str, pool: pa.Table, active: np.ndarray, decision: Decision, settings: Any = None) -> dict[str, Any]:
     """decisions.parquet, subset.npy and summary.json of a step."""
     table = pool.append_column("input", pa.array(active))
-    for name, values in columns.items():
+    for name, values in decision.columns.items():
         table = table.append_column(name, pa.array(values.tolist() if isinstance(values, np.ndarray) else values))
     with atomic_path(out / DECISIONS) as tmp:
         pq.write_table(table, tmp)
-    kept = np.asarray(columns["kept"], dtype=bool)
+    kept = np.asarray(decision.columns["kept"], dtype=bool)
     uids = pool.column("uid").to_pylist()
     save_subset(out / SUBSET, [uid for uid, keep in zip(uids, kept) if keep])
     errors = [error for error in pool.column("error").to_pylist() if error is not None]
@@ -170,10 +184,10 @@ def write_step(out: Path, step: str, pool: pa.Table, active: np.ndarray, columns
         "unreadable": len(errors),
         "unreadable_reasons": reasons,
         "input": int(active.sum()),
-        "passed": {name: int((np.asarray(values) & active).sum()) for name, values in columns.items()
-                   if isinstance(values, np.ndarray) and values.dtype == bool},
+        "passed": {name: int((mask & active).sum()) for name, mask in decision.criteria.items()},
+        "dropped": {name: int((~mask & active).sum()) for name, mask in decision.criteria.items()},
         "kept": int(kept.sum()),
-        **(extra or {}),
+        **decision.extra,
     }
     with atomic_path(out / SUMMARY) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))

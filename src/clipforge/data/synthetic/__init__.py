@@ -26,7 +26,7 @@ from clipforge.data.synthetic.alterations import ALTERATIONS, real_or_altered
 from clipforge.data.synthetic.config import SHIFTS, SPLITS, Shift, WorldConfig
 from clipforge.data.synthetic.identities import Identity, identities, identity_view
 from clipforge.data.synthetic.render import CORRUPTIONS, corrupt
-from clipforge.data.synthetic.shards import write_shards
+from clipforge.data.synthetic.shards import IMAGE_FORMATS, write_shards
 from clipforge.data.synthetic.tasks import CONTEXT_FACTORS, ZeroShotTask
 from clipforge.data.synthetic.world import RetrievalSet, Sample, SyntheticWorld
 
@@ -34,6 +34,7 @@ __all__ = [
     "ALTERATIONS",
     "CONTEXT_FACTORS",
     "CORRUPTIONS",
+    "IMAGE_FORMATS",
     "Identity",
     "SHIFTS",
     "SPLITS",

@@ -72,6 +72,7 @@ def write_shards(
         raise InputError(f"write_shards: n={n} and shard_size={shard_size} must be ≥ 1")
     if image_format not in IMAGE_FORMATS:
         raise InputError(f"write_shards: image_format {image_format!r} is not one of {', '.join(IMAGE_FORMATS)}")
+    world.describe(split, 0, shift)  # refuses an unknown split or shift, or an empty split, before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shift_value = dataclasses.asdict(shift) if isinstance(shift, Shift) else shift

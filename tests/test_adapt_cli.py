@@ -92,7 +92,17 @@ def test_bad_input_is_one_line(files, capsys) -> None:
     assert code == 2 and err.strip() == (f"error: {files['data']}: class 'blue box' has 8 readable images, "
                                          "fewer than the 9 shots asked")
     code, _, err = run(capsys, "adapt", "gda", *base, "--shots", 1, "--set", "augment_epochs=3")
-    assert code == 2 and "gda: unknown setting 'augment_epochs'" in err and err.count("\n") == 1
+    assert code == 2 and err.strip() == ("error: gda: unknown setting 'augment_epochs' "
+                                         "(one of augment_epoch, crop_scale, flip, default_alpha, val_shots)")
+    one = files["root"] / "one" / "red box"
+    one.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (200, 10 * i, 0)).save(one / f"{i}.png")
+    code, _, err = run(capsys, "adapt", "gda", *base[:2], "--train", one.parent, "--shots", 1, *base[4:])
+    assert code == 2 and err.strip() == f"error: {one.parent}: one class (red box); few-shot adaptation needs at least 2"
+    code, _, err = run(capsys, "adapt", "wise-ft", *base, "--shots", 1, "--set", f"finetuned={files['other']}")
+    assert code == 2 and err.count("\n") == 1  # another initialisation: blending it would give noise
+    assert err.startswith(f"error: {files['other']}: does not come from the base {files['model']}: its weight matrices lie")
     code, _, err = run(capsys, "eval", "zeroshot", "--model", files["model"], "--data", files["data"],
                        "--adapter", files["model"])
     assert code == 2 and "neither an adapter file nor a checkpoint written by clipforge adapt" in err
@@ -110,6 +120,35 @@ def test_saved_adapters_classify_as_the_fitted_ones(files, tmp_path, method) -> 
     torch.testing.assert_close(loaded.logits(features), fitted.logits(features))
     assert loaded.classnames == ["blue box", "green box", "red box"]
     assert load_adapter(path).record.provenance["seed"] == 3
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["clip-lora", "rank=0"], "clip-lora.rank: 0 is out of range (allowed: ≥ 1)"),
+    (["detector", "tuning=lora", "lora_rank=0"], "detector.lora_rank: 0 is out of range (allowed: ≥ 1)"),
+    (["detector", "batch_size=0"], "detector.batch_size: 0 is out of range (allowed: ≥ 1)"),
+    (["coop", "batch_size=0"], "coop.batch_size: 0 is out of range (allowed: ≥ 1)"),
+    (["clip-lora", "batch_size=0"], "clip-lora.batch_size: 0 is out of range (allowed: ≥ 1)"),
+    (["clip-svd", "batch_size=0"], "clip-svd.batch_size: 0 is out of range (allowed: ≥ 1)"),
+    (["clap", "batch_size=0"], "clap.batch_size: 0 is out of range (allowed: ≥ 1)"),
+    (["tip-adapter-f", "batch_size=0"], "tip-adapter-f.batch_size: 0 is out of range (allowed: ≥ 1)"),
+    (["maple", "n_ctx=0"], "maple.n_ctx: 0 is out of range (allowed: ≥ 1)"),
+    (["gda", "augment_epoch=0"], "gda.augment_epoch: 0 is out of range (allowed: ≥ 1)"),
+    (["tip-adapter", "search_step=[0,0]"], "tip-adapter.search_step: [0, 0] is out of range (allowed: each ≥ 1)"),
+    (["clip-lora", "dropout=2"], "clip-lora.dropout: 2.0 is out of range (allowed: [0, 1))"),
+    (["reid", "label_smoothing=2"], "reid.label_smoothing: 2.0 is out of range (allowed: [0, 1))"),
+    (["maple", "depth=0"], "maple.depth: 0 is out of range (allowed: ≥ 1)"),
+    (["linear-probe", "max_iter=0"], "linear-probe.max_iter: 0 is out of range (allowed: ≥ 1)"),
+    (["detector", "samples=1"], "detector.samples: 1 is out of range (allowed: ≥ 2)"),  # one image, one class
+    (["reid", "batch_size=1"], "reid.batch_size: 1 is out of range (allowed: ≥ 2)"),  # InfoNCE over one pair: loss 0
+])
+def test_out_of_range_settings_are_one_line(files, capsys, argv, message) -> None:
+    method, *settings = argv
+    recipe_data = {"detector": "synthetic:altered", "reid": "synthetic:identities"}
+    data = ["--data", recipe_data[method]] if method in recipe_data else ["--train", files["data"], "--shots", 1]
+    sets = [part for setting in settings for part in ("--set", setting)]
+    out = files["root"] / "out-of-range.safetensors"
+    code, _, err = run(capsys, "adapt", method, "--model", files["model"], *data, *sets, "--out", out)
+    assert code == 2 and err.count("\n") == 1 and err.strip() == f"error: {message}" and not out.exists()
 
 
 def test_the_fingerprint_follows_the_weights_not_their_precision(files) -> None:

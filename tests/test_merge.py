@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 import clipforge
@@ -375,6 +376,10 @@ def files(tmp_path_factory, base, tunes) -> dict[str, Path]:
     for i, model in enumerate(tunes):
         paths[f"ft{i}"] = root / f"ft{i}.safetensors"
         clipforge.save(model, paths[f"ft{i}"])
+    paths["one"] = root / "one"  # held-out data of one class
+    (paths["one"] / "red").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (200, 20 * i, 0)).save(paths["one"] / "red" / f"{i}.png")
     return paths
 
 
@@ -403,6 +408,29 @@ def test_cli_greedy_soup_scores_on_held_out_data(tmp_path, capsys, files, base) 
     assert record["ingredients"][0]["held_out_accuracy"] == pytest.approx(HeldOut([dataset]).score(tune), abs=1e-6)
 
 
+@pytest.mark.parametrize("argv", [
+    ["clip-lora", "--train", "synthetic:shape", "--shots", "1", "--set", "iterations_per_shot=1", "--set", "batch_size=4"],
+    ["reid", "--data", "synthetic:identities", "--set", "steps=1", "--set", "samples=16", "--set", "batch_size=4"],
+])
+def test_cli_merges_an_adapted_checkpoint_with_its_base_only(tmp_path, capsys, base, files, argv) -> None:
+    """``clipforge adapt`` checkpoints record the model they were tuned from, as ``clipforge train`` does: not the
+    base that model itself records (a trained base, like the demo model, records its initialisation)."""
+    trained = tmp_path / "trained.safetensors"
+    clipforge.save(base, trained, provenance={"base": {"source": "random-init", "fingerprint": "0" * 64}})
+    tuned = tmp_path / "tuned.safetensors"
+    code, _, err = run(capsys, "adapt", *argv, "--model", trained, "--out", tuned)
+    assert code == 0, err
+    out = tmp_path / "soup.safetensors"
+    code, _, err = run(capsys, "merge", "soup", "--base", trained, tuned, files["ft0"], "--out", out)
+    assert code == 0, err
+    ingredients = [clipforge.load(path).state_dict() for path in (tuned, files["ft0"])]
+    assert_weights(clipforge.load(out), {key: (ingredients[0][key] + ingredients[1][key]) / 2 for key in ingredients[1]})
+    refused = tmp_path / "refused.safetensors"
+    code, _, err = run(capsys, "merge", "soup", "--base", files["other"], tuned, files["ft0"], "--out", refused)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not refused.exists()
+    assert err.strip().startswith(f"error: {tuned}: fine-tuned from {trained} (weights "), err
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -414,6 +442,7 @@ def test_cli_greedy_soup_scores_on_held_out_data(tmp_path, capsys, files, base) 
         (["task-arithmetic", "{ft0}", "--scaling", "2"], "scaling: 2.0 is outside (0, 1]"),
         (["greedy-soup", "{ft0}", "{ft1}"], "greedy-soup: --data is required"),
         (["greedy-soup", "{ft0}", "{ft1}", "--data", "synthetic:color@vall"], "split 'vall' is not one of"),
+        (["greedy-soup", "{ft0}", "{ft1}", "--data", "{one}"], "one: held-out data needs at least 2 classes (found 1: red)"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, files, argv, needle) -> None:

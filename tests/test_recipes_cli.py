@@ -20,7 +20,9 @@ from clipforge.adapt import load_adapter, model_fingerprint
 from clipforge.adapt.clipn import load_no_encoder
 from clipforge.adapt.recipes import RECIPES
 from clipforge.cli.adapt import RECIPE_NAMES
+from clipforge.data.synthetic import SyntheticWorld, real_or_altered
 from clipforge.encode import embed_images
+from clipforge.errors import CheckpointError
 from clipforge.eval.datasets import load_dataset, synthetic_task
 from clipforge.eval.ood_scores import atd_score
 from clipforge.eval.zeroshot import zero_shot_head, zero_shot_logits
@@ -70,6 +72,9 @@ def test_clipn_trains_then_scores_ood_from_the_cli(files, capsys) -> None:
     code, _, err = run(capsys, "eval", "zeroshot", "--model", files["model"], "--data", "synthetic:shape", "--samples", 8,
                        "--adapter", out, "--out", eval_dir, "--workers", 0)
     assert code == 2 and "OOD detection only" in err
+    with pytest.raises(CheckpointError) as refused:
+        load_adapter(out)(model)
+    assert str(refused.value) == f"{out}: a clipn adapter, not a few-shot adapter: use it with clipforge eval ood --adapter"
 
 
 def test_recipes_refuse_missing_data(files, capsys) -> None:
@@ -101,11 +106,50 @@ def test_detector_trains_then_evaluates_from_the_cli(files, capsys) -> None:
     assert code == 2 and "sepia" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("recipe", "data", "message"), [
+    ("detector", "synthetic:altered+double_jpeg",
+     "synthetic:altered+double_jpeg: the training data takes no +double_jpeg; set the families with --set families=double_jpeg"),
+    ("reid", "synthetic:identities+outline", "synthetic:identities+outline: the training data takes no +outline"),
+])
+def test_training_data_refuses_the_evaluation_suffix(files, capsys, recipe, data, message) -> None:
+    """``+FAMILY`` / ``+SHIFT`` belong to evaluation sets; in training data they used to fall through to the
+    evaluation reader, which trained on the test split."""
+    out = files["root"] / "suffix.safetensors"
+    code, _, err = run(capsys, "adapt", recipe, "--model", files["model"], "--data", data, "--out", out,
+                       "--set", "steps=1", "--set", "samples=8")
+    assert code == 2 and err.strip() == f"error: {message}" and err.count("\n") == 1 and not out.exists()
+
+
+def test_a_folder_detector_scores_another_folder_with_a_real_class(files, capsys) -> None:
+    """Trained on real/ + fake/ (as docs/recipes.md shows), evaluated on real/ + generated/: the AUROC of the
+    reloaded detector's altered − real logit, with the labels read from the folder names here."""
+    world = SyntheticWorld()
+    for name, altered, split in (("photos", "fake", "train"), ("others", "generated", "val")):
+        for index in range(12):
+            image, label, _ = real_or_altered(world, split, index, ["checkerboard", "seam"])
+            folder = files["root"] / name / ("real" if label == 0 else altered)
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{index}.png")
+    out = files["root"] / "folder-detector.safetensors"
+    code, _, _ = run(capsys, "adapt", "detector", "--model", files["model"], "--data", files["root"] / "photos", "--out", out,
+                     "--set", "tuning=head", "--set", "steps=2", "--set", "batch_size=4")
+    assert code == 0
+    eval_dir = files["root"] / "eval-folder-detector"
+    code, _, err = run(capsys, "eval", "detection", "--model", files["model"], "--data", files["root"] / "others",
+                       "--adapter", out, "--out", eval_dir, "--workers", 0)
+    assert code == 0, err
+    record = json.loads(next(eval_dir.glob("*altered_image_detection.json")).read_text())
+    images = sorted((files["root"] / "others").glob("*/*.png"))
+    logits = load_adapter(out)(clipforge.load(files["model"])).classify(images, workers=0).logits  # real, altered
+    labels = [image.parent.name == "generated" for image in images]
+    assert record["metrics"]["auroc"] == pytest.approx(skm.roc_auc_score(labels, (logits[:, 1] - logits[:, 0]).numpy()), abs=1e-6)
+
+
 def test_reid_fine_tunes_then_ranks_from_the_cli(files, capsys) -> None:
     out = files["root"] / "reid.safetensors"
     code, stdout, _ = run(capsys, "adapt", "reid", "--model", files["model"], "--data", "synthetic:identities", "--out", out,
                           "--set", "steps=2", "--set", "samples=32", "--set", "batch_size=4")
-    assert code == 0 and "wrote adapter" in stdout
+    assert code == 0 and f"wrote checkpoint {out}" in stdout
     eval_dir = files["root"] / "eval-reid"
     code, _, _ = run(capsys, "eval", "reid", "--model", out, "--data", "synthetic:identities@test", "--samples", 16,
                      "--out", eval_dir, "--workers", 0)
@@ -120,6 +164,10 @@ def test_reid_fine_tunes_then_ranks_from_the_cli(files, capsys) -> None:
     expected = np.mean([skm.average_precision_score(labels[gallery] == labels[q], similarity[i]) for i, q in enumerate(queries)])
     assert record["metrics"]["map"] == pytest.approx(expected, abs=1e-6)
     assert load_adapter(out).record.base_model == model_fingerprint(clipforge.load(files["model"]))
+    code, _, err = run(capsys, "eval", "zeroshot", "--model", files["model"], "--data", "synthetic:shape", "--samples", 8,
+                       "--adapter", out, "--out", eval_dir, "--workers", 0)
+    assert code == 2 and err.strip() == (f"error: {out}: a reid checkpoint, not a few-shot adapter: use it as --model, "
+                                         "e.g. clipforge eval reid --model FILE")
     lonely = files["root"] / "one-identity" / "alice"
     lonely.mkdir(parents=True)
     for i in range(3):

@@ -32,7 +32,7 @@ from clipforge.adapt.adapter_file import (
 from clipforge.adapt.features import FeatureCache
 from clipforge.adapt.fewshot import FewShotSet, sample_few_shot
 from clipforge.adapt.method import FitInputs, Head, Saved, settings_dict, settings_from
-from clipforge.adapt.registry import get_method
+from clipforge.adapt.registry import RECIPE_FILES, get_method
 from clipforge.adapt.selection import ZeroShotHead
 from clipforge.api import load, save
 from clipforge.encode import EmbeddingResult, embed_images
@@ -105,6 +105,9 @@ class Adapter:
 
     def __call__(self, model: Any) -> AdaptedClassifier:
         """The classifier of this adapter on ``model``, which must be the model it was fitted on."""
+        if self.record.method in RECIPE_FILES:
+            what, where = RECIPE_FILES[self.record.method]
+            raise CheckpointError(f"{self.source}: {what}, not a few-shot adapter: {where}")
         check_fingerprint(self.record.base_model, model, self.source)
         method = get_method(self.record.method)
         if self.model is not None:
@@ -154,15 +157,18 @@ def fit(
     settings: Mapping[str, Any] | None = None,
     cache: FeatureCache | None = None,
     progress: bool = False,
+    model_source: str | None = None,
     **data_options: Any,
 ) -> Adapter:
     """Fit ``method`` on ``shots`` images per class of ``train`` (a ``--train`` spec, a dataset, or shots already
-    drawn), drawn with ``seed``. ``settings`` override the method's defaults (``val_shots`` too: the validation
-    images per class of the methods that choose hyper-parameters, min(K, 4) by default); ``cache`` shares image
-    features between fits on the same model. ``model`` is left unchanged."""
+    drawn), drawn with ``seed``. ``settings`` override the method's defaults (``val_shots`` too, for the methods
+    that choose hyper-parameters on validation images: per class, min(K, 4) by default); ``cache`` shares image
+    features between fits on the same model; ``model_source`` names the model in a tuned checkpoint's provenance
+    (default: its config name). ``model`` is left unchanged."""
     spec = get_method(method)
     values = dict(settings or {})
-    val_shots = values.pop("val_shots", None)
+    val_shots = values.pop("val_shots", None) if spec.uses_validation else None
+    method_settings = settings_from(spec.settings, values, spec.name, also=("val_shots",) if spec.uses_validation else ())
     if isinstance(train, FewShotSet):
         drawn = train if shots is None else train.subset(shots, min(shots, DEFAULT_VAL_SHOTS) if spec.uses_validation else 0)
     else:
@@ -171,13 +177,15 @@ def fit(
         if val_shots is None:
             val_shots = min(shots, DEFAULT_VAL_SHOTS) if spec.uses_validation else 0
         drawn = sample_few_shot(train, shots, seed, val_shots=val_shots, **data_options)
-    method_settings = settings_from(spec.settings, values, spec.name)
+    if len(drawn.classnames) < 2:
+        raise InputError(f"{drawn.source}: one class ({', '.join(drawn.classnames)}); few-shot adaptation needs at least 2")
     if cache is None or cache.model is not model:
         cache = FeatureCache(model)
     text = class_embeddings(model, drawn.classnames, drawn.templates)
+    inputs = FitInputs(model, drawn, cache, text, progress, model_source or str(model.config.name))
     with torch.random.fork_rng(devices=[]):  # initialisations, dropout and shuffles follow the seed, not the caller's RNG
         torch.manual_seed(drawn.seed)
-        fitted = spec.fit(FitInputs(model, drawn, cache, text, progress), method_settings)
+        fitted = spec.fit(inputs, method_settings)
     record = AdapterRecord(
         method=spec.name,
         tensors=fitted.tensors,

@@ -28,13 +28,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from clipforge.adapt.features import Augmentation
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    POSITIVE,
+    FitInputs,
+    Fitted,
+    Head,
+    Method,
+    Range,
+    Saved,
+)
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
 from clipforge.errors import ConfigError
 from clipforge.eval.perception import ensemble_text_embeddings
@@ -50,6 +59,10 @@ class ClapSettings:
     lr: float = 0.1
     batch_size: int = 256
     constraint: str = "l2"  # or "adaptive"
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "augment_epoch": AT_LEAST_ONE, "epochs": AT_LEAST_ONE, "lr": POSITIVE, "batch_size": AT_LEAST_ONE,
+    }
 
 
 class PrototypeHead(Head):

@@ -25,7 +25,7 @@ with the eval transform (the official code's CC3M loader augments with open_clip
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,15 @@ from clipforge.adapt.adapter_file import (
     model_fingerprint,
     write_adapter,
 )
-from clipforge.adapt.method import settings_dict, settings_from
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    AT_LEAST_TWO,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+    settings_dict,
+    settings_from,
+)
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
 from clipforge.adapt.recipe_data import captioned_features
 from clipforge.compress.records import compression_steps
@@ -123,6 +131,11 @@ class ClipnSettings:
     steps: int = 400
     samples: int = 4000
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "prompts": AT_LEAST_ONE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "eps": POSITIVE, "batch_size": AT_LEAST_TWO,
+        "steps": AT_LEAST_ONE, "samples": AT_LEAST_TWO,
+    }
+
 
 @dataclass
 class ClipnAdapter:
@@ -141,8 +154,6 @@ def fit_clipn(model: Any, data: str, settings: dict[str, Any] | None = None, see
     """Train CLIPN's no-encoder on the first ``samples`` image–caption pairs of ``data`` (any training source:
     ``synthetic``, a folder with .txt captions, a table, shards); ``model`` is left unchanged."""
     chosen = settings_from(ClipnSettings, settings or {}, "clipn")
-    if chosen.prompts < 1 or chosen.batch_size < 2 or chosen.steps < 1:
-        raise ConfigError("clipn: prompts ≥ 1, batch_size ≥ 2 and steps ≥ 1 are needed")
     found = captioned_features(model, data, chosen.samples, progress=progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

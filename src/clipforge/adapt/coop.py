@@ -17,13 +17,23 @@ Differences: the image tower is frozen in CoOp, so its features come from the ca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from clipforge.adapt.features import Augmentation
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    FitInputs,
+    Fitted,
+    Head,
+    Method,
+    Range,
+    Saved,
+)
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
 from clipforge.adapt.selection import ZeroShotHead
 from clipforge.adapt.tuning import (
@@ -33,7 +43,6 @@ from clipforge.adapt.tuning import (
     prompts_installed,
 )
 from clipforge.encode import model_device
-from clipforge.errors import ConfigError
 from clipforge.layers.prompts import PromptTokens
 
 
@@ -49,6 +58,11 @@ class CoopSettings:
     augment_epoch: int = 10
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "n_ctx": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE, "augment_epoch": AT_LEAST_ONE,
+    }
 
 
 class ContextPrompts(PromptTokens):
@@ -72,8 +86,6 @@ def prefix_of(settings: CoopSettings) -> tuple[str, int]:
     """The prompt's context placeholder and its length: ``ctx_init`` or M times "X"."""
     if settings.ctx_init:
         return settings.ctx_init, 0
-    if settings.n_ctx < 1:
-        raise ConfigError(f"coop.n_ctx: {settings.n_ctx} is below 1")
     return " ".join(["X"] * settings.n_ctx), settings.n_ctx
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,19 @@ from torch import nn
 from clipforge.adapt.adapter_file import AdapterRecord, model_fingerprint
 from clipforge.adapt.linear_form import fuse_attention
 from clipforge.adapt.lora import LoraSettings, add_lora, merged_linear
-from clipforge.adapt.method import Head, Method, Saved, settings_dict, settings_from
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    AT_LEAST_TWO,
+    BELOW_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Head,
+    Method,
+    Range,
+    Saved,
+    settings_dict,
+    settings_from,
+)
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
 from clipforge.adapt.recipe_data import DETECTOR_CLASSES, detector_images
 from clipforge.adapt.tuning import autocast
@@ -53,6 +65,11 @@ class DetectorSettings:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     amp: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "lr": POSITIVE, "head_lr": POSITIVE, "weight_decay": NON_NEGATIVE, "batch_size": AT_LEAST_ONE, "steps": AT_LEAST_ONE,
+        "samples": AT_LEAST_TWO, "lora_rank": AT_LEAST_ONE, "lora_alpha": POSITIVE, "lora_dropout": BELOW_ONE,
+    }
 
 
 class DetectorHead(Head):

@@ -18,11 +18,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from clipforge.adapt.features import Augmentation
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    FitInputs,
+    Fitted,
+    Head,
+    Method,
+    Range,
+    Saved,
+)
 from clipforge.adapt.selection import best_on_validation, clip_logits, validation
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
@@ -34,6 +44,8 @@ class GdaSettings:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     flip: bool = True
     default_alpha: float = 1.0
+
+    RANGES: ClassVar[dict[str, Range]] = {"augment_epoch": AT_LEAST_ONE, "default_alpha": NON_NEGATIVE}
 
 
 class GdaHead(Head):

@@ -13,12 +13,21 @@ other method here, validation images choose hyper-parameters and never train; wi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    POSITIVE,
+    FitInputs,
+    Fitted,
+    Head,
+    Method,
+    Range,
+    Saved,
+)
 from clipforge.adapt.selection import validation
-from clipforge.errors import InputError
 from clipforge.eval.linear_probe import choose_c, fit_logistic
 
 
@@ -26,6 +35,8 @@ from clipforge.eval.linear_probe import choose_c, fit_logistic
 class LinearProbeSettings:
     default_c: float = 1.0
     max_iter: int = 1000
+
+    RANGES: ClassVar[dict[str, Range]] = {"default_c": POSITIVE, "max_iter": AT_LEAST_ONE}
 
 
 class LinearHead(Head):
@@ -44,8 +55,6 @@ def fit_linear_probe(inputs: FitInputs, settings: LinearProbeSettings) -> Fitted
     train = inputs.shots.train
     x, y = inputs.cache.plain(train).double().numpy(), torch.as_tensor(train.labels).numpy()
     classes = len(inputs.text)
-    if len(set(y.tolist())) < 2:
-        raise InputError("linear-probe: needs images of at least two classes")
     c, tried = settings.default_c, {}
     found = validation(inputs)
     if found is not None:

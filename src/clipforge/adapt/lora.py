@@ -17,12 +17,22 @@ same); fp32 unless ``amp`` (the official code runs fp16 autocast on a GPU).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
 from clipforge.adapt.linear_form import fuse_attention, split_attention
-from clipforge.adapt.method import FitInputs, Fitted, Method
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    BELOW_ONE,
+    POSITIVE,
+    FitInputs,
+    Fitted,
+    Method,
+    Range,
+)
 from clipforge.adapt.weights import (
+    TRAINING_RANGES,
     train_weights,
     trainable_copy,
     tuned_model,
@@ -47,6 +57,8 @@ class LoraSettings:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     amp: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = {**TRAINING_RANGES, "rank": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": BELOW_ONE}
 
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
@@ -84,7 +96,7 @@ def fit_lora(inputs: FitInputs, settings: LoraSettings) -> Fitted:
     parameters = [parameter for name, parameter in tuned.named_parameters() if "lora_" in name]
     loss, steps = train_weights(inputs, tuned, parameters, settings, tuned_text(tuned, inputs), "CLIP-LoRA", eta_min=1e-6)
     fuse_attention(tuned, merged_linear)
-    return Fitted({}, {"final_loss": loss, "steps": steps}, model=tuned_model(tuned, "clip-lora"))
+    return Fitted({}, {"final_loss": loss, "steps": steps}, model=tuned_model(tuned, "clip-lora", inputs.model, inputs.model_source))
 
 
 LORA = Method("clip-lora", "weights", LoraSettings, fit_lora, None,

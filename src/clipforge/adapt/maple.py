@@ -23,13 +23,23 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from clipforge.adapt.features import Augmentation
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    FitInputs,
+    Fitted,
+    Head,
+    Method,
+    Range,
+    Saved,
+)
 from clipforge.adapt.optim import Schedule
 from clipforge.adapt.selection import clip_logits
 from clipforge.adapt.tuning import (
@@ -57,6 +67,11 @@ class MapleSettings:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     amp: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "n_ctx": AT_LEAST_ONE, "depth": AT_LEAST_ONE, "epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+    }
 
 
 class MaplePrompts(nn.Module):

@@ -1,15 +1,15 @@
 """What an adaptation method is to the rest of the package: ``Method`` (how to fit it, how to rebuild its head
 from a file), ``Head`` (features → class logits) and ``FitInputs`` (what every fit receives).
 
-A method's settings are a frozen dataclass of its paper's defaults; ``settings_from`` checks ``--set`` values
-against it. ``clipforge.adapt.registry`` maps each name to its ``Method``; other packages add theirs with
-``register``.
+A method's settings are a frozen dataclass of its paper's defaults, whose ``RANGES`` class attribute maps a
+numeric field to the ``Range`` of values it allows; ``settings_from`` checks ``--set`` values against both.
+``clipforge.adapt.registry`` maps each name to its ``Method``; other packages add theirs with ``register``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,14 +36,16 @@ class Head(nn.Module):
 
 @dataclass
 class FitInputs:
-    """What every ``fit`` receives: the model (left unchanged), the few shots, a feature cache over the model
-    and the zero-shot head ``text`` [C, D] of the shots' class names and prompts (normalised rows)."""
+    """What every ``fit`` receives: the model (left unchanged), the few shots, a feature cache over the model,
+    the zero-shot head ``text`` [C, D] of the shots' class names and prompts (normalised rows), and what names
+    the model (``model_source``: its path or name, recorded in a tuned checkpoint's provenance)."""
 
     model: Any
     shots: FewShotSet
     cache: FeatureCache
     text: torch.Tensor
     progress: bool = False
+    model_source: str = ""
 
 
 @dataclass
@@ -83,15 +85,56 @@ class Method:
     uses_validation: bool = False
 
 
-def settings_from(cls: type, values: Mapping[str, Any], method: str) -> Any:
-    """An instance of the settings dataclass ``cls`` with ``values`` checked against its fields' types."""
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting allows: from ``low`` up to ``high`` (None: no bound), each end included
+    unless open."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '≥'} {self.low:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_ONE = Range(1)
+AT_LEAST_TWO = Range(2)
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+UNIT = Range(0, 1)
+BELOW_ONE = Range(0, 1, high_open=True)
+"""A dropout rate or a label smoothing: at 1 nothing is left to learn from."""
+
+
+def settings_from(cls: type, values: Mapping[str, Any], method: str, *, also: Sequence[str] = ()) -> Any:
+    """An instance of the settings dataclass ``cls`` with ``values`` checked against its fields' types and its
+    ``RANGES``; ``also`` names settings the caller takes itself (listed when a key is unknown)."""
     fields = {field.name: field for field in dataclasses.fields(cls)}
+    ranges = getattr(cls, "RANGES", {})
     checked = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"{method}: unknown setting {key!r} (one of {', '.join(fields)})")
+            raise ConfigError(f"{method}: unknown setting {key!r} (one of {', '.join([*fields, *also])})")
         checked[key] = _checked(value, fields[key].default, f"{method}.{key}")
+        if key in ranges:
+            _check_range(checked[key], ranges[key], f"{method}.{key}")
     return cls(**checked)
+
+
+def _check_range(value: Any, allowed: Range, where: str) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    if any(item not in allowed for item in items):
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"{where}: {shown!r} is out of range (allowed: {'each ' if isinstance(value, tuple) else ''}{allowed})")
 
 
 def _checked(value: Any, default: Any, where: str) -> Any:

@@ -32,8 +32,6 @@ class CaptionedFeatures:
 
 def captioned_features(model: Any, spec: str, samples: int, *, progress: bool = False) -> CaptionedFeatures:
     """The first ``samples`` pairs of the source ``spec``, images encoded once by ``clipforge.encode``."""
-    if samples < 2:
-        raise InputError(f"samples: {samples} pairs are too few (at least 2)")
     source = open_source(spec)
     images, captions, skipped = [], [], 0
     for index in range(min(samples, len(source))):
@@ -52,11 +50,16 @@ def captioned_features(model: Any, spec: str, samples: int, *, progress: bool = 
                              skipped + len(found.skipped))
 
 
-def synthetic_split(data: str, name: str, default: str = "train") -> str | None:
-    """The split of ``synthetic:NAME[@SPLIT]``, or None when ``data`` is not that task."""
-    task, _, split = data.removeprefix("synthetic:").partition("@")
+def synthetic_split(data: str, name: str, default: str = "train", variant_setting: str = "") -> str | None:
+    """The split of ``synthetic:NAME[@SPLIT]``, or None when ``data`` is not that task. Training data takes no
+    ``+VARIANT`` (the evaluation sets' suffix): it is refused, naming the setting that chooses it if there is one."""
+    rest, plus, variant = data.removeprefix("synthetic:").partition("+")
+    task, _, split = rest.partition("@")
     if not data.startswith("synthetic:") or task != name:
         return None
+    if plus:
+        hint = f"; set the {variant_setting} with --set {variant_setting}={variant}" if variant_setting else ""
+        raise InputError(f"{data}: the training data takes no +{variant}{hint}")
     if split and split not in SPLITS:
         raise InputError(f"{data}: split {split!r} is not one of {', '.join(SPLITS)}")
     return split or default
@@ -64,9 +67,9 @@ def synthetic_split(data: str, name: str, default: str = "train") -> str | None:
 
 def detector_images(data: str, samples: int, families: str, **data_options: Any) -> tuple[list[Any], list[int], str]:
     """Images and labels (0 real, 1 altered) and a description: ``synthetic:altered[@SPLIT]`` (the first
-    ``samples`` of the split, half altered by ``families`` in turn), or two classes of labelled images, one named
-    "real" (e.g. folders ``real/`` and ``fake/``)."""
-    split = synthetic_split(data, "altered")
+    ``samples`` of the split, half altered by ``families`` in turn; not ``+FAMILY``), or two classes of labelled
+    images, one named "real" (e.g. folders ``real/`` and ``fake/``)."""
+    split = synthetic_split(data, "altered", variant_setting="families")
     if split is not None:
         world = SyntheticWorld()
         names = [name.strip() for name in families.split(",") if name.strip()]

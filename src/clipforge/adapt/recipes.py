@@ -1,5 +1,7 @@
 """The task recipes on CLIP features (issue #15), by name: each trains on ``--data`` and returns an object with
-its adapter record (``clipforge.adapt.adapter_file``) and ``save(path)``.
+its adapter record (``clipforge.adapt.adapter_file``) and ``save(path)``. Each takes the model, the data, the
+settings, the seed, whether to show progress, what names the model (recorded by the recipes that tune it) and
+the data readers' options.
 
 - ``clipn``: a "no" text encoder for OOD detection (``clipforge.adapt.clipn``);
 - ``detector``: a real-vs-altered detector (``clipforge.adapt.detector``);
@@ -18,24 +20,28 @@ from clipforge.adapt.reid import fit_reid
 from clipforge.errors import ConfigError
 
 
-def _clipn(model: Any, data: str, settings: dict[str, Any], seed: int, progress: bool, **_: Any) -> Any:
+def _clipn(model: Any, data: str, settings: dict[str, Any], seed: int, progress: bool, model_source: str | None,
+           **_: Any) -> Any:
     return fit_clipn(model, data, settings, seed, progress)
 
 
-def fit_detector_recipe(model: Any, data: str, settings: dict[str, Any], seed: int, progress: bool, **options: Any) -> Any:
+def fit_detector_recipe(model: Any, data: str, settings: dict[str, Any], seed: int, progress: bool,
+                        model_source: str | None, **options: Any) -> Any:
     return Adapter(fit_detector(model, data, settings, seed, progress, **options), source="detector adapter")
 
 
-def fit_reid_recipe(model: Any, data: str, settings: dict[str, Any], seed: int, progress: bool, **options: Any) -> Any:
-    return fit_reid(model, data, settings, seed, progress, **options)
+def fit_reid_recipe(model: Any, data: str, settings: dict[str, Any], seed: int, progress: bool,
+                    model_source: str | None, **options: Any) -> Any:
+    return fit_reid(model, data, settings, seed, progress, model_source, **options)
 
 
 RECIPES: dict[str, Callable[..., Any]] = {"clipn": _clipn, "detector": fit_detector_recipe, "reid": fit_reid_recipe}
 
 
 def fit_recipe(name: str, model: Any, data: str, settings: dict[str, Any] | None = None, seed: int = 1, *,
-               progress: bool = False, **data_options: Any) -> Any:
-    """Train recipe ``name`` on ``data``; ``data_options`` are the ``--data`` readers' (class names, columns)."""
+               progress: bool = False, model_source: str | None = None, **data_options: Any) -> Any:
+    """Train recipe ``name`` on ``data``; ``model_source`` names the model in a tuned checkpoint's provenance
+    (default: its config name); ``data_options`` are the ``--data`` readers' (class names, columns)."""
     if name not in RECIPES:
         raise ConfigError(f"recipe: {name!r} is not one of {', '.join(RECIPES)}")
-    return RECIPES[name](model, data, dict(settings or {}), seed, progress, **data_options)
+    return RECIPES[name](model, data, dict(settings or {}), seed, progress, model_source, **data_options)

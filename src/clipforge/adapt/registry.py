@@ -18,6 +18,11 @@ from clipforge.errors import ConfigError
 METHODS: dict[str, Method] = {}
 RECIPE_HEADS: dict[str, Method] = {DETECTOR.name: DETECTOR}
 """Heads of the task recipes (``clipforge.adapt.recipes``): trained on ``--data``, reloaded like any adapter."""
+RECIPE_FILES = {
+    "clipn": ("a clipn adapter", "use it with clipforge eval ood --adapter"),
+    "reid": ("a reid checkpoint", "use it as --model, e.g. clipforge eval reid --model FILE"),
+}
+"""The task recipes whose files hold no classifier head: what such a file is, and where it is used instead."""
 
 
 def register(method: Method) -> Method:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,16 @@ from torch import nn
 
 from clipforge.adapt.adapter import Adapter
 from clipforge.adapt.adapter_file import AdapterRecord, model_fingerprint
-from clipforge.adapt.method import settings_dict, settings_from
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    AT_LEAST_TWO,
+    BELOW_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+    settings_dict,
+    settings_from,
+)
 from clipforge.adapt.optim import Schedule, optimise
 from clipforge.adapt.recipe_data import identity_images
 from clipforge.adapt.tuning import autocast
@@ -45,6 +54,11 @@ class ReidSettings:
     label_smoothing: float = 0.1
     samples: int = 2400
     amp: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "steps": AT_LEAST_ONE, "label_smoothing": BELOW_ONE,
+        "batch_size": AT_LEAST_TWO,  # identities per batch: InfoNCE over one has nothing to contrast
+    }
 
 
 def symmetric_info_nce(left: torch.Tensor, right: torch.Tensor, scale: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -79,9 +93,10 @@ def identity_batches(labels: list[int], batch_size: int, steps: int, seed: int) 
 
 
 def fit_reid(model: Any, data: str, settings: dict[str, Any] | None = None, seed: int = 1, progress: bool = False,
-             **data_options: Any) -> Adapter:
+             model_source: str | None = None, **data_options: Any) -> Adapter:
     """Fine-tune the image tower on identities of ``data`` (``synthetic:identities`` or labelled images, a class
-    per identity); the result is a tuned checkpoint (``Adapter.save``), evaluated with ``clipforge eval reid``."""
+    per identity); the result is a tuned checkpoint (``Adapter.save``), evaluated with ``clipforge eval reid``.
+    ``model_source`` names the model in its provenance (default: its config name)."""
     chosen = settings_from(ReidSettings, settings or {}, "reid")
     images, labels, source = identity_images(data, chosen.samples, **data_options)
     with torch.random.fork_rng(devices=[]):
@@ -91,7 +106,7 @@ def fit_reid(model: Any, data: str, settings: dict[str, Any] | None = None, seed
     record = AdapterRecord(method="reid", tensors={}, settings=settings_dict(chosen), classnames=[], templates=[],
                            base_model=model_fingerprint(model), extra={"final_loss": loss},
                            provenance={"train": source, "images": len(images), "identities": len(set(labels)), "seed": seed})
-    return Adapter(record, model=tuned_model(tuned, "reid"), source="reid checkpoint")
+    return Adapter(record, model=tuned_model(tuned, "reid", model, model_source or str(model.config.name)), source="reid checkpoint")
 
 
 def train_pairs(tuned: nn.Module, images: list[Any], labels: list[int], settings: ReidSettings, seed: int,

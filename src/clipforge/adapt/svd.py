@@ -18,14 +18,16 @@ average the dataset's templates (one template: the official code's single prompt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from clipforge.adapt.linear_form import fuse_attention, split_attention
-from clipforge.adapt.method import FitInputs, Fitted, Method
+from clipforge.adapt.method import FitInputs, Fitted, Method, Range
 from clipforge.adapt.weights import (
+    TRAINING_RANGES,
     train_weights,
     trainable_copy,
     tuned_model,
@@ -42,6 +44,8 @@ class SvdSettings:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     amp: bool = False
+
+    RANGES: ClassVar[dict[str, Range]] = TRAINING_RANGES
 
 
 class SingularValueLinear(nn.Module):
@@ -89,7 +93,7 @@ def fit_svd(inputs: FitInputs, settings: SvdSettings) -> Fitted:
     loss, steps = train_weights(inputs, tuned, parameters, settings, tuned_text(tuned, inputs), "CLIP-SVD", eta_min=1e-6)
     fuse_attention(tuned, _as_linear)
     extra = {"final_loss": loss, "steps": steps, "trained_values": sum(p.numel() for p in parameters)}
-    return Fitted({}, extra, model=tuned_model(tuned, "clip-svd"))
+    return Fitted({}, extra, model=tuned_model(tuned, "clip-svd", inputs.model, inputs.model_source))
 
 
 SVD = Method("clip-svd", "weights", SvdSettings, fit_svd, None,

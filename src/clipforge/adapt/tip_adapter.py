@@ -24,12 +24,23 @@ official script keeps the epoch with the best *test* accuracy); the validation s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from clipforge.adapt.features import Augmentation
-from clipforge.adapt.method import FitInputs, Fitted, Head, Method, Saved
+from clipforge.adapt.method import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    FitInputs,
+    Fitted,
+    Head,
+    Method,
+    Range,
+    Saved,
+)
 from clipforge.adapt.optim import Schedule, epoch_batches, optimise
 from clipforge.adapt.selection import clip_logits, linear_grid, validation
 
@@ -49,6 +60,11 @@ class TipAdapterSettings:
     epochs: int = 20
     lr: float = 1e-3
     batch_size: int = 256
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "augment_epoch": AT_LEAST_ONE, "init_alpha": NON_NEGATIVE, "init_beta": NON_NEGATIVE, "search_scale": POSITIVE,
+        "search_step": AT_LEAST_ONE, "epochs": AT_LEAST_ONE, "lr": POSITIVE, "batch_size": AT_LEAST_ONE,
+    }
 
 
 class TipAdapterHead(Head):

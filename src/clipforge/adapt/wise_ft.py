@@ -3,10 +3,10 @@
 Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022; official code mlfoundations/wise-ft
 (``src/wise_ft.py``: ``_merge``; ``src/models/finetune.py``).
 
-The fine-tuned endpoint θ₁ is either given (``finetuned``: a checkpoint of the same architecture, e.g. a
-CLIP-LoRA or CLIP-SVD result, or any fine-tune) or trained here: the image tower end to end, classifying with
-the frozen zero-shot head of the dataset's prompts (CE on ``exp(logit_scale) · cos``, AdamW lr 3e-5, weight
-decay 0.1, cosine, batches of 32 augmented images). α = 0 is the zero-shot model, α = 1 the fine-tuned one;
+The fine-tuned endpoint θ₁ is either given (``finetuned``: a fine-tune of the model, e.g. a CLIP-LoRA or CLIP-SVD
+result, checked as ``clipforge merge`` checks its models: the base it records, else weights near the model's) or
+trained here: the image tower end to end, classifying with the frozen zero-shot head of the dataset's prompts (CE
+on ``exp(logit_scale) · cos``, AdamW lr 3e-5, weight decay 0.1, cosine, batches of 32 augmented images). α = 0 is the zero-shot model, α = 1 the fine-tuned one;
 the paper's default with no held-out data is α = 0.5.
 
 Differences: the official fine-tune also trains the classification head (initialised from the zero-shot
@@ -18,19 +18,23 @@ on few shots the budget is CLIP-LoRA's protocol (``iterations_per_shot × K`` st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from clipforge.adapt.method import FitInputs, Fitted, Method
+from clipforge.adapt.method import UNIT, FitInputs, Fitted, Method, Range
 from clipforge.adapt.weights import (
+    TRAINING_RANGES,
     train_weights,
     trainable_copy,
     tuned_model,
     tuned_text,
 )
 from clipforge.api import load
-from clipforge.errors import CheckpointError, ConfigError
+from clipforge.errors import CheckpointError
+from clipforge.io.lineage import check_origin
+from clipforge.io.state_dict import check_state_dict, weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,11 @@ class WiseFtSettings:
     flip: bool = True
     amp: bool = False
 
+    RANGES: ClassVar[dict[str, Range]] = {**TRAINING_RANGES, "alpha": UNIT}
+
 
 def interpolate(zero_shot: nn.Module, finetuned: nn.Module, alpha: float) -> nn.Module:
     """A copy of ``finetuned`` with every floating-point weight ``(1 - α) θ₀ + α θ₁`` (exact at α = 0 and 1)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"wise-ft.alpha: {alpha} is not in [0, 1]")
     start, end = zero_shot.state_dict(), finetuned.state_dict()
     if start.keys() != end.keys() or any(start[k].shape != end[k].shape for k in start):
         raise CheckpointError("wise-ft: the fine-tuned model's weights do not match the zero-shot model's")
@@ -57,6 +61,20 @@ def interpolate(zero_shot: nn.Module, finetuned: nn.Module, alpha: float) -> nn.
     result = trainable_copy(finetuned, "wise-ft")
     result.load_state_dict(mixed)
     return result
+
+
+def load_finetuned(inputs: FitInputs, path: str) -> nn.Module:
+    """The checkpoint ``path``, refused in one line when it is not a fine-tune of ``inputs.model`` (the check of
+    ``clipforge merge``: a model from another initialisation would blend into noise)."""
+    finetuned = load(path)
+    start, end = (_float32(model) for model in (inputs.model, finetuned))
+    check_state_dict(start, end, path)
+    check_origin(finetuned.provenance, end, path, start, weights_fingerprint(start), inputs.model_source)
+    return finetuned
+
+
+def _float32(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu", torch.float32) for key, value in model.state_dict().items()}
 
 
 def fine_tune_image_tower(inputs: FitInputs, settings: WiseFtSettings) -> nn.Module:
@@ -71,9 +89,9 @@ def fine_tune_image_tower(inputs: FitInputs, settings: WiseFtSettings) -> nn.Mod
 
 
 def fit_wise_ft(inputs: FitInputs, settings: WiseFtSettings) -> Fitted:
-    finetuned = load(settings.finetuned) if settings.finetuned else fine_tune_image_tower(inputs, settings)
+    finetuned = load_finetuned(inputs, settings.finetuned) if settings.finetuned else fine_tune_image_tower(inputs, settings)
     mixed = interpolate(inputs.model, finetuned, settings.alpha)
-    return Fitted({}, {"alpha": settings.alpha}, model=tuned_model(mixed, "wise-ft"))
+    return Fitted({}, {"alpha": settings.alpha}, model=tuned_model(mixed, "wise-ft", inputs.model, inputs.model_source))
 
 
 WISE_FT = Method("wise-ft", "weights", WiseFtSettings, fit_wise_ft, None,

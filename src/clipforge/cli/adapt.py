@@ -59,41 +59,49 @@ def adapt_command(
     from clipforge.errors import InputError
 
     settings = parse_settings(set_ or [], "--set")
+    source = model + (f"/{pretrained}" if pretrained else "")  # as clipforge train records its base
     if method in RECIPE_NAMES:
         if data is None:
             raise InputError(f"adapt {method}: give the training data with --data")
         note = checked_output(out, inputs=[model])
         fit_recipe(method, load_model(model, config, pretrained, precision, device), data, settings, seed, out, note,
-                   classnames_file=classnames, image_column=image_column, label_column=label_column,
-                   class_field=class_field)
+                   model_source=source, classnames_file=classnames, image_column=image_column,
+                   label_column=label_column, class_field=class_field)
         return
     get_method(method)  # an unknown method fails before the model loads
     if train is None or shots is None:
         raise InputError(f"adapt {method}: give --train and --shots")
     note = checked_output(out, inputs=[model])
     loaded = load_model(model, config, pretrained, precision, device)
-    adapter = fit(method, loaded, train, shots, seed, settings=settings, progress=True, classnames_file=classnames,
-                  templates_file=templates, image_column=image_column, label_column=label_column,
-                  class_field=class_field)
+    adapter = fit(method, loaded, train, shots, seed, settings=settings, progress=True, model_source=source,
+                  classnames_file=classnames, templates_file=templates, image_column=image_column,
+                  label_column=label_column, class_field=class_field)
     path = adapter.save(out)
     record = adapter.record
     skipped = record.provenance.get("skipped_images", 0)
-    chosen = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in record.extra.items())
-    kind = "checkpoint" if adapter.model is not None else "adapter"
     say(
         f"{method}: {len(record.classnames)} classes × {shots} shots from {train} (seed {seed})"
         + (f", {skipped} unreadable images skipped" if skipped else "")
-        + (f"; {chosen}" if chosen else "")
-        + f"\nwrote {kind} {path}{note}"
+        + _chosen(record.extra)
+        + f"\n{_wrote(adapter, path)}{note}"
     )
 
 
-def fit_recipe(method: str, model: object, data: str, settings: dict, seed: int, out: Path, note: str, **data_options: object) -> None:
+def fit_recipe(method: str, model: object, data: str, settings: dict, seed: int, out: Path, note: str, **options: object) -> None:
     """Train a task recipe, write it, and say what was written."""
     from clipforge.adapt.recipes import fit_recipe as fit_one
 
-    result = fit_one(method, model, data, settings, seed, progress=True, **data_options)
+    result = fit_one(method, model, data, settings, seed, progress=True, **options)
     path = result.save(out)
-    chosen = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                       for key, value in result.record.extra.items())
-    say(f"{method}: trained on {data} (seed {seed}){'; ' + chosen if chosen else ''}\nwrote adapter {path}{note}")
+    say(f"{method}: trained on {data} (seed {seed}){_chosen(result.record.extra)}\n{_wrote(result, path)}{note}")
+
+
+def _chosen(extra: dict) -> str:
+    """The fitted values of a record (``extra``) as ``; key=value, ...``, or nothing."""
+    chosen = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in extra.items())
+    return f"; {chosen}" if chosen else ""
+
+
+def _wrote(result: object, path: Path) -> str:
+    """What was written: a checkpoint by the fits that tune the model (they carry it), else an adapter file."""
+    return f"wrote {'checkpoint' if getattr(result, 'model', None) is not None else 'adapter'} {path}"

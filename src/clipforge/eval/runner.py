@@ -276,14 +276,17 @@ class Evaluator:
         return self._classifiers[key]
 
     def detection(self, dataset: ClassificationDataset, fpr: float = 0.05) -> TaskResult:
-        """A real-vs-altered detector (the adapter, classes "real" and another): AUROC, accuracy and accuracy at
-        ``fpr`` of the real images flagged, on the logit difference altered − real."""
+        """A real-vs-altered detector (the adapter, classes "real" and another) on two classes, one named "real" (the
+        other, whatever its name, altered): AUROC, accuracy and accuracy at ``fpr`` of the real images flagged, on
+        the logit difference altered − real."""
         if self.adapter is None or len(self.adapter.classnames) != 2 or "real" not in self.adapter.classnames:
             raise InputError("detection: give a detector adapter (clipforge adapt detector) with --adapter")
-        logits = self._adapted_logits(dataset)
-        real = dataset.classnames.index("real")
+        if len(dataset.classnames) != 2 or "real" not in dataset.classnames:
+            raise InputError(f"{dataset.name}: detection needs two classes, one named 'real' (found {', '.join(dataset.classnames)})")
+        logits = self.adapter.logits(self.image_features(dataset))
+        real = self.adapter.classnames.index("real")
         scores = logits[:, 1 - real] - logits[:, real]
-        labels = [int(label != real) for label in dataset.labels]
+        labels = [int(dataset.classnames[label] != "real") for label in dataset.labels]  # the other class is altered
         return TaskResult(dataset.name, TASKS["detection"], detection_metrics(scores, labels, fpr=fpr),
                           extra={"adapter": self.adapter.method})
 

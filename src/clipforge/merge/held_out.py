@@ -33,6 +33,10 @@ class HeldOut:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise InputError("held-out data: no dataset given (pass at least one, e.g. --data DIR)")
+        for dataset in self.datasets:  # one class: every model scores 1.0, so nothing is chosen
+            if len(dataset.classnames) < 2:
+                raise InputError(f"{dataset.name}: held-out data needs at least 2 classes (found {len(dataset.classnames)}: "
+                                 f"{', '.join(dataset.classnames)})")
 
     def score(self, model: CLIP) -> float:
         """Mean zero-shot top-1 accuracy of ``model`` over the datasets."""

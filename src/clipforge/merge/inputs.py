@@ -6,12 +6,7 @@ number of models. Each model read is checked before it is used (nothing is writt
 has been read):
 
 - same architecture as the base (the model configs agree, field by field);
-- same base: a model trained by ``clipforge train`` records the fingerprint of the weights it started from
-  (``provenance["base"]``), which must be the base's; a model without that record (an open_clip or Hugging
-  Face fine-tune) must lie near the base: ``‖θ − θ₀‖ / ‖θ₀‖`` over its weight matrices below 1. Fine-tunes
-  stay well below (the benchmark's are under 0.2); models from another initialisation sit near √2 (the
-  weights of two independent initialisations are uncorrelated), and averaging those collapses (Wortsman et
-  al. 2022, §3);
+- same base (``clipforge.io.lineage.check_origin``): the base the model records, else weights near the base's;
 - no compression steps (merge the uncompressed models, then compress the result).
 
 The merged model's provenance records the method, the base (source, fingerprint), each model (source,
@@ -34,13 +29,12 @@ from clipforge._util.progress import progress_bar
 from clipforge.config import ModelConfig
 from clipforge.errors import CheckpointError, InputError
 from clipforge.io.checkpoint import read_checkpoint, read_weights, write_checkpoint
+from clipforge.io.lineage import check_origin
 from clipforge.io.state_dict import check_state_dict, weights_fingerprint
 from clipforge.models.clip import CLIP
 
 Source = str | os.PathLike[str] | CLIP
 State = dict[str, torch.Tensor]
-
-MAX_RELATIVE_DISTANCE = 1.0
 
 
 @dataclass
@@ -96,7 +90,7 @@ class MergeInputs:
         # copies: never write into the caller's model, nor into a file's memory map (copy-on-write would hold both)
         state = {key: stored[key].detach().to("cpu", torch.float32, copy=True) for key in self.keys}
         del stored
-        self._check_origin(provenance, state, name)
+        check_origin(provenance, state, name, self.base, self.base_fingerprint, self.base_name)
         return Weights(name, state, weights_fingerprint(state), dict(provenance))
 
     def each(self, description: str, order: Sequence[int] | None = None) -> Iterator[Weights]:
@@ -140,23 +134,6 @@ class MergeInputs:
             field, ours, theirs = _first_difference(self._config, config)
             raise CheckpointError(f"{name}: another architecture than the base {self.base_name} ({field}: {theirs} vs {ours})")
 
-    def _check_origin(self, provenance: Mapping[str, Any], state: State, name: str) -> None:
-        recorded = provenance.get("base", {}).get("fingerprint") if isinstance(provenance.get("base"), Mapping) else None
-        if recorded is not None:
-            if recorded != self.base_fingerprint:
-                origin = provenance["base"].get("source", "another model")
-                raise CheckpointError(
-                    f"{name}: fine-tuned from {origin} (weights {recorded[:12]}), not from the base {self.base_name} "
-                    f"(weights {self.base_fingerprint[:12]})"
-                )
-            return
-        distance = relative_distance(state, self.base)
-        if distance >= MAX_RELATIVE_DISTANCE:
-            raise CheckpointError(
-                f"{name}: does not come from the base {self.base_name}: its weight matrices lie {distance:.2f} × the "
-                f"base's norm away from it (fine-tunes of a base stay below {MAX_RELATIVE_DISTANCE})"
-            )
-
 
 @torch.no_grad()
 def load_weights(model: CLIP, state: State) -> None:
@@ -164,16 +141,6 @@ def load_weights(model: CLIP, state: State) -> None:
     own = model.state_dict()
     for key, value in state.items():
         own[key].copy_(value)
-
-
-def relative_distance(state: State, base: State) -> float:
-    """``‖θ − θ₀‖ / ‖θ₀‖`` over the weight matrices (tensors of two or more dimensions)."""
-    squared_distance = squared_norm = 0.0
-    for key, value in state.items():
-        if value.dim() >= 2:
-            squared_distance += float((value - base[key]).pow(2).sum())
-            squared_norm += float(base[key].pow(2).sum())
-    return (squared_distance / squared_norm) ** 0.5 if squared_norm > 0 else float("inf")
 
 
 def task_vector_norm(state: State, base: State) -> float:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_reliability import one_error_line
 
 import clipforge
 from clipforge.cli import main
@@ -108,12 +109,42 @@ def test_options_and_set_make_the_same_settings(tmp_path, capsys, checkpoint) ->
         (["compress", "evit", "--set", "layers=[5]"], "out of range"),
         (["compress", "evit", "--set", "layers=[1]"], "remove no tokens before the last image block"),
         (["compress", "tome", "--r", "2", "--set", "speed"], "expected key=value"),
+        (["compress", "evit", "--set", "fuse_token=maybe"], "evit setting 'fuse_token' must be true or false (or 1, 0), got 'maybe'"),
+        (["compress", "evit", "--set", "layers=x"], "evit setting 'layers' must be a list of ints (e.g. 3,6,9) or null, got 'x'"),
+        (["compress", "pitome", "--keep-ratio", "0.8", "--set", "alpha=x"], "pitome setting 'alpha' must be a number, got 'x'"),
+        (["compress", "pitome", "--keep-ratio", "0.8", "--set", "margin=x"], "pitome setting 'margin' must be a number, got 'x'"),
+        (["compress", "pitome", "--keep-ratio", "0.8", "--set", "bsm_layers=x"], "pitome setting 'bsm_layers' must be an int, got 'x'"),
+        (["compress", "tome", "--r", "2", "--set", "inflect=x"], "tome setting 'inflect' must be a number, got 'x'"),
+        (["compress", "tome", "--r", "2", "--set", "prop-attn=maybe"], "tome setting 'prop_attn' must be true or false (or 1, 0), got 'maybe'"),
     ],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, checkpoint, argv, needle) -> None:
     code, _, err = run(capsys, *argv, "-m", checkpoint, "-o", tmp_path / "x.safetensors")
-    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and needle in one_error_line(err)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "method,argv,settings",
+    [
+        ("evit", ["--set", "fuse_token=False"], {"fuse_token": False}),
+        ("evit", ["--keep-rate", "0.5", "--set", "layers=0"], {"keep_rate": 0.5, "layers": [0]}),
+        ("evit", ["--keep-rate", "0.5", "--set", "layers=0,1"], {"keep_rate": 0.5, "layers": [0, 1]}),
+        ("tome", ["--r", "4", "--set", "prop_attn=False"], {"r": 4, "prop_attn": False}),
+        ("pitome", ["--keep-ratio", "0.8", "--set", "prop-attn=0", "--set", "margin=0.5"], {"keep_ratio": 0.8, "prop_attn": False, "margin": 0.5}),
+    ],
+)
+def test_set_values_are_read_as_the_settings_types(tmp_path, capsys, base, checkpoint, method, argv, settings) -> None:
+    """``--set`` text gives the model the method gets from the same settings as Python values."""
+    code, _, err = run(capsys, "compress", method, *argv, "-m", checkpoint, "-o", tmp_path / "x.safetensors")
+    assert code == 0, err
+    loaded = clipforge.load(tmp_path / "x.safetensors")
+    recorded = loaded.compression["settings"]
+    assert all(recorded[key] == value and type(recorded[key]) is type(value) for key, value in settings.items()), recorded
+    reference = copy.deepcopy(base)
+    apply_token_reduction(reference, method, **settings)
+    with torch.inference_mode():
+        assert torch.equal(loaded.encode_image(PIXELS), reference.encode_image(PIXELS))
 
 
 def test_a_second_token_reduction_is_refused(tmp_path, capsys, checkpoint) -> None:
@@ -199,6 +230,86 @@ def test_openvino_int8_needs_readable_calibration_data(tmp_path, capsys, checkpo
     assert code == 2 and "--calibration" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, "compress", "openvino", "-m", checkpoint, "-o", tmp_path / "b", "--int8", "--calibration", tmp_path / "none")
     assert code == 2 and "none" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "compress", "openvino", "-m", checkpoint, "-o", tmp_path / "c", "--calibration", "synthetic:shape")
+    assert code == 2 and "--calibration: only int8 export calibrates" in one_error_line(err)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_evit_checkpoints_export_like_pytorch(tmp_path, capsys, base, checkpoint, engine) -> None:
+    code, _, err = run(capsys, "compress", "evit", "-m", checkpoint, "-o", tmp_path / "evit.safetensors", "--keep-rate", "0.5")
+    assert code == 0, err
+    code, out, err = run(capsys, "compress", engine, "-m", tmp_path / "evit.safetensors", "-o", tmp_path / "export")
+    assert code == 0, err
+    pruned = copy.deepcopy(base)
+    apply_token_reduction(pruned, "evit", keep_rate=0.5)
+    with torch.inference_mode():
+        expected, full = pruned.encode_image(PIXELS), base.encode_image(PIXELS)
+    found = clipforge.load(tmp_path / "export").encode_image(PIXELS)
+    assert (found - expected).abs().max() <= 1e-4 < (found - full).abs().max()
+
+
+@pytest.mark.parametrize("engine,name", [("onnx", "ONNX"), ("openvino", "OpenVINO")])
+def test_info_describes_an_export_and_other_verbs_refuse_it_in_one_line(tmp_path, capsys, base, checkpoint, engine, name) -> None:
+    export = tmp_path / "export"
+    assert run(capsys, "compress", engine, "-m", checkpoint, "-o", export, "--tome", "2")[0] == 0
+    code, out, err = run(capsys, "info", export)
+    assert code == 0, err
+    described = json.loads(out)
+    with torch.inference_mode():
+        width = base.encode_image(PIXELS).shape[-1]
+    assert described["export"] == {"engine": "onnxruntime" if engine == "onnx" else "openvino", "runs": "fp32", "variants": ["fp32"], "embed_dim": width}
+    assert described["compression"] == "tome:r=2" and described["config"]["name"] == base.config.name
+    refusals = {
+        "convert": ["convert", export, tmp_path / "out" / "x.safetensors"],
+        "convert --to hf": ["convert", export, tmp_path / "out" / "hf", "--to", "hf"],
+        "compress bf16": ["compress", "bf16", "-m", export, "-o", tmp_path / "out" / "x.safetensors"],
+    }
+    for argv in refusals.values():
+        code, _, err = run(capsys, *argv)
+        command = "compress" if argv[0] == "compress" else "convert"
+        assert code == 2 and one_error_line(err) == f"error: {export} is an {name} export: {command} needs the PyTorch checkpoint it was made from"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("opset", ["too high", "99"])
+def test_onnx_opsets_are_bounded_by_the_installed_exporter(tmp_path, capsys, checkpoint, opset) -> None:
+    """The highest opset torch's TorchScript exporter supports exports; one more (or 99) is one line, nothing written."""
+    import onnx
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as highest
+
+    opset = str(highest + 1) if opset == "too high" else opset
+    code, _, err = run(capsys, "compress", "onnx", "-m", checkpoint, "-o", tmp_path / "new" / "export", "--opset", opset)
+    assert code == 2 and one_error_line(err) == f"error: opset {opset}: torch {torch.__version__}'s ONNX exporter writes opsets 14 to {highest}"
+    assert not (tmp_path / "new").exists()
+    code, _, err = run(capsys, "compress", "onnx", "-m", checkpoint, "-o", tmp_path / "export", "--opset", highest)
+    assert code == 0, err
+    assert [entry.version for entry in onnx.load(tmp_path / "export" / "image_encoder.onnx").opset_import if entry.domain == ""] == [highest]
+
+
+def test_a_failed_export_leaves_no_directory(tmp_path, capsys, monkeypatch, checkpoint) -> None:
+    """The float graphs are written, then int8 quantization fails: the directories the command made go again."""
+    from clipforge.compress import export_onnx
+
+    def failing(source, target):
+        raise ConfigError(f"{target}: quantization failed")
+
+    monkeypatch.setattr(export_onnx, "quantize_onnx_int8", failing)
+    code, _, err = run(capsys, "compress", "onnx", "-m", checkpoint, "-o", tmp_path / "new" / "export", "--int8")
+    assert code == 2 and "quantization failed" in one_error_line(err)
+    assert not (tmp_path / "new").exists()
+
+
+def test_outputs_that_would_not_load_back_are_refused(tmp_path, capsys, checkpoint) -> None:
+    """Checkpoints named otherwise than .safetensors, and a compressed checkpoint as a Hugging Face directory."""
+    code, _, err = run(capsys, "compress", "bf16", "-m", checkpoint, "-o", tmp_path / "y.onnx")
+    assert code == 2 and one_error_line(err) == f"error: --out {tmp_path / 'y.onnx'}: a clipforge checkpoint is a .safetensors file; end the name with .safetensors"
+    code, _, err = run(capsys, "convert", checkpoint, tmp_path / "out_noext")
+    assert code == 2 and "DESTINATION" in one_error_line(err) and "end the name with .safetensors" in err
+    assert run(capsys, "compress", "tome", "-m", checkpoint, "-o", tmp_path / "tome.safetensors", "--r", "2")[0] == 0
+    code, _, err = run(capsys, "convert", tmp_path / "tome.safetensors", tmp_path / "hf", "--to", "hf")
+    assert code == 2 and "records tome:r=2, which a Hugging Face directory cannot hold" in one_error_line(err)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tome.safetensors"]
 
 
 def test_early_exit_trains_and_saves_heads(tmp_path, capsys, base, checkpoint) -> None:
@@ -253,6 +364,7 @@ def test_variant_specs_round_trip_and_refuse_two_reductions() -> None:
     assert variant.name == "bf16+tome:r=8,inflect=-1" and variant.number_format == "bf16" and variant.reduction["settings"]["r"] == 8
     assert list(parse_steps(describe_steps(variant.steps))) == list(variant.steps)
     assert Variant.parse("base").steps == ()
+    assert Variant.parse("evit:fuse_token=False").name == "evit:fuse_token=false"
     with pytest.raises(ConfigError, match="takes one token reduction"):
         Variant.parse("tome:r=2+pitome")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,11 +129,26 @@ def test_parse_step_reads_json_values_and_dashed_keys() -> None:
 @pytest.mark.parametrize(
     "spec,message",
     [("zip", "unknown compression method 'zip'"), ("tome:r", "expected key=value"), ("tome:speed=2", "unknown tome setting 'speed'"),
-     ("bf16:fast=true", "bf16 takes no settings"), ("int8:per_channel=1", "must be true or false")],
+     ("bf16:fast=true", "bf16 takes no settings"), ("int8:per_channel=maybe", "must be true or false"),
+     ("evit:fuse_token=maybe", "evit setting 'fuse_token' must be true or false (or 1, 0), got 'maybe'"),
+     ("tome:r=2,prop_attn=2", "tome setting 'prop_attn' must be true or false (or 1, 0), got 2"),
+     ("evit:layers=[0.5]", "evit setting 'layers' must be a list of ints (e.g. 3,6,9) or null, got [0.5]"),
+     ("pitome:alpha=nan", "pitome setting 'alpha' must be a number, got 'nan'"),
+     ("tome:inflect=x", "tome setting 'inflect' must be a number, got 'x'")],
 )
 def test_bad_step_specs_are_config_errors(spec, message) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_step(spec)
+
+
+@pytest.mark.parametrize(
+    "spec,setting,value",
+    [("evit:fuse_token=False", "fuse_token", False), ("evit:fuse_token=TRUE", "fuse_token", True),
+     ("tome:r=2,prop_attn=0", "prop_attn", False), ("tome:r=2,trace-source=1", "trace_source", True),
+     ("int8:per_channel=False", "per_channel", False)],
+)
+def test_settings_given_as_text_are_read_as_their_types(spec, setting, value) -> None:
+    assert parse_step(spec)["settings"][setting] is value
 
 
 @pytest.mark.parametrize("first,second", [("tome", "pitome"), ("bf16", "int8")])
@@ -157,6 +173,7 @@ BAD_RECORDS = {
     json.dumps({"method": "zip", "settings": {}}): "unknown compression method 'zip'",
     json.dumps({"method": "tome", "settings": {"speed": 2}}): "unknown tome setting 'speed'",
     json.dumps({"method": "tome", "settings": {"r": "many"}}): "'r' must be an int",
+    json.dumps({"method": "evit", "settings": {"fuse_token": "maybe"}}): "'fuse_token' must be true or false (or 1, 0), got 'maybe'",
     json.dumps({"method": "evit", "settings": {"keep_rate": 0.5, "layers": [9]}}): "entry 9 is out of range",
     json.dumps({"steps": [TOME, {"method": "pitome", "settings": {}}]}): "a model takes one token reduction",
 }
@@ -171,6 +188,18 @@ def test_bad_compression_records_are_one_line_checkpoint_errors(tmp_path, base, 
         clipforge.load(path)
     message = str(error.value)
     assert "\n" not in message and str(path) in message and BAD_RECORDS[record] in message
+
+
+def test_a_boolean_recorded_as_text_has_its_meaning(tmp_path, base, inputs) -> None:
+    """A hand-edited record with "False" (text, which Python reads as true) fuses no token, as ``False`` does."""
+    path = tmp_path / "evit.safetensors"
+    clipforge.save(base, path)
+    rewrite_compression(path, json.dumps({"method": "evit", "settings": {"keep_rate": 0.5, "layers": [0], "fuse_token": "False"}}))
+    loaded = embeddings(clipforge.load(path), inputs)[0]
+    model = copy.deepcopy(base)
+    apply_token_reduction(model, "evit", keep_rate=0.5, layers=[0], fuse_token=False)
+    assert torch.equal(loaded, embeddings(model, inputs)[0])
+    assert not torch.equal(loaded, embeddings(evit(copy.deepcopy(base)), inputs)[0])  # fused: another embedding
 
 
 def test_a_recorded_number_format_decides_the_precision(tmp_path, base, inputs) -> None:

@@ -8,6 +8,8 @@ jacobgil/pytorch-grad-cam ``score_cam.py``).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -15,9 +17,12 @@ import torch.nn.functional as F
 from matplotlib import colormaps
 from PIL import Image
 from test_clip_benchmark_parity import open_clip_tokenize, open_clip_twins
+from test_reliability import MICRO, one_error_line, run
 
 import clipforge
 from clipforge.cli import main
+from clipforge.compress.export_onnx import export_onnx
+from clipforge.compress.records import apply_compression
 from clipforge.errors import ConfigError, InputError
 from clipforge.explain import explain_image
 from clipforge.explain.overlay import heatmap_overlay
@@ -184,6 +189,27 @@ def test_explain_command_writes_the_suffixs_format_with_a_legend(tmp_path, capsy
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and (message or "non-empty text") in err
     assert not (tmp_path / "map.gif").exists()
+
+
+def test_explain_command_refuses_reduced_models_and_exports_in_one_line(tmp_path, capsys) -> None:
+    """Both maps need every patch token of a PyTorch image tower: a ToMe or EViT checkpoint, and an ONNX export
+    of the model, are refused in one line and nothing is written."""
+    torch.manual_seed(0)
+    model = clipforge.load(MICRO)
+    models = {"onnx": tmp_path / "onnx"}
+    export_onnx(model, models["onnx"])
+    for method, settings in (("tome", {"r": 2}), ("evit", {"keep_rate": 0.5, "layers": [0]})):
+        models[method] = clipforge.save(apply_compression(copy.deepcopy(model), method, **settings), tmp_path / f"{method}.safetensors")
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "red.png")
+    reduced = "every image token: switch off token merging/pruning on this model first"
+    expected = {"tome": reduced, "evit": reduced,
+                "onnx": f"{models['onnx']} is an ONNX export: explain needs the PyTorch checkpoint it was made from"}
+    for name, path in models.items():
+        for method in ("scorecam", "rollout"):
+            code, _, err = run(capsys, "explain", str(tmp_path / "red.png"), "a red square", "--model", str(path),
+                               "--method", method, "--out", str(tmp_path / "map.png"))
+            assert code == 2 and expected[name] in one_error_line(err), (name, method)
+    assert not (tmp_path / "map.png").exists()
 
 
 def test_explain_image_rejects_unknown_methods(twin_models) -> None:

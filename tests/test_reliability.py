@@ -326,7 +326,7 @@ def test_uploads_are_bounded_in_pixels_and_decoded_two_at_a_time(tmp_path, monke
     buffer = io.BytesIO()
     Image.new("RGB", (2000, 2000), "white").save(buffer, format="PNG")  # a few KiB that decode to 4 million pixels
     response = client.post("/api/search/image", files={"image": ("big.png", buffer.getvalue(), "image/png")})
-    assert response.status_code == 415 and "max_pixels=10000" in response.json()["error"]
+    assert response.status_code == 413 and "4,000,000 pixels" in response.json()["error"] and "10,000" in response.json()["error"]
 
     running, most, lock = [0], [0], threading.Lock()
     real_open = app_module.open_image

@@ -298,7 +298,7 @@ def test_schedules_by_hand():
         ("tome", {"r": [1] * 13}, "'r'"),
         ("tome", {"ratio": 0.5}, "'ratio'"),
         ("pitome", {"keep_ratio": 0.0}, "'keep_ratio'"),
-        ("pitome", {"keep_ratio": "0.9"}, "'keep_ratio'"),
+        ("pitome", {"keep_ratio": "most"}, "'keep_ratio'"),
         ("pitome", {"keep_ratio": 0.9, "metric": "values"}, "'metric'"),
         ("pitome", {"keep_ratio": 0.9, "margin": 1.5}, "'margin'"),
         ("evit", {"keep_rate": 0.7, "layers": [12]}, "'layers'"),

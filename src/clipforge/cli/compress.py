@@ -8,6 +8,8 @@ reduction and one number format per model). ``embed`` and ``eval`` take the same
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +26,7 @@ from clipforge.cli.options import (
     SamplesOption,
     SetOption,
     TomeOption,
+    checked_checkpoint,
     checked_output,
     compression_options,
     load_model,
@@ -58,8 +61,8 @@ def _compress(method: str, options: dict[str, Any], set_: list[str] | None, mode
     extra = parse_settings(set_ or [], "--set")
     if twice := sorted(set(given) & set(extra)):
         raise ConfigError(f"--set {twice[0]}: also given as --{twice[0].replace('_', '-')}; give it once")
-    note = checked_output(out, inputs=[model])
-    loaded = load_model(model, config, pretrained)
+    note = checked_checkpoint(out, inputs=[model])
+    loaded = _load_pytorch(model, config, pretrained)
     base_flops, base_counts = estimate_flops(loaded), token_counts(loaded)
     compressed = apply_compression(loaded, method, **given, **extra)
     flops = estimate_flops(compressed)
@@ -79,12 +82,21 @@ def _compress(method: str, options: dict[str, Any], set_: list[str] | None, mode
         say(f"tokens entering each image block: {counts[:-1]}; image-block FLOPs {flops / base_flops:.2f}x of the base model")
 
 
+def _load_pytorch(model: str, config: str | None, pretrained: str | None, steps: Sequence[dict[str, Any]] = ()) -> Any:
+    """``load_model`` (with ``steps`` on top), refused in one line when ``model`` is an ONNX or OpenVINO export:
+    compressing, exporting and training exit heads need the PyTorch model."""
+    from clipforge.compress.exported import refuse_export
+
+    refuse_export(model, "compress")
+    return load_model(model, config, pretrained, steps=steps)
+
+
 def _load_uncompressed(model: str, config: str | None, pretrained: str | None, instead: str) -> Any:
-    """The model, refused (``instead`` says what to do) when it records compression steps."""
+    """The PyTorch model, refused (``instead`` says what to do) when it records compression steps."""
     from clipforge.compress.records import compression_steps, describe_steps
     from clipforge.errors import ConfigError
 
-    loaded = load_model(model, config, pretrained)
+    loaded = _load_pytorch(model, config, pretrained)
     if steps := compression_steps(loaded):
         raise ConfigError(f"--model {model}: records {describe_steps(steps)}; {instead}")
     return loaded
@@ -153,14 +165,23 @@ ExportOut = Annotated[Path, typer.Option("--out", "-o", help="Output directory (
 
 
 def _export(engine: str, model: str, out: Path, tome: int | None, config: str | None, pretrained: str | None, write: Any) -> None:
-    """Load ``model`` (with its recorded steps, plus ``--tome``), ``write(model)`` the export, check it, summarise."""
+    """Load ``model`` (with its recorded steps, plus ``--tome``), ``write(model)`` the export, check it, summarise.
+
+    A failed export or check removes the directories it created: no empty or partial export is left."""
     from clipforge.compress.exported import check_export
     from clipforge.compress.records import compression_steps, describe_steps
 
     checked_output(out, directory=True, inputs=[model])
-    loaded = load_model(model, config, pretrained, steps=compression_options(tome, None))
-    write(loaded)
-    for check in check_export(loaded, out):
+    loaded = _load_pytorch(model, config, pretrained, compression_options(tome, None))
+    created = [path for path in (out, *out.parents) if not path.exists()]
+    try:
+        write(loaded)
+        checks = check_export(loaded, out)
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
+    for check in checks:
         say(f"{engine} {check.label}: max |export - torch| {check.max_abs_difference:.2e}, min cosine {check.min_cosine:.5f}")
     steps = compression_steps(loaded)
     say(f"wrote {out}" + (f" ({describe_steps(steps)} in the graphs)" if steps else "") + f"; use it as --model {out}")
@@ -172,13 +193,14 @@ def onnx_command(
     out: ExportOut,
     int8: Annotated[bool, typer.Option(help="Also write *.int8.onnx (onnxruntime dynamic int8) and load those by default.")] = False,
     tome: TomeOption = None,
-    opset: Annotated[int, typer.Option(min=14)] = 17,
+    opset: Annotated[int, typer.Option(min=14, help="ONNX opset: 14 up to the highest the installed torch's TorchScript exporter supports (torch.onnx; a higher one is refused, naming the range).")] = 17,
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
 ) -> None:
     """Export both towers to ONNX (dynamic batch and text length) for onnxruntime; check them against PyTorch."""
-    from clipforge.compress.export_onnx import export_onnx
+    from clipforge.compress.export_onnx import check_opset, export_onnx
 
+    check_opset(opset)  # before the model loads
     _export("onnx", model, out, tome, config, pretrained, lambda loaded: export_onnx(loaded, out, opset, int8=int8))
 
 
@@ -204,6 +226,8 @@ def openvino_command(
     require_openvino()
     if int8 and calibration is None:
         raise ConfigError("--int8: NNCF needs calibration data; add --calibration DATA (e.g. synthetic:shape or a folder of images)")
+    if calibration is not None and not int8:
+        raise ConfigError("--calibration: only int8 export calibrates; add --int8, or drop --calibration")
 
     def write(loaded: Any) -> None:
         images, texts = calibration_set(loaded, calibration, samples) if int8 else (None, None)
@@ -238,7 +262,7 @@ def early_exit_command(
     from clipforge.eval.tasks import split_in_two
 
     note = checked_output(out, inputs=[model])
-    loaded = load_model(model, config, pretrained)
+    loaded = _load_pytorch(model, config, pretrained)
     dataset = load_dataset(data, samples=samples)
     fit, test = (dataset.synthetic.dataset("train", train_samples), dataset) if dataset.synthetic else split_in_two(dataset)
     bank = Evaluator(loaded, batch_size=batch_size, workers=0).classifier(test)

@@ -41,7 +41,7 @@ def eval_command(
     config: ConfigOption = None,
     pretrained: PretrainedOption = None,
     classnames: Annotated[str | None, typer.Option(help="Class names: .txt (one per line) or JSON list.")] = None,
-    templates: Annotated[str | None, typer.Option(help="Prompt templates with {c}: .txt or JSON list; or CuPL JSON {class: \\[descriptions]}.")] = None,
+    templates: Annotated[str | None, typer.Option(help="Prompt templates with {c}: .txt or JSON list; or CuPL JSON {class: [descriptions]}.")] = None,
     samples: SamplesOption = 1000,
     robustness_samples: Annotated[int, typer.Option(min=1, help="Images corrupted by the robustness task.")] = 500,
     image_column: Annotated[str, typer.Option(help="Table column with image paths or bytes.")] = "image",
@@ -51,7 +51,7 @@ def eval_command(
     train_data: Annotated[str | None, typer.Option(help="Training images for linear-probe (any --data form).")] = None,
     ood_data: Annotated[str | None, typer.Option(help="Out-of-distribution images for ood (any --data form).")] = None,
     method: Annotated[str, typer.Option(help="Zero-shot method: ensemble | perceptionclip.")] = "ensemble",
-    context: Annotated[str | None, typer.Option(help="PerceptionCLIP contexts: JSON {factor: {value: \\[descriptions]}}.")] = None,
+    context: Annotated[str | None, typer.Option(help="PerceptionCLIP contexts: JSON {factor: {value: [descriptions]}}.")] = None,
     batch_size: BatchSizeOption = 64,
     workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1).")] = None,
     language: Annotated[str, typer.Option(help="Language recorded in the results (CLIP_benchmark schema).")] = "en",
@@ -119,6 +119,7 @@ def explain_command(
 ) -> None:
     """Save a heat map of what the image tower looks at, over the image as the model sees it."""
     from clipforge._util.imageio import open_image
+    from clipforge.compress.exported import refuse_export
     from clipforge.encode import embed_images, encode_texts
     from clipforge.errors import ConfigError
     from clipforge.explain import explain_image
@@ -128,6 +129,7 @@ def explain_command(
     note = checked_output(out, inputs=[image, model])
     if out.suffix.lower() not in FORMATS:
         raise ConfigError(f"--out {out}: unknown image suffix {out.suffix!r}; use one of {', '.join(FORMATS)}")
+    refuse_export(model, "explain")
     loaded = load_model(model, config, pretrained, precision, device)
     picture = open_image(image).convert("RGB")
     view, heatmap = explain_image(loaded, picture, text, method, weighting or DEFAULT_WEIGHTING)

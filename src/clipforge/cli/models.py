@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from clipforge._util.progress import console, say
-from clipforge.cli.options import checked_output, load_model
+from clipforge.cli.options import checked_checkpoint, checked_output, load_model
 from clipforge.cli.tables import table as table_of
 
 BareConfigOption = Annotated[str | None, typer.Option(help="Config for a bare state dict (e.g. ViT-B-32-quickgelu).")]
@@ -50,46 +50,59 @@ def list_models_command(
 
 
 def info_command(
-    checkpoint: Annotated[str, typer.Argument(help="A checkpoint file, Hugging Face directory or config name.")],
+    checkpoint: Annotated[str, typer.Argument(help="A checkpoint file, Hugging Face or export directory, or config name.")],
     config: BareConfigOption = None,
 ) -> None:
-    """Show what a checkpoint holds: architecture, activation, preprocessing, provenance and size."""
+    """Show what a checkpoint or export holds: architecture, activation, preprocessing, provenance and size (an
+    export: its engine, the graphs that run and their precision, and the embedding size)."""
     import json
 
+    from clipforge.compress.exported import ExportedCLIP
     from clipforge.compress.records import compression_steps, describe_steps
 
     model = load_model(checkpoint, config)
-    counts = {name: p.numel() for name, p in model.named_parameters()}
-    visual = sum(n for name, n in counts.items() if name.startswith("visual."))
-    head = sum(n for name, n in counts.items() if name.startswith("logit_"))
-    console.print_json(
-        json.dumps(
-            {
-                "source": str(checkpoint),
-                "config": model.config.to_dict(),
-                "preprocess": model.preprocess_cfg.to_dict(),
-                "provenance": model.provenance,
-                "compression": describe_steps(compression_steps(model)) or None,
-                "parameters": {"total": sum(counts.values()), "image": visual, "text": sum(counts.values()) - visual - head},
-            }
-        )
-    )
+    described = {
+        "source": str(checkpoint),
+        "config": model.config.to_dict(),
+        "preprocess": model.preprocess_cfg.to_dict(),
+        "provenance": model.provenance,
+        "compression": describe_steps(compression_steps(model)) or None,
+    }
+    if isinstance(model, ExportedCLIP):
+        described["export"] = {"engine": model.engine, "runs": model.runs, "variants": model.variants, "embed_dim": model.config.embed_dim}
+    else:
+        counts = {name: p.numel() for name, p in model.named_parameters()}
+        visual = sum(n for name, n in counts.items() if name.startswith("visual."))
+        head = sum(n for name, n in counts.items() if name.startswith("logit_"))
+        described["parameters"] = {"total": sum(counts.values()), "image": visual, "text": sum(counts.values()) - visual - head}
+    console.print_json(json.dumps(described))
 
 
 def convert_command(
-    source: Annotated[str, typer.Argument(help="Any checkpoint clipforge loads.")],
+    source: Annotated[str, typer.Argument(help="Any checkpoint clipforge loads (not an ONNX/OpenVINO export).")],
     destination: Annotated[Path, typer.Argument(help="Output .safetensors file (clipforge) or directory (hf).")],
-    to: Annotated[str, typer.Option(help="Output format: clipforge | hf.")] = "clipforge",
+    to: Annotated[str, typer.Option(help="Output format: clipforge | hf (hf: uncompressed checkpoints only).")] = "clipforge",
     config: BareConfigOption = None,
 ) -> None:
     """Convert between clipforge, open_clip, OpenAI and Hugging Face formats."""
     import clipforge
+    from clipforge.compress.exported import refuse_export
+    from clipforge.compress.records import compression_steps, describe_steps
     from clipforge.errors import ConfigError
     from clipforge.io.hf import save_hf
 
     if to not in ("clipforge", "hf"):
         raise ConfigError(f"--to: {to!r} is not one of clipforge, hf")
-    note = checked_output(destination, directory=to == "hf", option="DESTINATION", inputs=[source])
+    refuse_export(source, "convert")
+    if to == "hf":
+        note = checked_output(destination, directory=True, option="DESTINATION", inputs=[source])
+    else:
+        note = checked_checkpoint(destination, option="DESTINATION", inputs=[source])
     model = load_model(source, config)
+    if to == "hf" and (steps := compression_steps(model)):
+        raise ConfigError(
+            f"{source}: records {describe_steps(steps)}, which a Hugging Face directory cannot hold; convert the "
+            "checkpoint it was compressed from, or keep the record with --to clipforge"
+        )
     written = clipforge.save(model, destination) if to == "clipforge" else save_hf(model, destination)
     say(f"wrote {written}{note}")

@@ -103,3 +103,15 @@ def checked_output(
     except OSError as error:
         raise ConfigError(f"{option} {path}: cannot write in {ancestor} ({error.strerror or error})") from None
     return " (replaced the existing file)" if not directory and target.is_file() else ""
+
+
+def checked_checkpoint(path: Path, option: str = "--out", inputs: Sequence[str] = ()) -> str:
+    """``checked_output`` of a checkpoint file, which must be named ``*.safetensors``: ``clipforge.save`` writes
+    safetensors whatever the name, and named otherwise the file passes for another format (``.pt``, ``.onnx``;
+    ``.json`` loads as a model config) and may not load back as the checkpoint it is."""
+    from clipforge.errors import ConfigError
+
+    note = checked_output(path, option=option, inputs=inputs)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"{option} {path}: a clipforge checkpoint is a .safetensors file; end the name with .safetensors")
+    return note

@@ -26,11 +26,28 @@ from clipforge.compress.exported import (
     float_copy_for_export,
     write_export_record,
 )
-from clipforge.errors import InputError
+from clipforge.errors import ConfigError, InputError
 from clipforge.models.clip import CLIP
 
 IMAGE_FILE, TEXT_FILE = "image_encoder.onnx", "text_encoder.onnx"
 INT8_SUFFIX = ".int8.onnx"
+MIN_OPSET = 14
+
+
+def supported_opsets() -> range:
+    """The opsets the export writes: 14 up to the highest the installed torch's TorchScript exporter supports
+    (``torch.onnx``'s ``ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``: above it, that exporter warns that it does not
+    support the opset, or fails)."""
+    from torch.onnx import _constants
+
+    return range(MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET + 1)
+
+
+def check_opset(opset: int) -> None:
+    """A one-line ``ConfigError`` unless the export writes ``opset`` (``supported_opsets``)."""
+    opsets = supported_opsets()
+    if opset not in opsets:
+        raise ConfigError(f"opset {opset}: torch {torch.__version__}'s ONNX exporter writes opsets {opsets[0]} to {opsets[-1]}")
 
 
 def int8_name(name: str) -> str:
@@ -42,7 +59,9 @@ def export_onnx(model: CLIP, out_dir: str | Path, opset: int = 17, *, int8: bool
     """Write ``image_encoder.onnx``, ``text_encoder.onnx`` and ``clipforge_export.json`` to ``out_dir``.
 
     With ``int8`` also writes ``*.int8.onnx`` (``quantize_onnx_int8``) and makes them the default variant.
+    ``opset`` is one of ``supported_opsets()``.
     """
+    check_opset(opset)
     model, steps = float_copy_for_export(model, "ONNX")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -81,8 +81,19 @@ class TextGraph(nn.Module):
         return self.model.text_features(tokens)
 
 
+ENGINE_FORMATS = {"onnxruntime": "ONNX", "openvino": "OpenVINO"}
+
+
 def is_export_dir(path: str | Path) -> bool:
     return (Path(path) / EXPORT_FILE).is_file()
+
+
+def refuse_export(path: str | Path, command: str) -> None:
+    """A one-line ``ConfigError`` when ``path`` is an export directory: ``command`` needs the PyTorch model
+    (its weights or its modules), which an export does not hold."""
+    if is_export_dir(path):
+        engine = ENGINE_FORMATS[read_export_record(Path(path))["engine"]]
+        raise ConfigError(f"{path} is an {engine} export: {command} needs the PyTorch checkpoint it was made from")
 
 
 def float_copy_for_export(model: CLIP, engine: str) -> tuple[CLIP, list[dict[str, Any]]]:
@@ -245,8 +256,8 @@ class ExportedCLIP:
 
     ``encode_image``, ``encode_text``, ``preprocess``, ``tokenize``, ``config``, ``preprocess_cfg`` and
     ``logit_scale`` behave as on the PyTorch model, so ``clipforge.encode`` (and through it ``embed``,
-    ``eval``, ``search`` and ``serve``) runs it unchanged. ``variant`` picks ``fp32`` or ``int8`` graphs (the
-    export's default otherwise); ``precision`` is OpenVINO's inference precision for float graphs (``fp32``,
+    ``eval``, ``search`` and ``serve``) runs it unchanged. ``variant`` picks ``fp32`` or ``int8`` graphs (of
+    ``variants``; the export's default otherwise); ``precision`` is OpenVINO's inference precision for float graphs (``fp32``,
     ``bf16``; the export's recorded one by default).
     """
 
@@ -256,9 +267,10 @@ class ExportedCLIP:
         self.directory = Path(directory)
         record = read_export_record(self.directory)
         self.engine: str = record["engine"]
+        self.variants: list[str] = list(record["variants"])
         self.variant: str = variant or record["default"]
-        if self.variant not in record["variants"]:
-            raise ConfigError(f"{self.directory}: no {self.variant} graphs in this export (it has {', '.join(record['variants'])})")
+        if self.variant not in self.variants:
+            raise ConfigError(f"{self.directory}: no {self.variant} graphs in this export (it has {', '.join(self.variants)})")
         try:
             self.config = ModelConfig.from_dict(record["config"], record.get("model"))
             self.preprocess_cfg = PreprocessConfig.from_dict(record["preprocess"])
@@ -287,10 +299,15 @@ class ExportedCLIP:
         return self
 
     @property
+    def runs(self) -> str:
+        """The graphs that run and their inference precision: ``int8``, ``fp32``, ``fp32 (bf16)``."""
+        shown = "" if self.precision in ("default", self.variant) else f" ({self.precision})"
+        return f"{self.variant}{shown}"
+
+    @property
     def label(self) -> str:
         """What runs the model, for tables: ``openvino int8``, ``onnxruntime fp32``, ``openvino fp32 (bf16)``."""
-        shown = "" if self.precision in ("default", self.variant) else f" ({self.precision})"
-        return f"{self.engine} {self.variant}{shown}"
+        return f"{self.engine} {self.runs}"
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Pixels [B, 3, H, W] (as ``preprocess`` makes them) → image embeddings [B, embed_dim], float32."""

@@ -25,7 +25,6 @@ calibration data the checkpoint would not hold.
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from clipforge.compress.reduction.registry import (
     apply_token_reduction,
     resolve_settings,
 )
+from clipforge.compress.settings import typed_settings
 from clipforge.errors import CheckpointError, ConfigError
 from clipforge.models.clip import CLIP
 
@@ -69,21 +69,14 @@ def make_step(method: str, **settings: Any) -> Step:
 
 def _int8_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """``quantize_dynamic_int8``'s recordable settings (``per_channel``); the engine is the loading machine's."""
-    defaults = {"per_channel": inspect.signature(quantize_dynamic_int8).parameters["per_channel"].default}
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown int8-dynamic setting {unknown[0]!r}; expected one of {list(defaults)}")
-    resolved = {**defaults, **settings}
-    if not isinstance(resolved["per_channel"], bool):
-        raise ConfigError(f"int8-dynamic setting 'per_channel' must be true or false, got {resolved['per_channel']!r}")
-    return resolved
+    return typed_settings("int8-dynamic", quantize_dynamic_int8, ["per_channel"], settings)
 
 
 def parse_step(spec: str) -> Step:
     """``"METHOD"`` or ``"METHOD:key=value,key=value"`` → a step (``"tome:r=8,inflect=-1"``, ``"evit:layers=[3,6,9]"``).
 
-    Values are read as JSON (numbers, ``true``/``false``, ``[lists]``), anything else as a string; ``-`` in
-    keys reads as ``_`` (``keep-ratio`` = ``keep_ratio``).
+    Values are read as JSON (numbers, ``true``/``false``, ``[lists]``), anything else as text, and then as the
+    setting's type (``clipforge.compress.settings``); ``-`` in keys reads as ``_`` (``keep-ratio`` = ``keep_ratio``).
     """
     method, _, rest = spec.partition(":")
     return make_step(method.strip(), **parse_settings(_split_top_level(rest), f"--compress {spec!r}"))
@@ -233,7 +226,7 @@ def restore_compression(model: CLIP, record: Any, *, precision: str, source: str
     steps = steps_of_record(record, source)
     recorded = number_format(steps)
     if recorded is not None and precision not in ("fp32", recorded):
-        raise ConfigError(f"{source}: the checkpoint records {recorded}; load it without precision={precision!r}")
+        raise ConfigError(f"{source}: the checkpoint records {recorded}, so it runs in that format; leave out --precision {precision} (precision= in Python)")
     if recorded == "int8-dynamic" and model.logit_scale.device.type != "cpu":
         raise ConfigError(f"{source}: the checkpoint records int8-dynamic, which runs on the CPU only; load it with device='cpu'")
     try:

@@ -19,7 +19,8 @@ mean colour). The map is ``relu(Σ_k w_k · A_k)``, upsampled and min-max scaled
 for each object's caption must put more of its mass on that object than the other caption's map does, in
 significantly more than half of the images (one-sided sign test, p < 0.01); the weighting with the most such
 images wins (ties: increase, logit, cosine). Gradient-free; K + 1 forward passes per image, batched, shared by
-every text and weighting.
+every text and weighting. A model with token merging or pruning (ToMe, PiToMe, EViT) is refused, as by attention
+rollout: its tokens no longer form the patch grid the maps live on.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.encode import Encoder, encode_pixels, model_device
-from clipforge.errors import InputError
+from clipforge.errors import ConfigError, InputError
 
 WEIGHTINGS = ("cosine", "logit", "increase")
 DEFAULT_WEIGHTING = "logit"
@@ -62,6 +63,8 @@ def channel_scores(
     to ``text_embeddings`` [T, D] (normalised here)."""
     if pixels.ndim != 4:
         raise InputError(f"score_cam: pixels must be [B, 3, H, W], got shape {tuple(pixels.shape)}")
+    if model.visual.token_reduction is not None:
+        raise ConfigError("Score-CAM needs every image token: switch off token merging/pruning on this model first")
     pixels = pixels.to(model_device(model))
     texts = F.normalize(text_embeddings.float().cpu().reshape(-1, text_embeddings.shape[-1]), dim=-1)
     activations = model.visual.forward_intermediates(

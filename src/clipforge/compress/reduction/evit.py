@@ -48,8 +48,8 @@ def keep_attentive_tokens(
     kept = take_rows(patches, index)
     parts = [x[:, :1], kept]
     if fuse_token:
-        dropped = torch.ones_like(class_attention, dtype=torch.bool).scatter_(1, index, False)
-        weights = (class_attention * dropped).to(x.dtype)
+        # the dropped tokens' attention: the kept ones' set to zero (a float scatter, which ONNX and OpenVINO trace)
+        weights = class_attention.scatter(1, index, torch.zeros_like(attention)).to(x.dtype)
         parts.append((patches * weights[..., None]).sum(dim=1, keepdim=True))
     return torch.cat(parts, dim=1)
 

@@ -10,7 +10,6 @@ block FLOPs for equal-FLOPs comparisons between methods.
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any
 
 from torch import nn
@@ -19,6 +18,7 @@ from clipforge.compress.reduction.evit import EViT
 from clipforge.compress.reduction.pitome import PiToMe
 from clipforge.compress.reduction.schedules import ScheduledReduction
 from clipforge.compress.reduction.tome import ToMe
+from clipforge.compress.settings import typed_settings
 from clipforge.errors import ConfigError
 from clipforge.models.vit import image_tower
 
@@ -26,19 +26,14 @@ METHODS: dict[str, type[ScheduledReduction]] = {"tome": ToMe, "pitome": PiToMe, 
 
 
 def resolve_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Every setting of ``method`` with the defaults filled in, as plain JSON values; rejects unknown names."""
+    """Every setting of ``method`` with the defaults filled in, each given one read as its parameter's type
+    (``clipforge.compress.settings``: ``"False"`` is false, ``"3,6,9"`` a list); rejects unknown names and values
+    of the wrong type."""
     if method not in METHODS:
         raise ConfigError(f"unknown token reduction method {method!r}; choose one of {sorted(METHODS)}")
-    parameters = inspect.signature(METHODS[method]).parameters
-    names = [name for name in parameters if name != "num_layers"]
-    unknown = sorted(set(settings) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown {method} setting {unknown[0]!r}; expected one of {names}")
-    resolved = {name: settings.get(name, parameters[name].default) for name in names}
-    try:
-        return json.loads(json.dumps(resolved))
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{method} settings must be plain numbers, lists, strings or booleans: {error}") from None
+    init = METHODS[method].__init__
+    names = [name for name in inspect.signature(init).parameters if name not in ("self", "num_layers")]
+    return typed_settings(method, init, names, settings)
 
 
 def build_token_reduction(method: str, num_layers: int, **settings: Any) -> ScheduledReduction:

@@ -191,6 +191,15 @@ def test_eval_with_tome_names_the_compression_and_scores_the_merged_model(tmp_pa
     assert result["metrics"]["acc1"] == pytest.approx((predictions == torch.tensor(dataset.labels)).float().mean().item())
 
 
+def test_eval_titles_a_bf16_checkpoint_with_the_format_it_runs_in(tmp_path, capsys, checkpoint) -> None:
+    code, _, err = run(capsys, "compress", "bf16", "-m", checkpoint, "-o", tmp_path / "bf16.safetensors")
+    assert code == 0, err
+    argv = ("eval", "zeroshot", "-m", tmp_path / "bf16.safetensors", "-d", "synthetic:color", "--samples", "8", "--workers", "0", "-o", tmp_path / "e")
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "clipforge eval (bf16)" in out and "(fp32)" not in out
+
+
 @pytest.mark.parametrize("engine", ["onnx", "openvino"])
 def test_exports_load_as_models_and_embed_like_pytorch(tmp_path, capsys, base, checkpoint, engine) -> None:
     code, out, err = run(capsys, "compress", engine, "-m", checkpoint, "-o", tmp_path / "export", "--tome", "2")

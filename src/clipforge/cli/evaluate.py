@@ -98,11 +98,19 @@ def eval_command(
     pretrained_label = pretrained or (model if Path(model).exists() else "random-init")
     write_results(results, out, model_name, pretrained_label, language)
     markdown, _ = write_report(results, out, f"clipforge eval: {model_name} ({pretrained_label})")
-    table = table_of("dataset", "task", "metric", "value", title=f"clipforge eval ({getattr(loaded, 'label', precision)})")
+    table = table_of("dataset", "task", "metric", "value", title=f"clipforge eval ({_runs_in(loaded, precision)})")
     for row in headline_rows(results):
         table.add_row(*map(escape, row))
     console.print(table)
     say(f"results: {out}/*.json, report: {markdown}")
+
+
+def _runs_in(model: object, precision: str) -> str:
+    """The number format the model runs in: an export's label, else the one its checkpoint records, else ``precision``."""
+    from clipforge.compress.records import compression_steps, number_format
+
+    label = getattr(model, "label", None)
+    return label if isinstance(label, str) else number_format(compression_steps(model)) or precision
 
 
 def explain_command(

@@ -105,6 +105,39 @@ def test_bad_input_is_one_line(tmp_path, setup, capsys, extra, needle) -> None:
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("extra, needle", [
+    (["--student", "ViT-S-32", "--init", "scratch"], "teacher image size 32 differs from the student's 224"),
+    (["--student", "auto:0.5", "--set", "schedule.accum_freq=2"], "schedule.accum_freq: automatic inheritance samples one mask"),
+])
+def test_a_job_that_cannot_run_is_refused_before_anything_is_written(tmp_path, setup, capsys, extra, needle) -> None:
+    code, _, err = run(capsys, *distill_argv(setup, tmp_path / "run", 4, *extra))
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerunning_a_finished_distillation_reports_its_figures_and_writes_nothing(tmp_path, setup, capsys) -> None:
+    argv = distill_argv(setup, tmp_path / "run", 4, "--student", "inherit:0.5")
+    code, first, err = run(capsys, *argv)
+    assert code == 0, err
+    written = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file() and path.name != "config.json"}
+    code, again, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "holds a finished distillation" in again and again.strip().endswith(first.strip())  # the same table and time
+    after = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file() and path.name != "config.json"}
+    assert after == written  # no metrics row appended, nothing rewritten
+
+
+def test_a_student_off_its_target_size_is_reported_with_both_figures(tmp_path, setup, capsys) -> None:
+    """auto:0.5 with a one-step mask phase cannot shrink the teacher: the command says so, with both counts."""
+    code, _, err = run(capsys, *distill_argv(setup, tmp_path / "run", 4, "--student", "auto:0.5"))
+    assert code == 0, err
+    student, teacher = clipforge.load(str(tmp_path / "run" / "model.safetensors")), clipforge.load(str(setup["teacher"]))
+    count, target = sum(p.numel() for p in student.parameters()), round(0.5 * sum(p.numel() for p in teacher.parameters()))
+    assert count > 1.02 * target
+    warnings = [line for line in err.splitlines() if line.startswith("size:")]
+    assert len(warnings) == 1 and f"{count:,}" in warnings[0] and f"{target:,}" in warnings[0]
+
+
 def test_progressive_distillation_resumes_bitwise_after_sigkill(tmp_path, setup) -> None:
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
 

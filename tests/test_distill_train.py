@@ -21,8 +21,10 @@ from safetensors.torch import load_file
 import clipforge
 from clipforge.data.formats.shards import shard_index
 from clipforge.data.synthetic import SyntheticWorld, WorldConfig, write_shards
+from clipforge.distill.auto import fused_config
 from clipforge.distill.inherit import count_parameters
 from clipforge.distill.job import AutoSettings, DistillJob
+from clipforge.distill.masks import StructureMasks
 from clipforge.distill.objective import Distillation, DistillSettings
 from clipforge.distill.plan import parse_student
 from clipforge.distill.reinforce import reinforce
@@ -85,6 +87,16 @@ def test_automatic_inheritance_reaches_its_target_size(tmp_path, teacher) -> Non
     saved = clipforge.load(str(tmp_path / "auto" / "model.safetensors"))
     assert saved.provenance["distill"]["inheritance"].startswith("automatic")
     assert saved.provenance["distill"]["teacher"]["parameters"] == count_parameters(teacher.config)
+
+
+def test_fusion_keeps_the_expected_width_when_whole_heads_can_make_it(teacher) -> None:
+    """27 open text channels (of 64: 4 heads of 16) fuse into 27 channels, 3 heads of 9, not into 28 (2 × 14)."""
+    masks = StructureMasks(teacher.config)
+    with torch.no_grad():
+        masks.width_log_alpha["text"].fill_(-50.0)  # closed for sure
+        masks.width_log_alpha["text"][torch.randperm(64, generator=torch.Generator().manual_seed(0))[:27]] = 50.0  # open
+    text = fused_config(teacher.config, masks).text
+    assert (text.width, text.heads) == (27, 3)
 
 
 def test_an_ensemble_averages_its_teachers_distributions(tmp_path, teacher) -> None:

@@ -161,6 +161,49 @@ def test_class_folder_without_images_fails_on_the_command_line(tmp_path, capsys)
     assert code == 2 and err.count("\n") == 1 and "class 'dog' has no images" in err and str(tmp_path / "set" / "dog") in err
 
 
+def test_a_table_row_naming_a_missing_image_is_named_on_the_command_line(tmp_path, capsys) -> None:
+    (tmp_path / "red.png").write_bytes(png("red"))
+    (tmp_path / "set.csv").write_text("image,label\nred.png,red\nimgs/nope.png,blue\n")
+    code, _, err = run(capsys, "eval", "zeroshot", "--model", "synthetic-tiny", "--data", str(tmp_path / "set.csv"),
+                       "--out", str(tmp_path / "out"), "--workers", "0")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert str(tmp_path / "set.csv") in err and "row 2" in err and "imgs/nope.png: no such file" in err
+
+
+def test_datasets_named_alike_keep_a_result_file_each(tmp_path, capsys) -> None:
+    """A table as CSV and as parquet, and two shards of one folder: four datasets, four result files and four
+    distinct names in the files and the summary; the two copies of the table score the same."""
+    colors = ["red", "blue", "red", "blue"]
+    for i, color in enumerate(colors):
+        (tmp_path / f"{i}.png").write_bytes(png(color))
+    (tmp_path / "table.csv").write_text("image,label\n" + "".join(f"{i}.png,{color}\n" for i, color in enumerate(colors)))
+    pq.write_table(pa.table({"image": [f"{i}.png" for i in range(4)], "label": colors}), tmp_path / "table.parquet")
+    (tmp_path / "shards").mkdir()
+    for shard in range(2):
+        with tarfile.open(tmp_path / "shards" / f"0000{shard}.tar", "w") as archive:
+            for i, color in enumerate(colors[2 * shard : 2 * shard + 2]):
+                for extension, data in (("png", png(color, (20 + shard, 20))), ("cls", color.encode())):
+                    info = tarfile.TarInfo(f"s{i}.{extension}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    specs = [tmp_path / "table.csv", tmp_path / "table.parquet", tmp_path / "shards" / "00000.tar", tmp_path / "shards" / "00001.tar"]
+    code, out, err = run(capsys, "eval", "zeroshot", "--model", "synthetic-tiny", *(f"--data={spec}" for spec in specs),
+                         "--out", str(tmp_path / "out"), "--workers", "0")
+    assert code == 0, err
+    records = [json.loads(path.read_text()) for path in sorted((tmp_path / "out").glob("*.json"))]
+    names = {record["dataset"] for record in records}
+    assert len(records) == len(names) == len(specs)
+    summary = [line.split()[0] for line in out.splitlines() if "zeroshot_classification" in line]
+    assert set(summary) == names and len(summary) == 3 * len(specs)  # acc1, acc5, mean per-class recall each
+    tables = [record["metrics"] for record in records if record["dataset"].startswith("table")]
+    assert len(tables) == 2 and all(tables[0][key] == tables[1][key] for key in ("acc1", "mean_per_class_recall"))
+
+
+def test_eval_help_shows_json_brackets_as_written(capsys) -> None:
+    code, out, _ = run(capsys, "eval", "--help")
+    assert code == 0 and "[descriptions]" in out and "\\[" not in out
+
+
 # -- tasks on a random model, against independent computations --
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from conftest import kill_when_written
+from conftest import kill_when_written, run_cli
 from safetensors.torch import load_file
 
 import clipforge
 from clipforge.errors import ConfigError
+from clipforge.io.state_dict import read_tensors
 from clipforge.train import step as step_module
 from clipforge.train.config import OptimizerSection, ScheduleSection, load_config
 from clipforge.train.losses import ClipLoss
@@ -312,6 +313,25 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path) -> None:
         assert torch.equal(straight[key], again[key]), key
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert steps_logged == list(range(1, steps + 1))
+
+
+def test_rerunning_a_finished_run_reports_its_figures_and_writes_nothing(tmp_path, capsys) -> None:
+    argv = train_cli(tmp_path / "run", 4, **{"eval.samples": "16", "eval.tasks": '["color"]'})[2:]  # without -m clipforge
+    code, first, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    written = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file() and path.name != "config.json"}
+    code, again, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "holds a finished run" in again and again.strip().endswith(first.strip().removeprefix("trained "))  # the same figures
+    after = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file() and path.name != "config.json"}
+    assert after == written  # no row appended, no checkpoint or model rewritten
+    (tmp_path / "run" / "model.safetensors").unlink()  # a kill between the last checkpoint and the model file
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    (tmp_path / "expected.safetensors").write_bytes(written[tmp_path / "run" / "model.safetensors"])
+    restored, expected = (read_tensors(path) for path in (tmp_path / "run" / "model.safetensors", tmp_path / "expected.safetensors"))
+    assert restored[1] == expected[1] and restored[0].keys() == expected[0].keys()  # safetensors orders metadata freely
+    assert all(torch.equal(restored[0][key], expected[0][key]) for key in expected[0])
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from clipforge._util.progress import console
+from clipforge._util.progress import console, say, warn
 from clipforge.cli.options import TrainSetOption, checked_output
 from clipforge.cli.tables import table as table_of
 
@@ -78,12 +79,17 @@ def distill_command(
         *first, job, experiment, ensemble=others, reinforced=reinforced,
         evaluator=_evaluator(experiment, first[0]), resume=resume,
     )
-    table = table_of("stage", "parameters", "steps", *sorted(result.evaluation), title=f"clipforge distill → {out}")
+    if result.finished_earlier:
+        say(f"{out} holds a finished distillation (--no-resume runs it again); its figures:")
+    table = table_of("stage", "parameters", "steps", *sorted(result.evaluation), title=escape(f"clipforge distill → {out}"))
     for number, (stage, count) in enumerate(zip(result.stages, result.parameters), start=1):
         figures = [f"{stage.evaluation.get(key, float('nan')):.4f}" for key in sorted(result.evaluation)]
         table.add_row(str(number), f"{count:,}", str(stage.steps), *figures)
     console.print(table)
-    console.print(f"student: {out / 'model.safetensors'} ({result.wall_s:.0f} s of training)")
+    for number, count, target in result.missed_targets():
+        warn("size", f"stage {number}: the student has {count:,} parameters, not the {target:,} aimed at "
+             f"({count / target - 1:+.1%}): the mask phase missed its target (docs/distill.md: the steps it needs)")
+    say(f"student: {out / 'model.safetensors'} ({result.wall_s:.0f} s of training)")
 
 
 def _evaluator(experiment: Any, teacher: Any) -> Any:

@@ -35,10 +35,14 @@ def train_command(
     result = train(experiment, resume=resume, evaluator=_synthetic_evaluator(experiment))
     if result.skips:
         warn("skipped samples", "\n" + result.skips)
-    say(
-        f"trained {result.steps} steps in {result.wall_s:.0f} s ({result.samples_per_s:.0f} samples/s, {result.precision}), "
+    figures = (
+        f"{result.steps} steps in {result.wall_s:.0f} s ({result.samples_per_s:.0f} samples/s, {result.precision}), "
         f"final loss {result.final_loss:.4f}; model: {result.run_dir / 'model.safetensors'}"
     )
+    if result.finished_earlier:
+        say(f"{result.run_dir} holds a finished run (--no-resume trains it again); it trained {figures}")
+    else:
+        say(f"trained {figures}")
 
 
 def _synthetic_evaluator(experiment: Any) -> Any:

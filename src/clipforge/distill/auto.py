@@ -9,16 +9,19 @@ largest log α are kept, in the expected numbers, and the masks are dropped; dis
 smaller, ordinary model (``clipforge.distill.runner``).
 
 What differs: the fused model must be an ordinary config, so each tower keeps one width and one MLP width for
-every block (the expected numbers, averaged over blocks and rounded; the width to a whole number of heads,
-at most the teacher's head width each); and mask and multiplier learning rates are settings (TinyCLIP's 0.02
-suits its 3,000–8,000-step mask phases; short runs need larger steps).
+every block (the expected numbers, averaged over blocks and rounded; the width the one nearest the expected
+number that splits into whole heads, at most the teacher's heads of at most its head width); and mask and
+multiplier learning rates are settings (TinyCLIP's 0.02 suits its 3,000–8,000-step mask phases; short runs
+need larger steps). The target is R × the teacher's parameters. It is reached only by a long enough mask
+phase: log α starts at log 100 (a gate open with probability 0.998) and moves at most about ``mask_lr`` per
+step, against the distillation loss, while λ grows by about ``lagrangian_lr`` per step; the penalty being
+one-sided, the masks may then overshoot it (docs/distill.md has measurements).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
     from clipforge.distill.reinforced import ReinforcedData
 
 LAGRANGIAN_INIT = 10.0  # TinyCLIP/CoFi: lambda_1 = lambda_2 = 10
+SIZE_TOLERANCE = 0.02  # a fused student further than this (relative) from its target size has missed it
 
 
 class SizeLagrangian(nn.Module):
@@ -83,8 +87,7 @@ class AutoInheritance(Distillation):
 
     def __init__(self, config: TrainConfig, job: DistillJob, target_size: int, full_config: ModelConfig, **distillation: Any) -> None:
         super().__init__(config, job.settings, **distillation)
-        if config.schedule.accum_freq != 1:
-            raise ConfigError("schedule.accum_freq: automatic inheritance samples one mask per step; use 1")
+        check_auto(config)
         self.auto = job.auto
         self.masks = StructureMasks(full_config)
         warmup = round(config.schedule.steps * job.auto.warmup_share)
@@ -130,21 +133,39 @@ class AutoInheritance(Distillation):
         self.lagrangian.load_state_dict(state["lagrangian"])
 
 
+def check_auto(config: TrainConfig) -> None:
+    if config.schedule.accum_freq != 1:
+        raise ConfigError("schedule.accum_freq: automatic inheritance samples one mask per step; use 1")
+
+
+def mask_phase(stage: TrainConfig, job: DistillJob) -> TrainConfig:
+    """The mask-learning run of a stage: its first ``mask_share`` of steps, in ``<stage>/masks``."""
+    steps = max(1, round(stage.schedule.steps * job.auto.mask_share))
+    return stage_config(stage, Path(stage.run.dir) / "masks", steps)
+
+
 def _all_reduce_mean(grad: torch.Tensor, dist: Any, world_size: int) -> torch.Tensor:
     grad = grad.clone()
     dist.all_reduce(grad)
     return grad / world_size
 
 
+def whole_heads(expected: float, heads: int, head_dim: int) -> tuple[int, int]:
+    """(width, heads): the width nearest ``expected`` made of at most ``heads`` heads of at most ``head_dim``
+    channels each, and the fewest heads that make it."""
+    fewest = {count * dim: count for count in range(heads, 0, -1) for dim in range(1, head_dim + 1)}
+    width = min(fewest, key=lambda candidate: (abs(candidate - expected), candidate))
+    return width, fewest[width]
+
+
 def fused_config(config: ModelConfig, masks: StructureMasks) -> ModelConfig:
-    """The ordinary config the masks fuse into: per tower the expected width (whole heads no wider than the
-    teacher's) and the blocks' mean expected MLP width."""
+    """The ordinary config the masks fuse into: per tower the expected width (in whole heads, see ``whole_heads``)
+    and the blocks' mean expected MLP width."""
     shapes = tower_shapes(config)
     towers = {}
     for tower, shape in shapes.items():
-        width = max(1, round(float(open_probability(masks.width_log_alpha[tower].detach()).sum())))
-        heads = min(shape.heads, math.ceil(width / shape.head_dim))
-        width = max(heads, round(width / heads) * heads)
+        expected = float(open_probability(masks.width_log_alpha[tower].detach()).sum())
+        width, heads = whole_heads(expected, shape.heads, shape.head_dim)
         neurons = max(1, round(float(open_probability(masks.neuron_log_alpha[tower].detach()).sum(1).mean())))
         towers[tower] = (width, heads, (neurons + 0.5) / width)  # int(width · ratio) == neurons
     (v_width, v_heads, v_ratio), (t_width, t_heads, t_ratio) = towers["vision"], towers["text"]
@@ -184,24 +205,24 @@ def fused_selection(model: CLIP, masks: StructureMasks, student: ModelConfig) ->
 def auto_inherit(
     previous: CLIP,
     teacher: CLIP,
-    target: ModelConfig,
-    stage: TrainConfig,
+    target_size: int,
+    mask_config: TrainConfig,
     job: DistillJob,
     reinforced: ReinforcedData | None,
     resume: bool,
 ) -> tuple[CLIP, TrainResult]:
-    """Learn masks on a copy of ``previous`` towards ``target``'s parameter count (``stage``'s first
-    ``mask_share`` of steps, in ``<stage>/masks``), then fuse them: the stage's starting student."""
-    steps = max(1, round(stage.schedule.steps * job.auto.mask_share))
-    mask_dir = Path(stage.run.dir) / "masks"
-    mask_config = stage_config(stage, mask_dir, steps)
-    start = mask_dir / "start.safetensors"
+    """Learn masks on a copy of ``previous`` towards ``target_size`` parameters (the ``mask_phase`` run), then fuse
+    them: the stage's starting student."""
+    start = Path(mask_config.run.dir) / "start.safetensors"
     if not start.exists():
-        mask_dir.mkdir(parents=True, exist_ok=True)
+        start.parent.mkdir(parents=True, exist_ok=True)
         write_checkpoint(previous, start)
     mask_config.model.name = str(start)
-    extra = reinforced.objective_arguments() if reinforced is not None else {"teachers": [copy.deepcopy(teacher)]}
-    objective = AutoInheritance(mask_config, job, count_parameters(target), previous.config, **extra)
+    if reinforced is not None:
+        extra = reinforced.objective_arguments()
+    else:  # the teacher runs (and is checked against the student) only when λ > 0
+        extra = {"teachers": [copy.deepcopy(teacher)] if job.settings.distill_weight > 0 else []}
+    objective = AutoInheritance(mask_config, job, target_size, previous.config, **extra)
     result = train(mask_config, resume=resume, objective=objective)
     student_config = fused_config(previous.config, objective.masks)
     chosen = fused_selection(result.model, objective.masks, student_config)

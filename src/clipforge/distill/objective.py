@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipforge.config import ModelConfig
 from clipforge.data.sources import CaptionSource
 from clipforge.distill.losses import AffinityMimickingLoss
 from clipforge.errors import ConfigError
 from clipforge.models.clip import CLIP
+from clipforge.preprocess.transforms import PreprocessConfig
 from clipforge.train.config import TrainConfig
 from clipforge.train.distributed import rank_and_world_size
 from clipforge.train.objective import Objective
@@ -40,6 +42,11 @@ class DistillSettings:
     distill_weight: float = 1.0
     teacher_scale: float | None = TINYCLIP_LOGIT_SCALE
     student_scale: float | None = TINYCLIP_LOGIT_SCALE
+
+    @property
+    def plain_clip(self) -> bool:
+        """λ = 0 with a learned student scale: the plain CLIP recipe, no distillation objective at all."""
+        return self.distill_weight == 0 and self.student_scale is None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.distill_weight <= 1.0:
@@ -70,8 +77,7 @@ class Distillation(Objective):
             raise ConfigError("distillation takes teachers to run or reinforced data, not both")
         if settings.distill_weight > 0 and not teachers and source is None:
             raise ConfigError("distillation needs teachers to run or reinforced data")
-        if config.loss.kind != "clip":
-            raise ConfigError(f"loss.kind: distillation builds on the CLIP loss, not {config.loss.kind!r}")
+        check_loss(config)
         self.settings = settings
         self.teachers = list(teachers)
         self.reinforced = source
@@ -94,7 +100,7 @@ class Distillation(Objective):
 
     def prepare(self, model: nn.Module, device: torch.device) -> None:
         for teacher in self.teachers:
-            check_teacher(teacher, model)
+            check_teacher(teacher, model.config, model.preprocess_cfg)
             teacher.to(device).eval().requires_grad_(False)
         self.device = device
         self.amp_dtype = AMP_DTYPES[resolve_amp(self.amp, device)]
@@ -133,14 +139,19 @@ class Distillation(Objective):
         return {name: round(float(value), 6) for name, value in zip(names, values)}
 
 
-def check_teacher(teacher: CLIP, student: CLIP) -> None:
-    """An online teacher sees the student's pixels and tokens: same image size and normalisation, and a context
-    at least as long as the student's tokens."""
+def check_loss(config: TrainConfig) -> None:
+    if config.loss.kind != "clip":
+        raise ConfigError(f"loss.kind: distillation builds on the CLIP loss, not {config.loss.kind!r}")
+
+
+def check_teacher(teacher: CLIP, student: ModelConfig, preprocess: PreprocessConfig) -> None:
+    """An online teacher sees the student's pixels and tokens (``student``'s config, ``preprocess``-ed): same image
+    size and normalisation, and a context at least as long as the student's tokens."""
     pairs = [
-        ("image size", teacher.config.vision.image_size, student.config.vision.image_size),
-        ("preprocessing mean", teacher.preprocess_cfg.mean, student.preprocess_cfg.mean),
-        ("preprocessing std", teacher.preprocess_cfg.std, student.preprocess_cfg.std),
-        ("vocabulary", teacher.config.text.vocab_size, student.config.text.vocab_size),
+        ("image size", teacher.config.vision.image_size, student.vision.image_size),
+        ("preprocessing mean", teacher.preprocess_cfg.mean, preprocess.mean),
+        ("preprocessing std", teacher.preprocess_cfg.std, preprocess.std),
+        ("vocabulary", teacher.config.text.vocab_size, student.text.vocab_size),
     ]
     for name, theirs, ours in pairs:
         if theirs != ours:
@@ -148,8 +159,8 @@ def check_teacher(teacher: CLIP, student: CLIP) -> None:
                 f"teacher {name} {theirs!r} differs from the student's {ours!r}; an online teacher sees the student's "
                 "batch (reinforce the data with `clipforge data reinforce` to distil across preprocessings)"
             )
-    if teacher.config.text.context_length < student.config.text.context_length:
+    if teacher.config.text.context_length < student.text.context_length:
         raise ConfigError(
             f"teacher context length {teacher.config.text.context_length} is shorter than the student's "
-            f"{student.config.text.context_length}"
+            f"{student.text.context_length}"
         )

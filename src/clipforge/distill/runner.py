@@ -9,8 +9,9 @@ A run directory holds ``distill.json`` (the job, so a rerun with other settings 
 per stage (``stage_1/``, …: ``init.safetensors`` is the inherited student, then the trainer's checkpoints and
 ``model.safetensors``), ``masks/`` inside a stage trained with automatic inheritance, and the final
 ``model.safetensors``, an ordinary clipforge checkpoint whose provenance records the teacher (and an
-ensemble's others), the method and the stages. Rerunning the same command resumes: finished stages are kept,
-an interrupted one resumes exactly.
+ensemble's others), the method and the stages. Every stage is planned and checked (schedules, the teachers
+against each student) before anything is written. Rerunning the same command resumes: finished stages are kept,
+an interrupted one resumes exactly, and a finished run reports its saved figures.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import torch
 
 from clipforge._util.fileio import atomic_path
 from clipforge.config import ModelConfig
-from clipforge.distill.auto import auto_inherit
+from clipforge.distill.auto import SIZE_TOLERANCE, auto_inherit, check_auto, mask_phase
 from clipforge.distill.inherit import count_parameters, inherit
 from clipforge.distill.job import DistillJob, split_steps, stage_config
-from clipforge.distill.objective import Distillation
+from clipforge.distill.objective import Distillation, check_loss, check_teacher
 from clipforge.distill.plan import plan_student
 from clipforge.distill.reinforced import ReinforcedData
 from clipforge.distill.teacher import teacher_record
@@ -51,11 +52,32 @@ class DistillResult:
     run_dir: Path
     stages: list[TrainResult]
     parameters: list[int]  # of each stage's student
+    targets: list[int]  # the parameters each stage aimed at: its planned student's, R × the teacher's for auto:R
     wall_s: float  # training time of all stages (automatic-inheritance mask runs included)
 
     @property
     def evaluation(self) -> dict[str, float]:
         return self.stages[-1].evaluation
+
+    @property
+    def finished_earlier(self) -> bool:
+        """The run directory held this finished distillation: the figures are its saved ones."""
+        return all(stage.finished_earlier for stage in self.stages)
+
+    def missed_targets(self) -> list[tuple[int, int, int]]:
+        """(stage number, parameters, target) of the stages whose student is more than ``SIZE_TOLERANCE`` off."""
+        return [(number, count, target) for number, (count, target) in enumerate(zip(self.parameters, self.targets), start=1)
+                if abs(count / target - 1) > SIZE_TOLERANCE]
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One stage as planned before anything is written."""
+
+    student: ModelConfig  # the planned student (automatic inheritance learns its own widths)
+    target: int  # parameters aimed at
+    training: TrainConfig  # the stage's distillation run (after the mask phase for automatic inheritance)
+    masks: TrainConfig | None  # automatic inheritance's mask-learning run
 
 
 def distill(
@@ -76,50 +98,70 @@ def distill(
     from shards that store the teachers' embeddings (no teacher runs; the teachers are then only checked against
     their record). ``evaluator`` runs periodically and after each stage.
     """
-    if job.init not in ("inherit", "scratch"):
-        raise ConfigError(f"init: {job.init!r} is not inherit or scratch")
     out = Path(config.run.dir)
     teachers = [teacher, *(model for model, _ in ensemble)]
     record = teacher_record(teacher, teacher_source)
     ensemble_records = [teacher_record(model, source) for model, source in ensemble]
     extra = {"ensemble": ensemble_records} if ensemble_records else {}
-    _claim(out, {"teacher": record, **extra, "job": _jsonable(job), "steps": config.schedule.steps}, resume)
     if reinforced is not None:
         reinforced.check_teachers([record, *ensemble_records])
-    configs = _stage_configs(teacher.config, job)
-    steps = split_steps(config.schedule.steps, len(configs))
+    stages = _plan(teacher, teachers, job, config, reinforced is None)
+    _claim(out, {"teacher": record, **extra, "job": _jsonable(job), "steps": config.schedule.steps}, resume)
     previous, results, parameters, wall = teacher, [], [], 0.0
-    for number, (student_config, stage_steps) in enumerate(zip(configs, steps), start=1):
-        stage_dir = out / f"stage_{number}"
-        stage = stage_config(config, stage_dir, stage_steps)
-        if job.student.kind == "auto":
-            initial, mask_result = auto_inherit(previous, teacher, student_config, stage, job, reinforced, resume)
-            stage = stage_config(config, stage_dir, stage_steps - mask_result.steps)
+    for number, stage in enumerate(stages, start=1):
+        if stage.masks is not None:
+            initial, mask_result = auto_inherit(previous, teacher, stage.target, stage.masks, job, reinforced, resume)
             wall += mask_result.wall_s
         else:
-            initial = _initial(previous, student_config, job, config.run.seed)
-        init_path = stage_dir / "init.safetensors"
+            initial = _initial(previous, stage.student, job, config.run.seed)
+        init_path = Path(stage.training.run.dir) / "init.safetensors"
         if not init_path.exists():
-            initial.provenance = {"distill": {**_provenance(record, job, number, len(configs), reinforced is not None), **extra}}
+            initial.provenance = {"distill": {**_provenance(record, job, number, len(stages), reinforced is not None), **extra}}
             write_checkpoint(initial, init_path)
-        stage.model.name = str(init_path)
-        objective = _objective(stage, job, teachers, reinforced)
-        result = train(stage, resume=resume, evaluator=evaluator, objective=objective)
+        stage.training.model.name = str(init_path)
+        objective = _objective(stage.training, job, teachers, reinforced)
+        result = train(stage.training, resume=resume, evaluator=evaluator, objective=objective)
         results.append(result)
         parameters.append(count_parameters(result.model.config))
         wall += result.wall_s
         previous = result.model
     final = out / "model.safetensors"
     if not final.exists() or not resume:
-        stage_record = _provenance(record, job, len(configs), len(configs), reinforced is not None)
+        stage_record = _provenance(record, job, len(stages), len(stages), reinforced is not None)
         provenance = {"distill": {**stage_record, **extra, "stage_parameters": parameters}}
         write_checkpoint(previous, final, provenance=provenance)
-    return DistillResult(previous, out, results, parameters, wall)
+    return DistillResult(previous, out, results, parameters, [stage.target for stage in stages], wall)
+
+
+def _plan(teacher: CLIP, teachers: list[CLIP], job: DistillJob, config: TrainConfig, online: bool) -> list[_Stage]:
+    """Every stage's student, target and runs, with every check that needs no training (``online``: the teachers
+    run on the student's batches unless λ = 0), so a job that cannot run is refused before anything is written."""
+    if job.init not in ("inherit", "scratch"):
+        raise ConfigError(f"init: {job.init!r} is not inherit or scratch")
+    if job.student.kind == "auto":
+        check_auto(config)
+    configs = _stage_configs(teacher.config, job)
+    stages = []
+    for number, (student, steps) in enumerate(zip(configs, split_steps(config.schedule.steps, len(configs))), start=1):
+        stage_dir = Path(config.run.dir) / f"stage_{number}"
+        training, masks, target = stage_config(config, stage_dir, steps), None, count_parameters(student)
+        if job.student.kind == "auto":
+            masks = mask_phase(training, job)
+            training = stage_config(config, stage_dir, steps - masks.schedule.steps)
+            target = round(job.stages[number - 1] * count_parameters(teacher.config))
+        stages.append(_Stage(student, target, training, masks))
+    if job.student.kind == "auto" or not job.settings.plain_clip:
+        check_loss(config)
+    if online and job.settings.distill_weight > 0:
+        for model in teachers:
+            for stage in stages:
+                check_teacher(model, stage.student, teacher.preprocess_cfg)
+    return stages
 
 
 def _objective(stage: TrainConfig, job: DistillJob, teachers: list[CLIP], reinforced: ReinforcedData | None) -> Objective:
     """The stage's objective; λ = 0 with a learned student scale is the plain CLIP recipe (no teacher runs)."""
-    if job.settings.distill_weight == 0 and job.settings.student_scale is None:
+    if job.settings.plain_clip:
         return Objective(stage.loss)
     if reinforced is not None:
         return reinforced.objective(stage, job.settings)

@@ -236,11 +236,13 @@ def _require_every_class(labels: Sequence[int], classnames: Sequence[str], sourc
 
 
 def _table_images(table: Table) -> list[ImageSource]:
-    """Every row's image (files relative to the table); an empty cell is an error naming its row."""
+    """Every row's image (files relative to the table); an empty cell or a missing file is an error naming its row."""
     images = [table.image(row, table.path.parent) for row in range(len(table))]
-    if None in images:
-        row = images.index(None)
-        raise InputError(f"{table.path} column {table.image_column!r}: row {row + 1} has no image")
+    for row, image in enumerate(images, start=1):
+        if image is None:
+            raise InputError(f"{table.path} column {table.image_column!r}: row {row} has no image")
+        if isinstance(image, Path) and not image.exists():
+            raise InputError(f"{table.path} column {table.image_column!r}: row {row}: {image}: no such file")
     return images
 
 
@@ -254,9 +256,8 @@ def table_dataset(
     path = Path(path)
     table = read_label_table(path, image_column, label_column)
     labels, names = _labels_to_ids(table.values.to_pylist(), classnames, f"{path} column {label_column!r}")
-    images = _table_images(table)
     _require_every_class(labels, names, str(path))
-    return ClassificationDataset(path.stem, names, list(DEFAULT_TEMPLATES), images, labels)
+    return ClassificationDataset(path.stem, names, list(DEFAULT_TEMPLATES), _table_images(table), labels)
 
 
 def _class_value(index: ShardIndex, row: int, class_field: str) -> Any:

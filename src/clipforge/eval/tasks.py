@@ -2,12 +2,15 @@
 
 ``run_tasks`` checks the whole request (task names, adapters, the extra data some tasks need) before any image
 is encoded, loads each dataset once and runs its tasks in order; ``DataOptions`` carries the command's options.
+Every dataset gets a name of its own within the run (``DatasetNames``), so no result file or plot replaces another.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -19,7 +22,7 @@ from clipforge.eval.datasets import (
     load_retrieval_dataset,
 )
 from clipforge.eval.perception import read_context_factors
-from clipforge.eval.results import TASKS, TaskResult
+from clipforge.eval.results import TASKS, TaskResult, slug
 from clipforge.eval.runner import Evaluator
 
 ADAPTER_TASKS = ("zeroshot", "calibration", "detection")
@@ -57,6 +60,21 @@ class DataOptions:
     epsilons: tuple[float, ...] = EPSILONS
 
 
+class DatasetNames:
+    """Names of the datasets of one run, unique as result file names: a dataset named like one of another ``--data``
+    (``table.csv`` and ``table.parquet``, two shards of one folder) is named by its file name instead, with the
+    extension (``table.parquet``, ``00001.tar``), or by the spec as given, then numbered, if that is taken too."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, str] = {}  # slug of a name → the spec that holds it
+
+    def __call__(self, name: str, spec: str) -> str:
+        """The name for a dataset of ``spec`` that its loader named ``name``."""
+        numbered = (f"{spec}-{number}" for number in itertools.count(2))
+        candidates = itertools.chain((name, Path(spec).name, spec), numbered)
+        return next(candidate for candidate in candidates if self._specs.setdefault(slug(candidate), spec) == spec)
+
+
 def _load(spec: str, options: DataOptions) -> ClassificationDataset:
     return load_dataset(
         spec,
@@ -70,13 +88,14 @@ def _load(spec: str, options: DataOptions) -> ClassificationDataset:
 
 
 def _run_task(
-    evaluator: Evaluator, task: str, spec: str, dataset: ClassificationDataset | None, options: DataOptions
+    evaluator: Evaluator, task: str, spec: str, dataset: ClassificationDataset | None, options: DataOptions,
+    names: DatasetNames,
 ) -> TaskResult:
     if task == "retrieval":
         retrieval_set = load_retrieval_dataset(
             spec, samples=options.samples, image_column=options.image_column, caption_column=options.caption_column
         )
-        return evaluator.retrieval(retrieval_set)
+        return evaluator.retrieval(replace(retrieval_set, name=names(retrieval_set.name, spec)))
     assert dataset is not None
     synthetic = dataset.synthetic
     if task == "zeroshot":
@@ -107,8 +126,10 @@ def _run_task(
 def run_tasks(
     evaluator: Evaluator, tasks: Sequence[str], data: Sequence[str], options: DataOptions | None = None
 ) -> list[TaskResult]:
-    """Every task on every dataset spec, in order (the benchmark mode of ``clipforge eval``)."""
+    """Every task on every dataset spec, in order (the benchmark mode of ``clipforge eval``); a task or spec given
+    twice runs once."""
     options = options or DataOptions()
+    tasks, data = list(dict.fromkeys(tasks)), list(dict.fromkeys(data))
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise InputError(f"task: {unknown[0]!r} is not one of {', '.join(TASKS)}")
@@ -124,8 +145,10 @@ def run_tasks(
             raise InputError(f"linear-probe on {spec}: give the training images with --train-data")
         if "ood" in tasks and options.ood_data is None and not spec.startswith("synthetic"):
             raise InputError(f"ood on {spec}: give the out-of-distribution images with --ood-data")
-    results = []
+    results, names = [], DatasetNames()
     for spec in data:
         dataset = _load(spec, options) if any(task != "retrieval" for task in tasks) else None
-        results.extend(_run_task(evaluator, task, spec, dataset, options) for task in tasks)
+        if dataset is not None:
+            dataset = replace(dataset, name=names(dataset.name, spec))
+        results.extend(_run_task(evaluator, task, spec, dataset, options, names) for task in tasks)
     return results

@@ -4,14 +4,18 @@ Layout of a run directory::
 
     run/checkpoints/step_000200/model.safetensors   # a normal clipforge checkpoint (loadable anywhere)
     run/checkpoints/step_000200/state.pt            # optimizer, step, torch RNG, data position, objective state
+    run/checkpoints/step_000600/result.json         # the last step's only: the finished run's figures
     run/checkpoints/latest                          # name of the newest complete checkpoint
 
 A checkpoint directory is written under a temporary name and renamed into place, and ``latest`` is
-replaced atomically afterwards, so a kill at any moment leaves the previous checkpoint usable.
+replaced atomically afterwards, so a kill at any moment leaves the previous checkpoint usable. The last
+step's checkpoint is written after the final evaluation, with the run's figures (``result.json``), so it marks
+the run finished: rerunning a finished run reports them and trains and evaluates nothing again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,9 +26,11 @@ from typing import Any
 import torch
 
 from clipforge._util.fileio import atomic_path
-from clipforge.errors import CheckpointError
+from clipforge.errors import CheckpointError, one_line
 from clipforge.io.checkpoint import write_checkpoint
 from clipforge.models.clip import CLIP
+
+RESULT_FILE = "result.json"
 
 
 @dataclass
@@ -35,6 +41,7 @@ class ResumeState:
     rng: dict[str, torch.Tensor]
     model_path: Path
     objective: dict[str, Any]  # the training objective's own state (``Objective.state_dict``)
+    result: dict[str, Any] | None  # the finished run's figures, in its last checkpoint only
 
 
 def save_checkpoint(
@@ -45,7 +52,9 @@ def save_checkpoint(
     data_position: dict[str, Any],
     keep: int,
     objective: dict[str, Any] | None = None,
+    result: dict[str, Any] | None = None,
 ) -> Path:
+    """Write the checkpoint of ``step``; ``result`` (the figures of a finished run) marks it as the run's end."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -60,6 +69,8 @@ def save_checkpoint(
             "objective": objective or {},
         }
         torch.save(state, staging / "state.pt")
+        if result is not None:
+            (staging / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -84,9 +95,14 @@ def load_resume_state(checkpoint_dir: Path) -> ResumeState:
         state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
         raise CheckpointError(f"{checkpoint_dir / 'state.pt'}: unreadable training state ({type(error).__name__})") from None
+    result = checkpoint_dir / RESULT_FILE
+    try:
+        figures = json.loads(result.read_text()) if result.is_file() else None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{result}: unreadable figures of a finished run ({one_line(error)}); --no-resume trains it again") from None
     return ResumeState(
         state["step"], state["optimizer"], state["data_position"], state["rng"], checkpoint_dir / "model.safetensors",
-        state.get("objective", {}),
+        state.get("objective", {}), figures,
     )
 
 

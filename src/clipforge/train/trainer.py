@@ -3,7 +3,8 @@
 ``train(config)`` builds the model (from scratch or any checkpoint clipforge loads), the data, the
 loss and AdamW, then steps with bf16 autocast, logs to ``metrics.jsonl``, evaluates zero-shot
 periodically and writes atomic checkpoints; rerunning the same command resumes exactly where the
-last checkpoint left off (weights, optimizer, schedule, RNG and data position).
+last checkpoint left off (weights, optimizer, schedule, RNG and data position), and rerunning a finished run
+returns the figures saved with its last checkpoint without training or evaluating again.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from clipforge.train.resume import (
 )
 from clipforge.train.step import ContrastiveStep
 
+FINAL_MODEL = "model.safetensors"  # the run's result, loadable anywhere
 Evaluator = Callable[[CLIP], dict[str, float]]
 
 
@@ -61,6 +63,7 @@ class TrainResult:
     evaluation: dict[str, float]
     skips: str
     precision: str  # the autocast precision trained in (``auto`` resolved for this machine)
+    finished_earlier: bool = False  # the run directory held this finished run: the figures are its saved ones
 
 
 def train(
@@ -91,6 +94,10 @@ def train(
         optimizer.load_state_dict(state.optimizer)
         restore_rng(state.rng)
         start_step = state.step
+        if state.result is not None:  # finished: a kill after its last checkpoint may have cut model.safetensors
+            if is_main and not (run_dir / FINAL_MODEL).is_file():
+                _write_final_model(run_dir, model, config)
+            return TrainResult(run_dir, model.eval(), config.schedule.steps, **state.result, finished_earlier=True)
     loader = _train_loader(config, model, world, state.data_position if state else None, objective.source(config))
     wrapped = _wrap(model, config, world, device)
     step_fn = ContrastiveStep(
@@ -146,27 +153,30 @@ def train(
                 window_start, window_samples = now, 0
             if evaluator is not None and config.eval.every and done % config.eval.every == 0 and done < config.schedule.steps:
                 log.log({"step": done, **_evaluate(model, evaluator, world)})
-            if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == config.schedule.steps:
+            if config.checkpoint.every and done % config.checkpoint.every == 0 and done < config.schedule.steps:
                 _checkpoint(run_dir, done, model, optimizer, loader.position, config, world, objective.state_dict())
     wall = time.perf_counter() - started
     if evaluator is not None:
         evaluation = _evaluate(model, evaluator, world)
         log.log({"step": config.schedule.steps, **evaluation})
+    steps_run = config.schedule.steps - start_step
+    result = {
+        "final_loss": loss.item(),
+        "wall_s": wall,
+        "samples_per_s": steps_run * config.schedule.batch_size / wall if wall > 0 else 0.0,
+        "evaluation": evaluation,
+        "skips": loader.skips.summary(),
+        "precision": step_fn.amp,
+    }  # saved with the last checkpoint, after the final evaluation (a kill before it resumes from the previous one)
+    _checkpoint(run_dir, config.schedule.steps, model, optimizer, loader.position, config, world, objective.state_dict(), result)
     log.close()
     if is_main:
-        write_checkpoint(model, run_dir / "model.safetensors", provenance={"trained_steps": config.schedule.steps})
-    steps_run = config.schedule.steps - start_step
-    return TrainResult(
-        run_dir,
-        model.eval(),
-        config.schedule.steps,
-        loss.item(),
-        wall,
-        steps_run * config.schedule.batch_size / wall if wall > 0 else 0.0,
-        evaluation,
-        loader.skips.summary(),
-        step_fn.amp,
-    )
+        _write_final_model(run_dir, model, config)
+    return TrainResult(run_dir, model.eval(), config.schedule.steps, **result)
+
+
+def _write_final_model(run_dir: Path, model: CLIP, config: TrainConfig) -> None:
+    write_checkpoint(model, run_dir / FINAL_MODEL, provenance={"trained_steps": config.schedule.steps})
 
 
 def build_model(config: TrainConfig) -> CLIP:
@@ -315,9 +325,10 @@ def _checkpoint(
     config: TrainConfig,
     world: WorldInfo,
     objective_state: dict[str, Any],
+    result: dict[str, Any] | None = None,
 ) -> None:
     if world.rank == 0:
-        save_checkpoint(run_dir, step, model, optimizer, position, config.checkpoint.keep, objective_state)
+        save_checkpoint(run_dir, step, model, optimizer, position, config.checkpoint.keep, objective_state, result)
     if world.world_size > 1:
         import torch.distributed as dist
 

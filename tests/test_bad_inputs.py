@@ -165,6 +165,7 @@ def cases() -> list[tuple[str, object]]:
         ("missing-serve-index", lambda c, out: (("serve", "--index", missing(c)), ("no-such-path",))),
         ("eval-unbalanced-braces", lambda c, out: (("eval", "zeroshot", "--model", m(c), "--data", str(c / "shards" / "{0..2.tar")), ("{0..2.tar", "braces"))),
         ("emoji-code-in-a-path", lambda c, out: (("info", str(c / "x:cat:y.pt")), ("x:cat:y.pt",))),  # not rendered as an emoji
+        ("eval-ood-without-an-ood-split", lambda c, out: (("eval", "ood", "--model", m(c), "--data", "synthetic:altered", "--samples", "8"), ("--ood-data",))),
         ("missing-eval-data", lambda c, out: (("eval", "zeroshot", "--model", m(c), "--data", missing(c)), ("no-such-path",))),
         ("missing-adapt-train", lambda c, out: (("adapt", "tip-adapter", "--model", m(c), "--train", missing(c), "--shots", "1", "--out", str(out / "a")), ("no-such-path",))),
         ("missing-reinforce-input", lambda c, out: (("data", "reinforce", missing(c), "--teacher", m(c), "--out", str(out / "r")), ("no-such-path",))),

@@ -119,8 +119,14 @@ def _run_task(
     if task == "ood":
         if options.ood_data is not None:
             return evaluator.ood(dataset, _load(options.ood_data, options).images, options.ood_data)
+        if synthetic is None:  # synthetic:altered and synthetic:identities have no out-of-distribution split
+            raise _no_ood_data(spec)
         return evaluator.ood(dataset, synthetic.single_object_images("test_ood", options.samples), "synthetic/test_ood")
     raise InputError(f"task: {task!r} is not one of {', '.join(TASKS)}")
+
+
+def _no_ood_data(spec: str) -> InputError:
+    return InputError(f"ood on {spec}: give the out-of-distribution images with --ood-data")
 
 
 def run_tasks(
@@ -144,7 +150,7 @@ def run_tasks(
         if "linear-probe" in tasks and options.train_data is None and not spec.startswith("synthetic"):
             raise InputError(f"linear-probe on {spec}: give the training images with --train-data")
         if "ood" in tasks and options.ood_data is None and not spec.startswith("synthetic"):
-            raise InputError(f"ood on {spec}: give the out-of-distribution images with --ood-data")
+            raise _no_ood_data(spec)
     results, names = [], DatasetNames()
     for spec in data:
         dataset = _load(spec, options) if any(task != "retrieval" for task in tasks) else None

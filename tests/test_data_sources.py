@@ -182,6 +182,7 @@ def test_manifest_column_errors_list_the_columns_found(tmp_path) -> None:
         ManifestSource(tmp_path / "m.csv")
     message = str(caught.value)
     assert "no image column" in message and "found columns: url, alt_text, width" in message
+    assert "--image-column" in message and "image_column" not in message  # the option's spelling, not a field's
 
     with pytest.raises(ConfigError, match="no caption column 'label'; found columns: url, alt_text, width"):
         ManifestSource(tmp_path / "m.csv", image_column="url", caption_column="label")

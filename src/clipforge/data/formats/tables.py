@@ -137,7 +137,8 @@ def _pick(path: Path, names: list[str], wanted: str | None, candidates: tuple[st
         if name in names:
             return name
     raise ConfigError(
-        f"{path}: no {role} column (looked for {', '.join(candidates)}; name it with {role}_column); "
+        f"{path}: no {role} column (looked for {', '.join(candidates)}; rename yours to one of them, or name it with "
+        f"--{role}-column where the command has that option); "
         f"found columns: {', '.join(names)}"
     )
 

@@ -205,6 +205,8 @@ def test_table_errors_are_one_line_naming_the_file_and_column(tmp_path) -> None:
         load_dataset(str(tmp_path / "t.tsv"), label_column="class")
     assert str(caught.value) == f"{tmp_path / 't.tsv'}: no label column 'class'; found columns: image, caption"
     (tmp_path / "e.csv").write_text("image,caption\nimg/0.png,   \n")
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "0.png")  # the image exists: the caption is what is wrong
     for read in (lambda: load_retrieval_dataset(str(tmp_path / "e.csv")), lambda: manifest_items(tmp_path / "e.csv")):
         with pytest.raises(InputError, match=r"e\.csv row \d: empty caption$"):
             read()

@@ -36,18 +36,20 @@ def serve(root: str | Path, model: Encoder, host: str = "127.0.0.1", port: int =
     torch.set_num_threads(1)
     app = create_app(root, model, **options)
     query_vector(model, parse_query("a photo"))  # load the tokenizer and warm the kernels before the first request
-    with _listen(host, port) as listener:
+    config = uvicorn.Config(app, log_level="warning")
+    with _listen(host, port, config.backlog) as listener:
         log_line(f"serving {root} on http://{f'[{host}]' if ':' in host else host}:{port}/")
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+        uvicorn.Server(config).run(sockets=[listener])
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A socket listening on ``host:port`` (IPv6 when ``host`` is an IPv6 address)."""
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A socket listening on ``host:port`` (IPv6 when ``host`` is an IPv6 address) that queues up to ``backlog``
+    pending connections, as uvicorn's own socket does (its default 2048; Python's ``listen()`` takes at most 128)."""
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once after a stop
     try:
         listener.bind((host, port))
-        listener.listen()
+        listener.listen(backlog)
     except OSError as error:
         listener.close()
         reason = error.strerror or one_line(error)

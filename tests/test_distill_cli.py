@@ -167,6 +167,7 @@ def test_torchrun_two_ranks_distil_like_one_process(tmp_path, setup) -> None:
     argv = ["-m", "clipforge", *distill_argv(setup, tmp_path / "two", 4, *options)]
     double = subprocess.run([sys.executable, *launcher, *argv], env=env, capture_output=True, text=True, timeout=600)
     assert double.returncode == 0, double.stderr[-2000:]
+    assert double.stdout.count("student: ") == 1, double.stdout  # the summary once, not once per rank
     rows = {}
     for name in ("one", "two"):
         lines = (tmp_path / name / "stage_1" / "metrics.jsonl").read_text().splitlines()

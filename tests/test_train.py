@@ -341,8 +341,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path) -> None:
     assert single.returncode == 0, err
     argv = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000)]
     double = cli(*argv, *train_cli(tmp_path / "two", steps))
-    _, err = double.communicate(timeout=600)
+    out, err = double.communicate(timeout=600)
     assert double.returncode == 0, err
+    assert out.count(f"trained {steps} steps") == 1, out  # the summary once, not once per rank
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     losses_one = [row["loss"] for row in one if "loss" in row]

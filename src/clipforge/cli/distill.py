@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from clipforge._util.progress import console, say, warn
-from clipforge.cli.options import TrainSetOption, checked_output
+from clipforge.cli.options import TrainSetOption, checked_output, on_first_rank
 from clipforge.cli.tables import table as table_of
 
 
@@ -79,6 +79,8 @@ def distill_command(
         *first, job, experiment, ensemble=others, reinforced=reinforced,
         evaluator=_evaluator(experiment, first[0]), resume=resume,
     )
+    if not on_first_rank():
+        return
     if result.finished_earlier:
         say(f"{out} holds a finished distillation (--no-resume runs it again); its figures:")
     table = table_of("stage", "parameters", "steps", *sorted(result.evaluation), title=escape(f"clipforge distill → {out}"))

@@ -115,3 +115,10 @@ def checked_checkpoint(path: Path, option: str = "--out", inputs: Sequence[str] 
     if path.suffix != ".safetensors":
         raise ConfigError(f"{option} {path}: a clipforge checkpoint is a .safetensors file; end the name with .safetensors")
     return note
+
+
+def on_first_rank() -> bool:
+    """False in every process of a ``torchrun`` job but rank 0, so that a job's summary is printed once."""
+    from clipforge.train.distributed import world_info_from_env
+
+    return world_info_from_env().rank == 0

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from clipforge._util.progress import console, say, warn
-from clipforge.cli.options import TrainSetOption, checked_output
+from clipforge.cli.options import TrainSetOption, checked_output, on_first_rank
 from clipforge.cli.tables import table as table_of
 
 
@@ -33,6 +33,8 @@ def train_command(
     experiment = load_config(config, overrides)
     checked_output(Path(experiment.run.dir), directory=True, option="run.dir")
     result = train(experiment, resume=resume, evaluator=_synthetic_evaluator(experiment))
+    if not on_first_rank():
+        return
     if result.skips:
         warn("skipped samples", "\n" + result.skips)
     figures = (

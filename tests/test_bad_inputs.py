@@ -130,6 +130,13 @@ def model_verbs(m: str, c: Path, out: Path) -> list[tuple[str, ...]]:
     ]
 
 
+def config_json(out: Path, value: object) -> Path:
+    """A model config file holding ``value``, in the case's own folder (the corpus stays as it was)."""
+    path = out / "config.json"
+    path.write_text(json.dumps(value))
+    return path
+
+
 def cases() -> list[tuple[str, object]]:
     """(id, builder(corpus, out) → (argv, names: any of which the error line must contain))."""
     found: list[tuple[str, object]] = []
@@ -166,6 +173,9 @@ def cases() -> list[tuple[str, object]]:
         ("eval-unbalanced-braces", lambda c, out: (("eval", "zeroshot", "--model", m(c), "--data", str(c / "shards" / "{0..2.tar")), ("{0..2.tar", "braces"))),
         ("emoji-code-in-a-path", lambda c, out: (("info", str(c / "x:cat:y.pt")), ("x:cat:y.pt",))),  # not rendered as an emoji
         ("eval-ood-without-an-ood-split", lambda c, out: (("eval", "ood", "--model", m(c), "--data", "synthetic:altered", "--samples", "8"), ("--ood-data",))),
+        ("config-json-missing-field", lambda c, out: (("info", str(config_json(out, {"embed_dim": 8}))), ("config.json: missing field",))),
+        ("config-json-a-list", lambda c, out: (("info", str(config_json(out, [1]))), ("config.json", "JSON object"))),
+        ("config-json-tower-not-an-object", lambda c, out: (("info", str(config_json(out, {"embed_dim": 8, "activation": "gelu", "vision_cfg": 3, "text_cfg": {}}))), ("config.json", "vision_cfg"))),
         ("missing-eval-data", lambda c, out: (("eval", "zeroshot", "--model", m(c), "--data", missing(c)), ("no-such-path",))),
         ("missing-adapt-train", lambda c, out: (("adapt", "tip-adapter", "--model", m(c), "--train", missing(c), "--shots", "1", "--out", str(out / "a")), ("no-such-path",))),
         ("missing-reinforce-input", lambda c, out: (("data", "reinforce", missing(c), "--teacher", m(c), "--out", str(out / "r")), ("no-such-path",))),

@@ -114,6 +114,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], name: str | None = None) -> ModelConfig:
         """Validate and build a configuration; errors name the offending field."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name or 'config'}: a model config is a JSON object, not {type(data).__name__}")
         data = dict(data)
         if "quick_gelu" in data and "activation" not in data:
             data["activation"] = "quick_gelu" if data.pop("quick_gelu") else "gelu"
@@ -131,6 +133,8 @@ class ModelConfig:
 
 
 def _build(kind: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a JSON object of fields, got {values!r}")
     known = {f.name: f.default for f in dataclasses.fields(kind)}
     for key, value in values.items():
         if key not in known:
@@ -165,9 +169,13 @@ def get_model_config(name_or_path: str | Path) -> ModelConfig:
     path = Path(name_or_path)
     if path.suffix == ".json" and path.is_file():
         try:
-            return ModelConfig.from_dict(json.loads(path.read_text()), name=path.stem)
+            data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
+        try:
+            return ModelConfig.from_dict(data, name=path.stem)
+        except ConfigError as error:  # name the file, not only the config's name (its stem)
+            raise ConfigError(f"{path}: {str(error).removeprefix(f'{path.stem}: ')}") from None
     registry = _registry()
     if str(name_or_path) not in registry:
         raise ConfigError(f"unknown model config {str(name_or_path)!r}; `clipforge models` lists the known names")

@@ -312,7 +312,11 @@ def test_a_failed_export_leaves_no_directory(tmp_path, capsys, monkeypatch, chec
 def test_outputs_that_would_not_load_back_are_refused(tmp_path, capsys, checkpoint) -> None:
     """Checkpoints named otherwise than .safetensors, and a compressed checkpoint as a Hugging Face directory."""
     code, _, err = run(capsys, "compress", "bf16", "-m", checkpoint, "-o", tmp_path / "y.onnx")
-    assert code == 2 and one_error_line(err) == f"error: --out {tmp_path / 'y.onnx'}: a clipforge checkpoint is a .safetensors file; end the name with .safetensors"
+    assert code == 2 and one_error_line(err) == f"error: --out {tmp_path / 'y.onnx'}: clipforge writes a .safetensors file here; end the name with .safetensors"
+    for argv in (("merge", "soup", checkpoint, checkpoint, "--base", checkpoint, "-o", tmp_path / "m.json"),
+                 ("adapt", "tip-adapter", "-m", checkpoint, "--train", "synthetic:color", "--shots", "1", "-o", tmp_path / "a.pt")):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "end the name with .safetensors" in one_error_line(err)
     code, _, err = run(capsys, "convert", checkpoint, tmp_path / "out_noext")
     assert code == 2 and "DESTINATION" in one_error_line(err) and "end the name with .safetensors" in err
     assert run(capsys, "compress", "tome", "-m", checkpoint, "-o", tmp_path / "tome.safetensors", "--r", "2")[0] == 0

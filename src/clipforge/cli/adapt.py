@@ -16,7 +16,7 @@ from clipforge.cli.options import (
     PrecisionOption,
     PretrainedOption,
     SetOption,
-    checked_output,
+    checked_checkpoint,
     load_model,
 )
 
@@ -63,7 +63,7 @@ def adapt_command(
     if method in RECIPE_NAMES:
         if data is None:
             raise InputError(f"adapt {method}: give the training data with --data")
-        note = checked_output(out, inputs=[model])
+        note = checked_checkpoint(out, inputs=[model])
         fit_recipe(method, load_model(model, config, pretrained, precision, device), data, settings, seed, out, note,
                    model_source=source, classnames_file=classnames, image_column=image_column,
                    label_column=label_column, class_field=class_field)
@@ -71,7 +71,7 @@ def adapt_command(
     get_method(method)  # an unknown method fails before the model loads
     if train is None or shots is None:
         raise InputError(f"adapt {method}: give --train and --shots")
-    note = checked_output(out, inputs=[model])
+    note = checked_checkpoint(out, inputs=[model])
     loaded = load_model(model, config, pretrained, precision, device)
     adapter = fit(method, loaded, train, shots, seed, settings=settings, progress=True, model_source=source,
                   classnames_file=classnames, templates_file=templates, image_column=image_column,

@@ -261,7 +261,7 @@ def early_exit_command(
     from clipforge.eval.runner import Evaluator
     from clipforge.eval.tasks import split_in_two
 
-    note = checked_output(out, inputs=[model])
+    note = checked_checkpoint(out, inputs=[model])
     loaded = _load_pytorch(model, config, pretrained)
     dataset = load_dataset(data, samples=samples)
     fit, test = (dataset.synthetic.dataset("train", train_samples), dataset) if dataset.synthetic else split_in_two(dataset)

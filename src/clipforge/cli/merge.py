@@ -21,7 +21,7 @@ from clipforge.cli.options import (
     CheckpointOut,
     DeviceOption,
     SamplesOption,
-    checked_output,
+    checked_checkpoint,
 )
 from clipforge.cli.tables import table as table_of
 
@@ -60,7 +60,7 @@ def _merge(
     """Check ``--out`` before any model or data is read (it may be one of the models: OPCM continues a merge
     in place), read the held-out data of a method that takes it (``held_out``: --data, --samples, --device),
     run ``method`` and print its provenance."""
-    note = checked_output(out, inputs=[base])
+    note = checked_checkpoint(out, inputs=[base])
     if held_out is not None:
         settings["held_out"] = _held_out(*held_out)
     _summarise(method(base, models, out=out, progress=True, **settings), out, note)

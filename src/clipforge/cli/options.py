@@ -106,14 +106,14 @@ def checked_output(
 
 
 def checked_checkpoint(path: Path, option: str = "--out", inputs: Sequence[str] = ()) -> str:
-    """``checked_output`` of a checkpoint file, which must be named ``*.safetensors``: ``clipforge.save`` writes
-    safetensors whatever the name, and named otherwise the file passes for another format (``.pt``, ``.onnx``;
-    ``.json`` loads as a model config) and may not load back as the checkpoint it is."""
+    """``checked_output`` of a file clipforge writes as safetensors (a checkpoint, an adapter, exit heads), which
+    must be named ``*.safetensors``: named otherwise it passes for another format (``.json`` loads as a model
+    config, ``.pt``/``.onnx`` mislead every other tool)."""
     from clipforge.errors import ConfigError
 
     note = checked_output(path, option=option, inputs=inputs)
     if path.suffix != ".safetensors":
-        raise ConfigError(f"{option} {path}: a clipforge checkpoint is a .safetensors file; end the name with .safetensors")
+        raise ConfigError(f"{option} {path}: clipforge writes a .safetensors file here; end the name with .safetensors")
     return note
 
 

@@ -41,7 +41,7 @@ def _prepare(inputs: Sequence[str | Path], out: str | Path, step: str, settings:
              subset: str | Path | None) -> tuple[list[Path], pa.Table, Path, Engine, np.ndarray]:
     shards, out, engine = pool_shards(inputs), Path(out), engine or Engine()
     subset_array = load_subset(subset) if subset is not None else None
-    if subset_array is not None and not any(in_subset(uid_pairs([uid]), subset_array)[0] for uid in pool_uids(shards)):
+    if subset_array is not None and not in_subset(uid_pairs(pool_uids(shards)), subset_array).any():
         raise InputError(f"{subset}: none of its {len(subset_array)} uids is a sample of this pool; "
                          "give the subset.npy of a step run on these shards")
     claim_job(out, {"step": step, "shards": [str(shard.absolute()) for shard in shards], "settings": settings,

@@ -247,8 +247,7 @@ def started(monkeypatch) -> list[FastAPI]:
 
     def record(server, sockets=None):
         apps.append(server.config.app)
-        for listener in sockets or ():
-            listener.close()
+        server.started = True  # as the real loop sets it (uvicorn.run exits with status 3 otherwise)
 
     monkeypatch.setattr(uvicorn.Server, "run", record)
     return apps

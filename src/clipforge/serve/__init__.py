@@ -22,7 +22,7 @@ __all__ = ["create_app", "serve"]
 def serve(root: str | Path, model: Encoder, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
     """Run the app with uvicorn until interrupted; ``options`` go to ``create_app``.
 
-    The app is made and the address bound before the one line saying where it is served, so a bad store or
+    The app is made and the address tried before the one line saying where it is served, so a bad store or
     option, or a port already in use, ends in a ``ConfigError`` instead. Requests are answered concurrently by
     a thread pool, so torch and faiss each use one thread per request: splitting one small query over OpenMP
     threads only makes the requests' threads wait on each other (50 concurrent clients on 2 cores: seconds
@@ -36,22 +36,18 @@ def serve(root: str | Path, model: Encoder, host: str = "127.0.0.1", port: int =
     torch.set_num_threads(1)
     app = create_app(root, model, **options)
     query_vector(model, parse_query("a photo"))  # load the tokenizer and warm the kernels before the first request
-    config = uvicorn.Config(app, log_level="warning")
-    with _listen(host, port, config.backlog) as listener:
-        log_line(f"serving {root} on http://{f'[{host}]' if ':' in host else host}:{port}/")
-        uvicorn.Server(config).run(sockets=[listener])
+    _check_listen(host, port)
+    log_line(f"serving {root} on http://{f'[{host}]' if ':' in host else host}:{port}/")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
-    """A socket listening on ``host:port`` (IPv6 when ``host`` is an IPv6 address) that queues up to ``backlog``
-    pending connections, as uvicorn's own socket does (its default 2048; Python's ``listen()`` takes at most 128)."""
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once after a stop
-    try:
-        listener.bind((host, port))
-        listener.listen(backlog)
-    except OSError as error:
-        listener.close()
-        reason = error.strerror or one_line(error)
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({reason}); choose another port or host") from None
-    return listener
+def _check_listen(host: str, port: int) -> None:
+    """A one-line ``ConfigError`` unless ``host:port`` can be bound (tried on a probe socket, closed again so that
+    uvicorn binds it as it always does): a port in use is refused before the server is announced."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn sets it
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            reason = error.strerror or one_line(error)
+            raise ConfigError(f"--host {host} --port {port}: cannot listen there ({reason}); choose another port or host") from None
